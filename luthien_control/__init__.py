@@ -1,0 +1,3 @@
+"""Luthien Control: an AI-control proxy for OpenAI-compatible APIs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from luthien_control.cli import main
+
+sys.exit(main())

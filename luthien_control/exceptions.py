@@ -1,0 +1,127 @@
+"""The one exception tree of Luthien Control.
+
+Every error the proxy raises on purpose is a ``LuthienError``. Lower-layer errors
+(aiohttp, SQLAlchemy, YAML, JSON) are translated into this tree where they happen,
+with ``raise X from exc``; they are turned into HTTP responses in exactly one place
+(``luthien_control.responses.error_response``) and into command-line messages in
+exactly one place (``luthien_control.cli``)::
+
+    LuthienError
+    ├── ClientError                  the client's request is wrong          (4xx)
+    │   ├── MalformedRequest         bad JSON, wrong types                  400
+    │   ├── RequestTooLarge          body above the configured limit        413
+    │   ├── NotFound                 no such route                          404
+    │   └── AuthenticationFailed     missing or unknown client key          401
+    ├── PolicyError                  a control policy acted or failed
+    │   ├── PolicyBlocked            a policy refused the transaction       403
+    │   └── PolicyConfigError        a policy definition is invalid (names the path)
+    ├── BackendError                 the backend could not give an answer
+    │   ├── BackendUnreachable       connection refused, DNS, TLS           502
+    │   ├── BackendBroken            dropped mid-response, garbled          502
+    │   └── BackendTimeout           connect or read timeout                504
+    ├── StorageError                 the database failed or is unreachable  503
+    └── ConfigurationError           settings or files are wrong (start-up, CLI)
+
+A ``BackendHTTPError`` is deliberately *not* part of the tree: a backend's own 4xx/5xx
+answer is a response that passes through unchanged, not an error of the proxy.
+"""
+
+from __future__ import annotations
+
+
+class LuthienError(Exception):
+    """Base of every error Luthien Control raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ClientError(LuthienError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+
+class MalformedRequest(ClientError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class RequestTooLarge(ClientError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class NotFound(ClientError):
+    status_code = 404
+    code = "not_found"
+
+
+class AuthenticationFailed(ClientError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PolicyError(LuthienError):
+    status_code = 500
+    error_type = "server_error"
+    code = "policy_error"
+
+
+class PolicyBlocked(PolicyError):
+    """A policy refused the transaction: 403 before streaming, an error event after."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "policy_blocked"
+
+    def __init__(self, message: str, *, policy: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.policy = policy
+
+
+class PolicyConfigError(PolicyError):
+    """A policy definition is invalid; ``path`` names the place in the tree."""
+
+    code = "policy_config_error"
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.reason = message
+
+
+class BackendError(LuthienError):
+    status_code = 502
+    error_type = "backend_error"
+    code = "backend_error"
+
+
+class BackendUnreachable(BackendError):
+    code = "backend_unreachable"
+
+
+class BackendBroken(BackendError):
+    code = "backend_broken"
+
+
+class BackendTimeout(BackendError):
+    status_code = 504
+    code = "backend_timeout"
+
+
+class StorageError(LuthienError):
+    status_code = 503
+    error_type = "server_error"
+    code = "storage_unavailable"
+
+
+class ConfigurationError(LuthienError):
+    code = "configuration_error"

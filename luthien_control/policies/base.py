@@ -1,0 +1,71 @@
+"""The policy abstraction: a hook on the request, a hook on the response, a stream transform.
+
+A policy tree is applied in order with ``apply(tx)``. Position decides the side: until
+``SendBackendRequest`` has run, ``tx.response`` is ``None`` and ``on_request`` is called;
+after it, ``on_response`` sees a buffered response, and a streamed response gets the
+policy's ``stream_transform`` appended to its chain.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from luthien_control.transaction import StreamTransform, Transaction
+
+
+class PolicyConfig(BaseModel):
+    """Base of every policy's config model: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str | None = None
+
+
+class Policy:
+    """Base of every control policy.
+
+    Subclasses set ``type_name`` (the ``type`` in a policy file), declare their config
+    as a ``PolicyConfig`` subclass in ``Config``, and override the hooks they need.
+    ``config`` is the validated model; ``raw_config`` the mapping exactly as given, so
+    that ``serialize()`` round-trips. Composite policies build their members from
+    ``raw_config`` in ``__init__`` through ``policies.loader``.
+    """
+
+    type_name: ClassVar[str] = ""
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+
+    def __init__(self, config: PolicyConfig, raw_config: dict[str, Any]) -> None:
+        self.config = config
+        self.raw_config = raw_config
+        self.name = config.name or self.type_name
+        # The name this policy was loaded under (an alias such as CompoundPolicy, or an
+        # import path); serialize() gives it back so that a round trip is exact.
+        self.loaded_as = self.type_name
+
+    async def apply(self, tx: Transaction) -> None:
+        response = tx.response
+        if response is None:
+            await self.on_request(tx)
+        elif response.stream is None:
+            await self.on_response(tx)
+        else:
+            transform = self.stream_transform(tx)
+            if transform is not None:
+                response.stream.transforms.append(transform)
+
+    async def on_request(self, tx: Transaction) -> None:
+        """Inspect or change ``tx.request`` (or raise ``PolicyBlocked``)."""
+
+    async def on_response(self, tx: Transaction) -> None:
+        """Inspect or change a buffered ``tx.response``."""
+
+    def stream_transform(self, tx: Transaction) -> StreamTransform | None:
+        """A transform for this transaction's streamed response, or None to leave it alone."""
+        return None
+
+    def serialize(self) -> dict[str, Any]:
+        """``{"type": ..., "config": {...}}``, exactly as it was loaded."""
+        return {"type": self.loaded_as, "config": copy.deepcopy(self.raw_config)}

@@ -1,0 +1,97 @@
+"""One typed, immutable settings object, loaded once at start-up.
+
+Values come from the environment and a ``.env`` file in the working directory; the
+command line overrides them by passing keyword arguments to ``Settings``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./luthien_control.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MOCK_PORT = 9000
+DEFAULT_POLICY_NAME = "root"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 600.0
+DEFAULT_POOL_SIZE = 1000
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_REFRESH_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Backend timeouts in seconds: to open a connection, and between two reads."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    read: float = DEFAULT_READ_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits: the backend connection pool and the largest accepted request body."""
+
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+class Settings(BaseSettings):
+    """Everything the proxy reads from its environment (see docs/configuration.md)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    policy_filepath: Path | None = None
+    top_level_policy_name: str = DEFAULT_POLICY_NAME
+    database_url: str = DEFAULT_DATABASE_URL
+    backend_url: str | None = None
+    openai_api_key: str | None = None
+    test_client_api_key: str | None = None
+    run_mode: Literal["dev", "prod"] = "prod"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    backend_connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
+    backend_read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
+    backend_pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
+
+    @field_validator("policy_filepath", "backend_url", "openai_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("backend_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @cached_property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.backend_connect_timeout, read=self.backend_read_timeout)
+
+    @cached_property
+    def limits(self) -> Limits:
+        return Limits(pool_size=self.backend_pool_size, max_request_bytes=self.max_request_bytes)
+
+    @property
+    def demo_mode(self) -> bool:
+        """No backend configured at all: run against the built-in mock backend."""
+        return self.backend_url is None and self.openai_api_key is None
+
+    @property
+    def dev(self) -> bool:
+        return self.run_mode == "dev"

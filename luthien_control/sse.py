@@ -1,0 +1,148 @@
+"""Server-sent events: split a byte stream into events, keep each event's bytes.
+
+An event that nobody changes goes out as the exact bytes that came in. Its JSON is
+parsed only when somebody asks for it (``Chunk.data``), once, with orjson; a changed
+event is serialized again only when it is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_NOT_PARSED = object()
+
+
+class Chunk:
+    """One server-sent event. ``raw`` is what goes on the wire, ``data`` its parsed JSON."""
+
+    __slots__ = ("_data", "_payload", "_raw", "changed")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._payload: bytes | None = None
+        self._data: Any = _NOT_PARSED
+        self.changed = False
+
+    @classmethod
+    def from_data(cls, data: Any, *, event: str | None = None) -> Chunk:
+        """A new event carrying ``data`` as JSON (and an ``event:`` name when given)."""
+        prefix = b"event: " + event.encode() + b"\n" if event else b""
+        chunk = cls(prefix + b"data: " + orjson.dumps(data) + b"\n\n")
+        chunk._data = data
+        return chunk
+
+    @property
+    def raw(self) -> bytes:
+        if self.changed:
+            self._raw = self._prefix() + b"data: " + orjson.dumps(self._data) + b"\n\n"
+            self._payload = None
+            self.changed = False
+        return self._raw
+
+    @property
+    def payload(self) -> bytes:
+        """The event's data field: its ``data:`` lines joined, as bytes."""
+        if self._payload is None:
+            raw = self._raw
+            if raw.startswith(b"data: ") and raw.count(b"\n") == 2 and raw.endswith(b"\n\n"):
+                self._payload = raw[6:-2]
+            else:
+                self._payload = _parse_data_field(raw)
+        return self._payload
+
+    @property
+    def event(self) -> str | None:
+        """The ``event:`` field, if the event has one (the Responses API names its events)."""
+        if not self._raw.startswith(b"event:") and b"\nevent:" not in self._raw:
+            return None
+        for line in self._raw.splitlines():
+            if line.startswith(b"event:"):
+                return line[6:].strip().decode("utf-8", "replace")
+        return None
+
+    @property
+    def is_done(self) -> bool:
+        return self.payload == b"[DONE]"
+
+    @property
+    def data(self) -> Any:
+        """The parsed JSON of the data field; ``None`` when it is not JSON (or empty)."""
+        if self._data is _NOT_PARSED:
+            try:
+                self._data = orjson.loads(self.payload) if self.payload else None
+            except orjson.JSONDecodeError:
+                self._data = None
+        return self._data
+
+    def set_data(self, data: Any) -> None:
+        """Replace the event's JSON; it is serialized again when the event is sent."""
+        self._data = data
+        self.changed = True
+
+    def mark_changed(self) -> None:
+        """Say that ``data`` was changed in place, so ``raw`` must be rebuilt."""
+        _ = self.data
+        self.changed = True
+
+    def _prefix(self) -> bytes:
+        """Every non-data line of the original event (``event:``, ``id:``), kept as it was."""
+        lines = [
+            line + b"\n"
+            for line in self._raw.splitlines()
+            if line and not line.startswith(b"data:")
+        ]
+        return b"".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.raw!r})"
+
+
+def _parse_data_field(raw: bytes) -> bytes:
+    parts = []
+    for line in raw.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts)
+
+
+class SSEDecoder:
+    """Cuts a byte stream into events at blank lines, whatever the network split."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        if self._buffer:
+            data = self._buffer + data
+        events: list[Chunk] = []
+        start = 0
+        if b"\r" not in data:
+            while (end := data.find(b"\n\n", start)) >= 0:
+                events.append(Chunk(data[start : end + 2]))
+                start = end + 2
+        else:
+            for match in _BLANK_LINE.finditer(data):
+                if match.end() == len(data) and data.endswith(b"\r"):
+                    break  # a CR at the very end may be the first half of CRLF
+                events.append(Chunk(data[start : match.end()]))
+                start = match.end()
+        self._buffer = data[start:]
+        return [event for event in events if event.raw.strip()]
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received after the last complete event (an unfinished event)."""
+        return self._buffer
+
+
+def error_event(error: dict[str, Any]) -> bytes:
+    """The final event of a stream that failed after it began: ``data: {"error": ...}``."""
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

@@ -1,0 +1,211 @@
+"""The transaction: one client request, what the policies did to it, and its answer.
+
+A ``Transaction`` is what every policy receives. Before ``SendBackendRequest`` it holds
+only the request; after it, ``response`` is set as well, as a buffered body or as a
+``ResponseStream`` whose chunks flow through the stream transforms on their way out.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+if TYPE_CHECKING:
+    from luthien_control.sse import Chunk
+
+
+_UNPARSED = object()
+
+
+class Message:
+    """A request or response body: the bytes as they came, parsed JSON on demand.
+
+    Policies change ``payload`` in place and call ``mark_changed()`` (or assign a new
+    one); ``body`` is serialized again only then.
+    """
+
+    __slots__ = ("_body", "_payload", "changed")
+
+    def __init__(self, body: bytes, payload: Any = _UNPARSED) -> None:
+        self._body = body
+        self._payload = payload
+        self.changed = False
+
+    @property
+    def body(self) -> bytes:
+        if self.changed:
+            self._body = orjson.dumps(self._payload)
+            self.changed = False
+        return self._body
+
+    @property
+    def payload(self) -> Any:
+        """The body's JSON, or ``None`` when the body is empty or not JSON."""
+        if self._payload is _UNPARSED:
+            try:
+                self._payload = orjson.loads(self._body) if self._body else None
+            except orjson.JSONDecodeError:
+                self._payload = None
+        return self._payload
+
+    @payload.setter
+    def payload(self, value: Any) -> None:
+        self._payload = value
+        self.changed = True
+
+    def mark_changed(self) -> None:
+        _ = self.payload
+        self.changed = True
+
+
+class ProxyRequest(Message):
+    """The client's request, relative to the API root (``/chat/completions``, ``/models``)."""
+
+    __slots__ = ("headers", "method", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any = _UNPARSED,
+    ) -> None:
+        super().__init__(body, payload)
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+
+    @property
+    def is_chat_completion(self) -> bool:
+        return self.path == "/chat/completions"
+
+    @property
+    def wants_stream(self) -> bool:
+        payload = self.payload
+        return isinstance(payload, dict) and payload.get("stream") is True
+
+
+class StreamTransform(Protocol):
+    """Changes, drops, inserts or holds back chunks of a streamed response.
+
+    ``on_chunk`` returns the chunks to pass on (none, the same one, changed ones, more);
+    ``on_end`` is called once when the backend's stream has ended and returns what was
+    held back. Raising ``PolicyBlocked`` ends the stream with an error event.
+    """
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]: ...
+
+    async def on_end(self) -> list[Chunk]: ...
+
+
+class ResponseStream:
+    """A streamed backend response, not yet read: the relay pulls it through ``transforms``."""
+
+    __slots__ = ("source", "transforms")
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self.source = source
+        self.transforms: list[StreamTransform] = []
+
+
+class ProxyResponse(Message):
+    """The answer to the client: from the backend, or made by a policy."""
+
+    __slots__ = ("headers", "status", "stream")
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        body: bytes = b"",
+        stream: ResponseStream | None = None,
+    ) -> None:
+        super().__init__(body)
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+
+
+@dataclass(slots=True)
+class Decision:
+    """Something a policy did: ``action`` is ``blocked``, ``redacted``, ``changed``, ..."""
+
+    policy: str
+    action: str
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    raw: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Timings:
+    """Seconds on the monotonic clock; ``received_at`` is wall-clock epoch seconds."""
+
+    received_at: float = field(default_factory=time.time)
+    start: float = field(default_factory=time.perf_counter)
+    backend_first_byte: float | None = None
+    client_first_byte: float | None = None
+    end: float | None = None
+
+
+def new_transaction_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True, eq=False)
+class Transaction:
+    """Everything about one request on its way through the proxy."""
+
+    request: ProxyRequest
+    services: Any  # luthien_control.app.Services; Any keeps policies free of import cycles
+    id: str = field(default_factory=new_transaction_id)
+    backend_url: str | None = None
+    backend_headers: dict[str, str] = field(default_factory=dict)
+    response: ProxyResponse | None = None
+    client_key_name: str | None = None
+    policy_name: str | None = None
+    client_wants_usage: bool = False
+    usage: Usage | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    outcome: str = "pending"
+    chunks_sent: int = 0
+    resources: AsyncExitStack = field(default_factory=AsyncExitStack)
+
+    def record(self, policy: str, action: str, detail: str = "") -> None:
+        """Note a policy decision, for the audit record and the metrics."""
+        self.decisions.append(Decision(policy, action, detail))
+
+    def lookup(self, path: str) -> Any:
+        """The value at a dotted path such as ``request.payload.model`` (None if absent)."""
+        value: Any = self
+        for part in path.split("."):
+            if value is None:
+                return None
+            if isinstance(value, dict):
+                value = value.get(part)
+            elif isinstance(value, list):
+                try:
+                    value = value[int(part)]
+                except (ValueError, IndexError):
+                    return None
+            elif part.startswith("_") or part in {"services", "resources"}:
+                return None
+            else:
+                value = getattr(value, part, None)
+        return value
