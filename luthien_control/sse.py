@@ -141,8 +141,3 @@ class SSEDecoder:
     def pending(self) -> bytes:
         """Bytes received after the last complete event (an unfinished event)."""
         return self._buffer
-
-
-def error_event(error: dict[str, Any]) -> bytes:
-    """The final event of a stream that failed after it began: ``data: {"error": ...}``."""
-    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

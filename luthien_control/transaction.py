@@ -63,6 +63,12 @@ class Message:
         _ = self.payload
         self.changed = True
 
+    def set_body(self, body: bytes) -> None:
+        """Replace the body with new bytes (forgetting any parsed payload)."""
+        self._body = body
+        self._payload = _UNPARSED
+        self.changed = False
+
 
 class ProxyRequest(Message):
     """The client's request, relative to the API root (``/chat/completions``, ``/models``)."""
@@ -158,7 +164,8 @@ class Timings:
 
     received_at: float = field(default_factory=time.time)
     start: float = field(default_factory=time.perf_counter)
-    backend_first_byte: float | None = None
+    backend_sent: float | None = None  # the request went out to the backend
+    backend_first_byte: float | None = None  # the backend's status and headers arrived
     client_first_byte: float | None = None
     end: float | None = None
 
@@ -179,12 +186,15 @@ class Transaction:
     response: ProxyResponse | None = None
     client_key_name: str | None = None
     policy_name: str | None = None
-    client_wants_usage: bool = False
+    usage_injected: bool = False  # the proxy, not the client, asked for include_usage
     usage: Usage | None = None
     decisions: list[Decision] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
     outcome: str = "pending"
     chunks_sent: int = 0
+    error: BaseException | None = None
+    status: int | None = None  # the HTTP status the client got
+    response_complete: bool = False  # the last byte is on its way: a disconnect is no news
     resources: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     def record(self, policy: str, action: str, detail: str = "") -> None:

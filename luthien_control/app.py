@@ -1,0 +1,162 @@
+"""What the proxy holds for its whole life: settings, backend pool, key and policy caches.
+
+Neither key checks nor policy lookups touch the database on the request path: both are
+kept in memory and refreshed in the background every ``refresh_interval`` seconds (a
+key revoked or a policy replaced takes effect within that time, in every worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from luthien_control.exceptions import LuthienError
+from luthien_control.policies.base import Policy
+from luthien_control.recording import LogRecorder, Recorder
+from luthien_control.settings import Settings
+from luthien_control.upstream import BackendClient
+
+logger = logging.getLogger(__name__)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+SAMPLE_POLICY = "sample_policy.yaml"
+
+
+def sample_policy_path() -> Path:
+    """The policy the proxy runs when it is given none (shipped with the package)."""
+    return Path(str(resources.files("luthien_control").joinpath(SAMPLE_POLICY)))
+
+
+class KeyCache:
+    """Active client keys, by hash, as last read from the database."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, str] = {}
+        self.loaded = False
+
+    def name_for(self, key: str) -> str | None:
+        from luthien_control.db.keys import hash_key
+
+        return self._by_hash.get(hash_key(key))
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        from luthien_control.db.keys import active_keys
+
+        self._by_hash = await active_keys(engine)
+        self.loaded = True
+
+
+class PolicySource:
+    """The policy in force: from ``POLICY_FILEPATH``, else the database, else the sample."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.current: Policy | None = None
+        self.origin = ""
+        self._version: int | None = None
+
+    async def load(self, engine: AsyncEngine) -> None:
+        from luthien_control.policies.loader import load_policy, load_policy_file
+
+        settings = self._settings
+        if settings.policy_filepath is not None:
+            self.current = load_policy_file(settings.policy_filepath)
+            self.origin = f"file {settings.policy_filepath}"
+            return
+        from luthien_control.db.policies import get_policy
+
+        name = settings.top_level_policy_name
+        stored = await get_policy(engine, name)
+        if stored is not None:
+            self.current = load_policy(stored.definition)
+            self._version = stored.version
+            self.origin = f"database policy '{name}' (version {stored.version})"
+        else:
+            self.current = load_policy_file(sample_policy_path())
+            self._version = None
+            self.origin = f"built-in sample policy (no policy '{name}' in the database)"
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        """Reload a database policy whose version changed; keep the last good one on error."""
+        if self._settings.policy_filepath is not None:
+            return
+        from luthien_control.db.policies import policy_version
+
+        version = await policy_version(engine, self._settings.top_level_policy_name)
+        if version == self._version:
+            return
+        try:
+            await self.load(engine)
+        except LuthienError as exc:
+            self._version = version  # do not retry the same broken version every second
+            logger.error("policy not reloaded, keeping the previous one: %s", exc.message)
+            return
+        logger.info("policy reloaded: %s", self.origin)
+
+
+@dataclass(eq=False)
+class Services:
+    """Everything a transaction may need besides itself; policies reach it as ``tx.services``."""
+
+    settings: Settings
+    engine: AsyncEngine
+    backend: BackendClient
+    keys: KeyCache = field(default_factory=KeyCache)
+    policy: PolicySource | None = None
+    recorder: Recorder = field(default_factory=LogRecorder)
+    _refresher: asyncio.Task[None] | None = None
+
+    @property
+    def default_backend_url(self) -> str:
+        return self.settings.backend_url or OPENAI_BASE_URL
+
+    @classmethod
+    def create(cls, settings: Settings) -> Services:
+        from luthien_control.db.engine import create_engine
+
+        return cls(
+            settings=settings,
+            engine=create_engine(settings.database_url),
+            backend=BackendClient(settings.timeouts, settings.limits),
+            policy=PolicySource(settings),
+        )
+
+    async def start(self) -> None:
+        await self.backend.start()
+        assert self.policy is not None
+        await self.policy.load(self.engine)
+        logger.info("policy in force: %s", self.policy.origin)
+        try:
+            await self.keys.refresh(self.engine)
+        except LuthienError as exc:
+            logger.error("client keys not loaded: %s", exc.message)
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="luthien-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self.backend.close()
+        await self.engine.dispose()
+
+    async def _refresh_forever(self) -> None:
+        assert self.policy is not None
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval)
+            try:
+                await self.keys.refresh(self.engine)
+                await self.policy.refresh(self.engine)
+            except LuthienError as exc:
+                if not failing:
+                    logger.error("cannot refresh keys and policy: %s", exc.message)
+                failing = True
+            else:
+                if failing:
+                    logger.info("keys and policy refreshed again")
+                failing = False

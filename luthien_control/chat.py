@@ -1,0 +1,130 @@
+"""The OpenAI chat-completions format: request validation and stream reassembly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from luthien_control.exceptions import MalformedRequest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Message(_Strict):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _ChatRequest(_Strict):
+    model: str
+    messages: list[_Message]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_chat_request(payload: Any) -> None:
+    """Raise ``MalformedRequest`` (400, naming the parameter) unless ``payload`` is a
+    well-typed chat completion request. Unknown fields are the backend's business."""
+    if not isinstance(payload, dict):
+        raise MalformedRequest("the request body must be a JSON object")
+    try:
+        _ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param(tuple(p for p in first["loc"] if not isinstance(p, str) or "[" not in p))
+        raise MalformedRequest(f"invalid value for '{param}': {first['msg']}", param=param) from exc
+
+
+def client_wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One tool call, reassembled from its deltas."""
+
+    index: int
+    id: str | None = None
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, ToolCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+
+@dataclass(slots=True)
+class StreamAssembler:
+    """Folds chat-completion chunks into the message they spell out."""
+
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+
+    def feed(self, data: Any) -> None:
+        self.chunks += 1
+        if not isinstance(data, dict):
+            return
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            state = self.choices.setdefault(choice.get("index", 0), ChoiceState())
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str):
+                state.content.append(content)
+            for call in delta.get("tool_calls") or ():
+                index = call.get("index", 0)
+                tool = state.tool_calls.setdefault(index, ToolCall(index))
+                tool.id = call.get("id") or tool.id
+                function = call.get("function") or {}
+                tool.name += function.get("name") or ""
+                tool.arguments += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                state.finish_reason = choice["finish_reason"]
+
+    def message(self, index: int = 0) -> dict[str, Any]:
+        """The assembled message of one choice, in the non-streamed response's shape."""
+        state = self.choices.get(index, ChoiceState())
+        message: dict[str, Any] = {"role": "assistant", "content": state.text or None}
+        if state.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for _, call in sorted(state.tool_calls.items())
+            ]
+        return message

@@ -1,0 +1,75 @@
+"""Prometheus metrics, served at ``/metrics`` (docs/operations.md says what each means)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from luthien_control.transaction import Transaction
+
+REGISTRY = CollectorRegistry()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter(
+    "luthien_requests",
+    "Proxied requests, by API route, HTTP status and outcome.",
+    ["route", "status", "outcome"],
+    registry=REGISTRY,
+)
+ACTIVE = Gauge("luthien_active_transactions", "Transactions in progress.", registry=REGISTRY)
+CHUNKS = Counter("luthien_stream_chunks", "Streamed events relayed to clients.", registry=REGISTRY)
+TIME_TO_FIRST_BYTE = Histogram(
+    "luthien_time_to_first_byte_seconds",
+    "From receiving a request to the first byte sent to the client.",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ADDED_LATENCY = Histogram(
+    "luthien_added_first_byte_latency_seconds",
+    "What the proxy added before the first byte: time to first byte minus the backend's.",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+DECISIONS = Counter(
+    "luthien_policy_decisions",
+    "Policy decisions, by policy name and action.",
+    ["policy", "action"],
+    registry=REGISTRY,
+)
+
+
+def observe(tx: Transaction) -> None:
+    """Count a finished transaction."""
+    REQUESTS.labels(tx.request.path, str(tx.status or 0), tx.outcome).inc()
+    if tx.chunks_sent:
+        CHUNKS.inc(tx.chunks_sent)
+    timings = tx.timings
+    if timings.client_first_byte is not None:
+        TIME_TO_FIRST_BYTE.observe(timings.client_first_byte - timings.start)
+        if timings.backend_first_byte is not None:
+            ADDED_LATENCY.observe(
+                max(0.0, timings.client_first_byte - timings.backend_first_byte)
+                + max(0.0, (timings.backend_sent or timings.start) - timings.start)
+            )
+    for decision in tx.decisions:
+        DECISIONS.labels(decision.policy, decision.action).inc()
+
+
+async def send_metrics(send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+    body = generate_latest(REGISTRY)
+    headers = [
+        (b"content-type", CONTENT_TYPE_LATEST.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

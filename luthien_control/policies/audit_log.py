@@ -1,0 +1,118 @@
+"""Writes the transaction to the application log, with every secret redacted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import orjson
+
+from luthien_control.chat import StreamAssembler
+from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern
+from luthien_control.policies.text import rewrite_strings
+from luthien_control.sse import Chunk
+from luthien_control.transaction import Message, StreamTransform, Transaction
+
+logger = logging.getLogger("luthien_control.policies.transaction_log")
+
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
+)
+_SECRETS = SecretPattern(DEFAULT_PATTERNS)
+
+
+def redacted_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: ("[REDACTED]" if k in SECRET_HEADERS else v) for k, v in headers.items()}
+
+
+def redacted_body(message: Message) -> Any:
+    """The body as JSON (or text) with every known secret pattern replaced."""
+    payload = message.payload
+    if payload is None:
+        return _SECRETS.redact(message.body.decode("utf-8", "replace"))[0]
+    copy = orjson.loads(orjson.dumps(payload))
+    return rewrite_strings(copy, lambda text: _SECRETS.redact(text)[0])[0]
+
+
+class TransactionContextLoggingPolicy(Policy):
+    """Logs the request (before the backend) or the response (after it), secrets redacted."""
+
+    type_name = "TransactionContextLoggingPolicy"
+
+    class Config(PolicyConfig):
+        log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
+        super().__init__(config, raw_config)
+        self.level = logging.getLevelName(config.log_level)
+
+    def _log(self, tx: Transaction, side: str, entry: dict[str, Any]) -> None:
+        if logger.isEnabledFor(self.level):
+            record = {"transaction_id": tx.id, "side": side, **entry}
+            logger.log(self.level, "%s", orjson.dumps(record).decode())
+
+    async def on_request(self, tx: Transaction) -> None:
+        if not logger.isEnabledFor(self.level):
+            return
+        request = tx.request
+        self._log(
+            tx,
+            "request",
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": redacted_headers(request.headers),
+                "body": redacted_body(request),
+                "client_key_name": tx.client_key_name,
+            },
+        )
+
+    async def on_response(self, tx: Transaction) -> None:
+        response = tx.response
+        if response is None or not logger.isEnabledFor(self.level):
+            return
+        self._log(
+            tx,
+            "response",
+            {
+                "status": response.status,
+                "headers": redacted_headers(response.headers),
+                "body": redacted_body(response),
+            },
+        )
+
+    def stream_transform(self, tx: Transaction) -> StreamTransform | None:
+        if not logger.isEnabledFor(self.level):
+            return None
+        return _StreamLog(self, tx)
+
+
+class _StreamLog:
+    """Passes every chunk on untouched; logs the assembled message when the stream ends."""
+
+    def __init__(self, policy: TransactionContextLoggingPolicy, tx: Transaction) -> None:
+        self._policy = policy
+        self._tx = tx
+        self._assembler = StreamAssembler()
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        self._assembler.feed(chunk.data)
+        return [chunk]
+
+    async def on_end(self) -> list[Chunk]:
+        assembler = self._assembler
+        messages = [assembler.message(index) for index in sorted(assembler.choices)]
+        redacted = rewrite_strings(messages, lambda text: _SECRETS.redact(text)[0])[0]
+        self._policy._log(
+            self._tx,
+            "response",
+            {
+                "status": self._tx.response.status if self._tx.response else None,
+                "streamed": True,
+                "chunks": assembler.chunks,
+                "messages": redacted,
+                "finish_reasons": [c.finish_reason for _, c in sorted(assembler.choices.items())],
+            },
+        )
+        return []

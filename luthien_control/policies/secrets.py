@@ -1,0 +1,197 @@
+"""Leaked-secret detection: keeps API keys and private keys out of requests and answers.
+
+Before the backend, a secret anywhere in the request blocks it (403) or is redacted.
+After it, a secret in the response, streamed too and split across chunks in any way,
+never reaches the client: the scanner holds back only the text that could still be the
+start of a secret (the regex module's partial matching says exactly how much), and scans
+every character once, plus that bounded tail.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import regex
+from pydantic import AfterValidator
+
+from luthien_control.exceptions import PolicyBlocked
+from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.text import ChatTextStream, iter_strings, rewrite_strings
+from luthien_control.transaction import StreamTransform, Transaction
+
+REDACTED = "[REDACTED]"
+
+# Name → pattern. Names appear in decisions and error messages; the secret never does.
+DEFAULT_PATTERNS: dict[str, str] = {
+    "anthropic_api_key": r"sk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
+    "openai_api_key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+    "aws_access_key_id": r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+    "github_token": r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+    "slack_token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    "google_api_key": r"\bAIza[0-9A-Za-z_-]{35}",
+    # The whole block when its END line is there, else the header and body.
+    "private_key": (
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*+"
+        r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?+"
+    ),
+}
+
+
+def _check_pattern(pattern: str) -> str:
+    try:
+        regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from exc
+    return pattern
+
+
+class SecretPattern:
+    """All patterns as one regex with a named group each, compiled once."""
+
+    def __init__(self, patterns: dict[str, str]) -> None:
+        self.names = list(patterns)
+        joined = "|".join(f"(?P<p{i}>{p})" for i, p in enumerate(patterns.values()))
+        self.regex = regex.compile(joined)
+
+    def kind(self, match: Any) -> str:
+        group = match.lastgroup
+        return self.names[int(group[1:])] if group else "secret"
+
+    def search(self, text: str) -> Any:
+        return self.regex.search(text)
+
+    def redact(self, text: str) -> tuple[str, list[str]]:
+        found: list[str] = []
+
+        def replace(match: Any) -> str:
+            found.append(self.kind(match))
+            return REDACTED
+
+        return self.regex.sub(replace, text), found
+
+
+class SecretScanner:
+    """One text channel of a stream: releases text only once it cannot start a secret."""
+
+    __slots__ = ("_held", "_policy", "_secrets", "_tx")
+
+    def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
+        self._policy = policy
+        self._secrets = policy.secrets
+        self._tx = tx
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        return self._scan(self._held + text if self._held else text, final=False)
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return self._scan(held, final=True) if held else ""
+
+    def _scan(self, text: str, *, final: bool) -> str:
+        out: list[str] = []
+        position = 0
+        hold_from = len(text)
+        for match in self._secrets.regex.finditer(text, partial=not final):
+            if match.partial:
+                hold_from = match.start()
+                break
+            if (
+                not final
+                and self._policy.action == "redact"
+                and self._secrets.regex.fullmatch(text, match.start(), partial=True) is not None
+            ):
+                hold_from = match.start()  # a complete secret that more text could extend
+                break
+            self._policy.found(self._tx, self._secrets.kind(match), where="response")
+            out.append(text[position : match.start()])
+            out.append(REDACTED)
+            position = match.end()
+        out.append(text[position:hold_from])
+        self._held = text[hold_from:]
+        return "".join(out)
+
+
+class LeakedApiKeyDetection(Policy):
+    """Blocks (or redacts) secrets in the request or the response, by its position."""
+
+    type_name = "LeakedApiKeyDetection"
+
+    class Config(PolicyConfig):
+        patterns: list[Annotated[str, AfterValidator(_check_pattern)]] | None = None
+        action: Literal["block", "redact"] = "block"
+
+    def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
+        super().__init__(config, raw_config)
+        self.action = config.action
+        if config.patterns is None:
+            self.secrets = SecretPattern(DEFAULT_PATTERNS)
+        else:
+            self.secrets = SecretPattern({f"pattern {i}": p for i, p in enumerate(config.patterns)})
+
+    def found(self, tx: Transaction, kind: str, *, where: str) -> None:
+        """Record a secret; raise ``PolicyBlocked`` when the action is ``block``."""
+        action = "blocked" if self.action == "block" else "redacted"
+        tx.record(self.name, action, f"{kind} in the {where}")
+        if self.action == "block":
+            raise PolicyBlocked(
+                f"blocked by {self.name}: the {where} contains a secret ({kind})", policy=self.name
+            )
+
+    async def on_request(self, tx: Transaction) -> None:
+        self._check_message(tx, tx.request, where="request")
+
+    async def on_response(self, tx: Transaction) -> None:
+        assert tx.response is not None
+        self._check_message(tx, tx.response, where="response")
+
+    def _check_message(self, tx: Transaction, message: Any, *, where: str) -> None:
+        payload = message.payload
+        if payload is None:
+            text, changed = self.scan_value(tx, message.body.decode("utf-8", "replace"), where)
+            if changed:
+                message.set_body(text.encode())
+        elif self.scan_value(tx, payload, where)[1]:
+            message.mark_changed()
+
+    def scan_value(self, tx: Transaction, value: Any, where: str) -> tuple[Any, bool]:
+        """Check every string of a JSON value; block, or redact in place (→ changed)."""
+        if self.action == "block":
+            for string in iter_strings(value):
+                if (match := self.secrets.search(string)) is not None:
+                    self.found(tx, self.secrets.kind(match), where=where)
+            return value, False
+        kinds: list[str] = []
+
+        def redact(text: str) -> str:
+            new_text, found = self.secrets.redact(text)
+            kinds.extend(found)
+            return new_text
+
+        value, changed = rewrite_strings(value, redact)
+        for kind in kinds:
+            self.found(tx, kind, where=where)
+        return value, changed
+
+    def stream_transform(self, tx: Transaction) -> StreamTransform:
+        return _SecretStream(self, tx)
+
+
+class _SecretStream(ChatTextStream):
+    """Channels of text deltas scanned across chunks; other events scanned whole."""
+
+    def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
+        super().__init__(lambda: SecretScanner(policy, tx))
+        self._policy = policy
+        self._tx = tx
+
+    async def on_chunk(self, chunk: Any) -> list[Any]:
+        data = chunk.data
+        if isinstance(data, dict) and isinstance(data.get("choices"), list):
+            return await super().on_chunk(chunk)
+        if data is None:
+            return [chunk]
+        # Events without choices (Responses API, errors): each one is scanned whole.
+        if self._policy.scan_value(self._tx, data, "response")[1]:
+            chunk.mark_changed()
+        return [chunk]

@@ -1,0 +1,196 @@
+"""Out to the client: the streaming relay and the buffered response.
+
+The relay reads the backend's bytes as they arrive, cuts them into events, lets the
+proxy's own usage bookkeeping and then every policy transform see each event, and sends
+whatever comes out at once, one ``send`` per network read. It sends no headers until the
+first event is ready, so a failure before that is still a real HTTP error; after that a
+failure ends the stream with an error event and no ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
+from luthien_control.responses import STREAM_HEADERS, TRANSACTION_HEADER, error_event
+from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
+from luthien_control.transaction import StreamTransform, Transaction, Usage
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+# Response headers that describe one hop or that the proxy sets itself.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+        "x-luthien-transaction-id",
+    }
+)
+_STREAM_OWN = frozenset(name for name, _ in STREAM_HEADERS) | {"content-encoding"}
+_INJECTED_USAGE = b',"usage":null'
+
+
+def response_headers(
+    headers: dict[str, str], transaction_id: str, *, stream: bool
+) -> list[tuple[bytes, bytes]]:
+    skip = _NOT_FORWARDED | _STREAM_OWN if stream else _NOT_FORWARDED
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in skip]
+    if stream:
+        out.extend(STREAM_HEADERS)
+    out.append((TRANSACTION_HEADER, transaction_id.encode()))
+    return out
+
+
+async def send_buffered(tx: Transaction, send: Send) -> None:
+    """Send a buffered response: the backend's (as changed by policies) or a policy's own."""
+    response = tx.response
+    assert response is not None
+    body = response.body
+    headers = response_headers(response.headers, tx.id, stream=False)
+    headers.append((b"content-length", str(len(body)).encode()))
+    tx.timings.client_first_byte = time.perf_counter()
+    tx.status = response.status
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    tx.response_complete = True
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _through(transform: StreamTransform, chunks: list[Chunk]) -> list[Chunk]:
+    if not chunks:
+        return chunks
+    out: list[Chunk] = []
+    for chunk in chunks:
+        out.extend(await transform.on_chunk(chunk))
+    return out
+
+
+class _UsageBook:
+    """Takes the backend's usage figures, and hides what the client did not ask for.
+
+    The proxy asks every chat stream for ``include_usage``; when the client did not, the
+    usage-only chunk is dropped and the ``"usage": null`` the backend then adds to every
+    chunk is removed again, so the client sees exactly the stream it asked for.
+    """
+
+    __slots__ = ("hide", "tx")
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+        self.hide = tx.usage_injected
+
+    def see(self, chunk: Chunk) -> Chunk | None:
+        raw = chunk.raw
+        if b'"usage"' not in raw:
+            return chunk
+        if self.hide and _INJECTED_USAGE in raw:
+            chunk = Chunk(raw.replace(_INJECTED_USAGE, b""))
+            if b'"usage"' not in chunk.raw:
+                return chunk
+        data = chunk.data
+        if not isinstance(data, dict) or "usage" not in data:
+            return chunk
+        usage = data["usage"]
+        if isinstance(usage, dict):
+            self.tx.usage = Usage(
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                total_tokens=usage.get("total_tokens"),
+                raw=usage,
+            )
+        if self.hide:
+            if isinstance(usage, dict) and not data.get("choices"):
+                return None
+            del data["usage"]
+            chunk.mark_changed()
+        return chunk
+
+
+async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
+    """Relay a streamed response to the client, chunk by chunk, as it arrives."""
+    response = tx.response
+    assert response is not None and response.stream is not None
+    stream = response.stream
+    transforms = stream.transforms
+    usage = _UsageBook(tx)
+    decoder = SSEDecoder()
+    started = False
+
+    async def emit(chunks: list[Chunk], *, last: bytes | None = None) -> None:
+        nonlocal started
+        body = b"".join([chunk.raw for chunk in chunks])
+        if last is not None:
+            body += last
+        if not body and last is None:
+            return
+        if not started:
+            headers = response_headers(response.headers, tx.id, stream=True)
+            tx.status = response.status
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            started = True
+            tx.timings.client_first_byte = time.perf_counter()
+        tx.chunks_sent += len(chunks)
+        if last is not None:
+            tx.response_complete = True
+        await send({"type": "http.response.body", "body": body, "more_body": last is None})
+
+    done = False
+    try:
+        async for data in stream.source:
+            chunks: list[Chunk] = []
+            for event in decoder.feed(data):
+                if event.is_done:
+                    done = True
+                    break
+                seen = usage.see(event)
+                if seen is not None:
+                    chunks.append(seen)
+            for transform in transforms:
+                chunks = await _through(transform, chunks)
+            await emit(chunks)
+            if done:
+                break
+        if not done and (tx.request.is_chat_completion or decoder.pending.strip()):
+            raise BackendBroken("the backend's stream ended before it was complete")
+        tail: list[Chunk] = []
+        for transform in transforms:
+            tail = await _through(transform, tail)
+            tail.extend(await transform.on_end())
+        await emit(tail, last=DONE_EVENT if done else b"")
+    except Exception as exc:
+        if not started:
+            raise
+        tx.outcome = outcome_for(exc)
+        tx.error = exc
+        tx.response_complete = True
+        await send(
+            {
+                "type": "http.response.body",
+                "body": error_event(exc, tx.id, dev=dev),
+                "more_body": False,
+            }
+        )
+
+
+def outcome_for(exc: BaseException) -> str:
+    """The recorded outcome of a transaction that ended with ``exc``."""
+    if isinstance(exc, PolicyBlocked):
+        return "blocked"
+    if isinstance(exc, BackendError):
+        return "backend_error"
+    if isinstance(exc, ClientError):
+        return "rejected"
+    return "proxy_error"

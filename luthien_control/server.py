@@ -1,0 +1,217 @@
+"""The proxy as a pure ASGI application.
+
+Request in: the edge reads the body once, makes a ``Transaction`` and runs the policy
+tree; the answer goes out through ``relay``. The whole transaction races a disconnect
+listener, so a client that goes away cancels the backend request at once. Errors become
+responses in one place (``responses``). No middleware, and ``receive`` is never replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+from sqlalchemy import text
+
+from luthien_control import metrics
+from luthien_control.app import Services
+from luthien_control.chat import validate_chat_request
+from luthien_control.exceptions import (
+    LuthienError,
+    MalformedRequest,
+    NotFound,
+    RequestTooLarge,
+)
+from luthien_control.relay import outcome_for, relay_stream, send_buffered
+from luthien_control.responses import send_error, send_json
+from luthien_control.settings import Settings
+from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+API_PREFIXES = ("/v1", "/api/v1")
+
+
+def api_path(path: str) -> str | None:
+    """``/v1/chat/completions`` and ``/api/v1/chat/completions`` → ``/chat/completions``."""
+    for prefix in API_PREFIXES:
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            return path[len(prefix) :] or "/"
+    return None
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read the whole request body (the only place the proxy calls ``receive`` for it)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        body = message.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise RequestTooLarge(f"the request body is larger than {limit} bytes")
+            parts.append(body)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+class LuthienProxy:
+    """The ASGI app: ``/v1/*`` (and ``/api/v1/*``) through the policies; health and metrics."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.services: Services | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            relative = api_path(path)
+            if relative is not None:
+                await self.proxy(scope, receive, send, relative)
+            elif path == "/health":
+                await send_json(send, 200, {"status": "ok"}, new_transaction_id())
+            elif path == "/ready":
+                await self.ready(send)
+            elif path == "/metrics":
+                await metrics.send_metrics(send)
+            else:
+                await send_error(
+                    send, NotFound(f"no route {path}"), new_transaction_id(), dev=False
+                )
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.services = Services.create(self.settings)
+                    await self.services.start()
+                except LuthienError as exc:
+                    logger.error("cannot start: %s", exc.message)
+                    await send({"type": "lifespan.startup.failed", "message": exc.message})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.services is not None:
+                    await self.services.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def ready(self, send: Send) -> None:
+        services = self.services
+        problems = []
+        if services is None or services.policy is None or services.policy.current is None:
+            problems.append("no policy loaded")
+        if services is not None:
+            try:
+                with anyio.fail_after(2):
+                    async with services.engine.connect() as connection:
+                        await connection.execute(text("SELECT 1"))
+            except Exception as exc:  # any failure to reach it means "not ready"
+                problems.append(f"database unreachable: {type(exc).__name__}")
+        status = 503 if problems else 200
+        body = {"status": "not ready" if problems else "ready", "problems": problems}
+        await send_json(send, status, body, new_transaction_id())
+
+    async def proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        services = self.services
+        assert services is not None, "the lifespan startup has not run"
+        dev = services.settings.dev
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1").lower()
+            text_value = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text_value}" if key in headers else text_value
+        request = ProxyRequest(scope["method"], path, scope.get("query_string", b""), headers, b"")
+        tx = Transaction(request=request, services=services)
+        failure: Exception | None = None
+        metrics.ACTIVE.inc()
+        try:
+            request.set_body(await read_body(receive, services.settings.max_request_bytes))
+            async with anyio.create_task_group() as group:
+
+                async def watch_disconnect() -> None:
+                    # The body has been read: the next message is the disconnect, which
+                    # also arrives once the response is complete (then it is no news).
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not tx.response_complete:
+                        tx.outcome = "client_disconnected"
+                        group.cancel_scope.cancel()
+
+                group.start_soon(watch_disconnect)
+                try:
+                    await self.handle(tx, send, dev=dev)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    tx.response_complete = True
+                    group.cancel_scope.cancel()
+        except ClientDisconnected:
+            tx.outcome = "client_disconnected"
+        except Exception as exc:
+            failure = exc
+        try:
+            if failure is not None:
+                tx.error = failure
+                if tx.outcome in ("pending", "ok"):
+                    tx.outcome = outcome_for(failure)
+                if tx.status is None:
+                    tx.status = await send_error(send, failure, tx.id, dev=dev)
+        finally:
+            metrics.ACTIVE.dec()
+            await tx.resources.aclose()
+            tx.timings.end = time.perf_counter()
+            if tx.outcome == "pending":
+                tx.outcome = "client_disconnected"
+            metrics.observe(tx)
+            services.recorder.record(tx)
+
+    async def handle(self, tx: Transaction, send: Send, *, dev: bool) -> None:
+        request = tx.request
+        content_type = request.headers.get("content-type", "application/json")
+        if request.body and request.payload is None and content_type.startswith("application/json"):
+            raise MalformedRequest("the request body is not valid JSON")
+        if request.is_chat_completion and request.method == "POST":
+            validate_chat_request(request.payload)
+        services = tx.services
+        policy = services.policy.current
+        tx.policy_name = policy.name
+        await policy.apply(tx)
+        response = tx.response
+        if response is None:
+            raise LuthienError(
+                f"policy '{policy.name}' produced no response (does it include SendBackendRequest?)"
+            )
+        if response.stream is not None:
+            await relay_stream(tx, send, dev=dev)
+        else:
+            await send_buffered(tx, send)
+        if tx.outcome == "pending":
+            tx.outcome = "ok" if response.status < 400 else "backend_error_status"
+
+
+def create_app(settings: Settings | None = None) -> LuthienProxy:
+    """The ASGI application (``uvicorn --factory luthien_control.server:create_app``)."""
+    return LuthienProxy(settings)
+
+
+__all__ = ["LuthienProxy", "create_app"]

@@ -1,0 +1,252 @@
+"""Fixtures shared by the whole suite: real servers on free loopback ports.
+
+``mock_backend`` is the built-in mock backend in its own process; ``start_proxy``
+starts ``luthien-control serve`` as a user would, with a policy file or a database
+policy, and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CLIENT_KEY = os.environ.get("TEST_CLIENT_API_KEY") or "lc-test-client-key-0123456789"
+BACKEND_KEY = "mock-backend-key"
+READY_TIMEOUT = 30.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("luthien", "Luthien Control end-to-end tests")
+    group.addoption(
+        "--e2e-target-url",
+        default=None,
+        help="run the e2e tests against this already running proxy (e.g. http://127.0.0.1:8000)",
+    )
+    group.addoption(
+        "--e2e-mock-url",
+        default=None,
+        help="with --e2e-target-url: the mock backend behind that proxy, so that the "
+        "disconnect test can see the cancellation reach it",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """A server in its own process, its output in a log file shown when a test fails."""
+
+    args: list[str]
+    env: dict[str, str]
+    ready_url: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
+        )
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(self.ready_url, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready within {READY_TIMEOUT} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class MockBackendServer:
+    url: str  # http://127.0.0.1:PORT
+    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/v1"
+
+    def record(self, request_id: str) -> dict[str, Any] | None:
+        response = self.client.get(f"{self.url}/_mock/requests/{request_id}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        record: dict[str, Any] = response.json()
+        return record
+
+    def wait_for_record(
+        self, request_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any] | None:
+        """Poll the mock's record of a request until ``until`` holds (bounded); the last seen."""
+        deadline = time.monotonic() + timeout
+        record = self.record(request_id)
+        while time.monotonic() < deadline and (record is None or not until(record)):
+            time.sleep(0.02)
+            record = self.record(request_id)
+        return record
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "POLICY_"))}
+    for name in ("OPENAI_API_KEY", "DATABASE_URL", "TOP_LEVEL_POLICY_NAME", "RUN_MODE"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def mock_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockBackendServer]:
+    """The built-in mock backend, in its own process on a free loopback port."""
+    port = free_port()
+    server = ServerProcess(
+        [sys.executable, "-m", "luthien_control.mock_backend", "--port", str(port)],
+        python_env(),
+        f"http://127.0.0.1:{port}/health",
+        tmp_path_factory.mktemp("mock") / "mock-backend.log",
+    )
+    server.start()
+    yield MockBackendServer(f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+def e2e_policy(backend_url: str) -> dict[str, Any]:
+    """SPEC's minimal policy, pointed at ``backend_url``."""
+    return {
+        "type": "SerialPolicy",
+        "config": {
+            "name": "E2E",
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "LeakedApiKeyDetection", "config": {}},
+                {
+                    "type": "AddApiKeyHeaderFromEnv",
+                    "config": {"api_key_env_var_name": "OPENAI_API_KEY"},
+                },
+                {"type": "SetBackendPolicy", "config": {"backend_url": backend_url}},
+                {"type": "SendBackendRequest", "config": {}},
+            ],
+        },
+    }
+
+
+@dataclass
+class ProxyServer:
+    url: str  # http://127.0.0.1:PORT
+    key: str
+    server: ServerProcess | None = None
+    database_url: str = ""
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/v1"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a ``luthien-control`` command against this proxy's database."""
+        return run_cli(self.database_url, *args)
+
+
+def run_cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "luthien_control", *args],
+        env=python_env(DATABASE_URL=database_url, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+ProxyStarter = Callable[..., ProxyServer]
+
+
+@pytest.fixture(scope="session")
+def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStarter]:
+    """Start ``luthien-control serve`` with a policy file (``policy=``) or a database policy
+    (``db_policy=``), a fresh SQLite database and the test client key."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *,
+        policy: dict[str, Any] | None = None,
+        db_policy: dict[str, Any] | None = None,
+        policy_name: str = "root",
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+    ) -> ProxyServer:
+        directory = tmp_path_factory.mktemp("proxy")
+        database_url = f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
+        result = run_cli(database_url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
+        assert result.returncode == 0, result.stderr
+        server_env = python_env(
+            DATABASE_URL=database_url,
+            OPENAI_API_KEY=BACKEND_KEY,
+            TOP_LEVEL_POLICY_NAME=policy_name,
+            **(env or {}),
+        )
+        if policy is not None:
+            policy_file = directory / "policy.json"
+            policy_file.write_text(json.dumps(policy))
+            server_env["POLICY_FILEPATH"] = str(policy_file)
+        if db_policy is not None:
+            policy_file = directory / "db-policy.json"
+            policy_file.write_text(json.dumps(db_policy))
+            result = run_cli(
+                database_url, "policy", "load", str(policy_file), "--name", policy_name
+            )
+            assert result.returncode == 0, result.stderr
+        port = free_port()
+        server = ServerProcess(
+            [
+                sys.executable,
+                "-m",
+                "luthien_control",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            server_env,
+            f"http://127.0.0.1:{port}/ready",
+            directory / "proxy.log",
+        )
+        server.start()
+        started.append(server)
+        return ProxyServer(f"http://127.0.0.1:{port}", CLIENT_KEY, server, database_url)
+
+    yield start
+    for server in started:
+        server.stop()

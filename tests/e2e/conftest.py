@@ -1,0 +1,97 @@
+"""The proxies the end-to-end tests talk to.
+
+By default: a real ``luthien-control serve`` process per configuration (policy file,
+database policy) in front of the built-in mock backend, all on free loopback ports.
+With ``--e2e-target-url URL``: an already running proxy (its client key from
+``TEST_CLIENT_API_KEY``). With ``E2E_REAL_BACKEND=1`` and ``OPENAI_API_KEY``: the
+started proxies forward to the real OpenAI API instead of the mock.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import (
+    CLIENT_KEY,
+    MockBackendServer,
+    ProxyServer,
+    ProxyStarter,
+    e2e_policy,
+)
+
+REAL_BACKEND = os.environ.get("E2E_REAL_BACKEND") == "1"
+
+
+@dataclass
+class Backend:
+    """What stands behind the proxy: the mock (scriptable, observable) or a real API."""
+
+    mock: MockBackendServer | None
+    model: str
+
+    def directives(self, **values: Any) -> dict[str, str]:
+        """Mock-backend directives as request headers (a real backend ignores them)."""
+        headers = {}
+        for name, value in values.items():
+            headers["x-mock-" + name.replace("_", "-")] = quote(str(value), safe="")
+        return headers
+
+    @staticmethod
+    def request_id() -> str:
+        return uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session")
+def backend(request: pytest.FixtureRequest) -> Backend:
+    target = request.config.getoption("--e2e-target-url")
+    if REAL_BACKEND and not target:
+        return Backend(mock=None, model=os.environ.get("E2E_MODEL", "gpt-4o-mini"))
+    if target:
+        mock_url = request.config.getoption("--e2e-mock-url")
+        mock = MockBackendServer(mock_url.rstrip("/")) if mock_url else None
+        return Backend(mock=mock, model=os.environ.get("E2E_MODEL", "gpt-3.5-turbo"))
+    mock = request.getfixturevalue("mock_backend")
+    return Backend(mock=mock, model="gpt-3.5-turbo")
+
+
+def _backend_url(backend: Backend) -> str:
+    return backend.mock.api_base if backend.mock is not None else "https://api.openai.com/v1"
+
+
+def _env() -> dict[str, str]:
+    if REAL_BACKEND:
+        return {"OPENAI_API_KEY": os.environ["OPENAI_API_KEY"]}
+    return {}
+
+
+@pytest.fixture(scope="session")
+def file_proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
+    """The proxy configured from a policy file (SPEC's minimal e2e policy)."""
+    target = request.config.getoption("--e2e-target-url")
+    if target:
+        return ProxyServer(target.rstrip("/"), CLIENT_KEY)
+    start: ProxyStarter = request.getfixturevalue("start_proxy")
+    return start(policy=e2e_policy(_backend_url(backend)), env=_env())
+
+
+@pytest.fixture(scope="session")
+def db_proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
+    """The proxy configured from the same policy, stored in the database."""
+    target = request.config.getoption("--e2e-target-url")
+    if target:
+        return ProxyServer(target.rstrip("/"), CLIENT_KEY)
+    start: ProxyStarter = request.getfixturevalue("start_proxy")
+    return start(db_policy=e2e_policy(_backend_url(backend)), policy_name="e2e_root", env=_env())
+
+
+@pytest.fixture(params=["file", "db"])
+def proxy(request: pytest.FixtureRequest) -> Iterator[ProxyServer]:
+    """Each test runs against both configurations."""
+    yield request.getfixturevalue(f"{request.param}_proxy")

@@ -1,0 +1,252 @@
+"""LeakedApiKeyDetection: secrets never reach the other side, however a stream splits them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from luthien_control.exceptions import PolicyBlocked
+from luthien_control.policies.secrets import DEFAULT_PATTERNS, LeakedApiKeyDetection
+from luthien_control.sse import Chunk
+from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
+
+OPENAI_KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
+SECRETS = {
+    "openai_api_key": OPENAI_KEY,
+    "anthropic_api_key": "sk-ant-api03-" + "x" * 40,
+    "aws_access_key_id": "AKIA" + "ABCDEFGHIJKLMNOP",
+    "github_token": "ghp_" + "a" * 36,
+    "slack_token": "xoxb-" + "1234567890-abcdef",
+    "google_api_key": "AIza" + "B" * 35,
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+}
+
+
+def policy(**config: Any) -> LeakedApiKeyDetection:
+    return LeakedApiKeyDetection(LeakedApiKeyDetection.Config(**config), config)
+
+
+def transaction(payload: Any) -> Transaction:
+    body = orjson.dumps(payload)
+    return Transaction(
+        request=ProxyRequest("POST", "/chat/completions", b"", {}, body), services=None
+    )
+
+
+def chunk(content: str | None = None, *, finish: str | None = None, **delta: Any) -> Chunk:
+    if content is not None:
+        delta["content"] = content
+    data = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return Chunk(b"data: " + orjson.dumps(data) + b"\n\n")
+
+
+async def run_stream(
+    p: LeakedApiKeyDetection, chunks: list[Chunk]
+) -> tuple[list[Chunk], Transaction]:
+    tx = transaction({})
+    transform = p.stream_transform(tx)
+    out: list[Chunk] = []
+    for c in chunks:
+        out.extend(await transform.on_chunk(c))
+    out.extend(await transform.on_end())
+    return out, tx
+
+
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(
+        (choice.get("delta") or {}).get("content") or ""
+        for c in chunks
+        for choice in orjson.loads(c.raw[6:-2])["choices"]
+    )
+
+
+def test_default_patterns_cover_the_named_providers() -> None:
+    assert set(SECRETS) == set(DEFAULT_PATTERNS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+async def test_request_with_a_secret_is_blocked(kind: str) -> None:
+    tx = transaction(
+        {"model": "m", "messages": [{"role": "user", "content": f"my key: {SECRETS[kind]}"}]}
+    )
+    with pytest.raises(PolicyBlocked) as caught:
+        await policy().apply(tx)
+    assert caught.value.status_code == 403
+    assert SECRETS[kind] not in caught.value.message
+    assert kind in caught.value.message
+    assert [(d.action, d.detail) for d in tx.decisions] == [("blocked", f"{kind} in the request")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": OPENAI_KEY}]}]},
+        {
+            "messages": [
+                {"role": "system", "content": "x", "name": "n"},
+                {"role": "user", "content": OPENAI_KEY},
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"k": "' + OPENAI_KEY + '"}'},
+                        }
+                    ],
+                }
+            ]
+        },
+        {"messages": [{"role": "tool", "tool_call_id": "c", "content": OPENAI_KEY}]},
+    ],
+    ids=["content-parts", "second-message", "tool-call-arguments", "tool-result"],
+)
+async def test_every_message_form_is_scanned(payload: dict[str, Any]) -> None:
+    with pytest.raises(PolicyBlocked):
+        await policy().apply(transaction({"model": "m", **payload}))
+
+
+@pytest.mark.anyio
+async def test_clean_request_passes_unchanged() -> None:
+    tx = transaction({"model": "m", "messages": [{"role": "user", "content": "sk-short is fine"}]})
+    body = tx.request.body
+    await policy().apply(tx)
+    assert tx.request.body == body and tx.decisions == []
+
+
+@pytest.mark.anyio
+async def test_redact_on_the_request_side() -> None:
+    tx = transaction({"model": "m", "messages": [{"role": "user", "content": f"a {OPENAI_KEY} b"}]})
+    await policy(action="redact").apply(tx)
+    assert orjson.loads(tx.request.body)["messages"][0]["content"] == "a [REDACTED] b"
+
+
+@pytest.mark.anyio
+async def test_buffered_response_is_blocked_or_redacted() -> None:
+    answer = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": f"here: {OPENAI_KEY}"}}
+        ]
+    }
+    tx = transaction({})
+    tx.response = ProxyResponse(200, {}, orjson.dumps(answer))
+    with pytest.raises(PolicyBlocked):
+        await policy().apply(tx)
+    tx.response = ProxyResponse(200, {}, orjson.dumps(answer))
+    await policy(action="redact").apply(tx)
+    assert orjson.loads(tx.response.body)["choices"][0]["message"]["content"] == "here: [REDACTED]"
+
+
+def splits(text: str, pieces: int) -> list[list[str]]:
+    """Every way to cut ``text`` into ``pieces`` parts at 1-character granularity near the secret."""
+    if pieces == 2:
+        return [[text[:i], text[i:]] for i in range(1, len(text))]
+    return [
+        [text[:i], text[i:j], text[j:]]
+        for i in range(1, len(text) - 1)
+        for j in range(i + 1, len(text))
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+async def test_streamed_secret_split_anywhere_never_reaches_the_client(kind: str) -> None:
+    secret = SECRETS[kind]
+    text = f"Sure. {secret} done"
+    for parts in splits(text, 2):
+        out, tx = await run_stream(
+            policy(action="redact"),
+            [chunk("", role="assistant"), *map(chunk, parts), chunk(finish="stop")],
+        )
+        joined = b"".join(c.raw for c in out)
+        assert secret.encode() not in joined.replace(b"\\n", b"\n")
+        assert text_of(out) == "Sure. [REDACTED] done"
+        assert [d.action for d in tx.decisions] == ["redacted"]
+
+
+@pytest.mark.anyio
+async def test_streamed_secret_in_three_pieces_is_blocked() -> None:
+    text = f"key {OPENAI_KEY}!"
+    for parts in splits(text, 3)[::7]:
+        p = policy()
+        tx = transaction({})
+        transform = p.stream_transform(tx)
+        released = ""
+        with pytest.raises(PolicyBlocked):
+            for part in parts:
+                released += text_of(await transform.on_chunk(chunk(part)))
+            await transform.on_end()
+        assert OPENAI_KEY[:20] not in released
+
+
+@pytest.mark.anyio
+async def test_hold_back_is_only_what_a_secret_could_still_need() -> None:
+    transform = policy().stream_transform(transaction({}))
+    out = await transform.on_chunk(chunk("Hello there, this is plain text s"))
+    assert text_of(out) == "Hello there, this is plain text "  # only the "s" is held
+    out = await transform.on_chunk(chunk("o it goes"))
+    assert text_of(out) == "so it goe"  # a final "s" could still start "sk-..."
+    assert text_of(await transform.on_end()) == "s"
+
+
+@pytest.mark.anyio
+async def test_unchanged_chunks_are_forwarded_as_the_same_bytes() -> None:
+    original = chunk("nothing secret here.")
+    raw = original.raw
+    out, _ = await run_stream(policy(), [original])
+    assert [c.raw for c in out] == [raw]
+
+
+@pytest.mark.anyio
+async def test_held_text_is_released_with_the_finish_chunk() -> None:
+    out, _ = await run_stream(policy(), [chunk("ends with sk-"), chunk(finish="stop")])
+    assert text_of(out) == "ends with sk-"
+    assert orjson.loads(out[-1].raw[6:-2])["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_secret_split_across_tool_call_argument_deltas_is_redacted() -> None:
+    args = '{"token": "' + OPENAI_KEY + '"}'
+    first = chunk(
+        tool_calls=[
+            {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "f", "arguments": ""},
+            }
+        ]
+    )
+    pieces = [args[i : i + 7] for i in range(0, len(args), 7)]
+    deltas = [chunk(tool_calls=[{"index": 0, "function": {"arguments": p}}]) for p in pieces]
+    out, _ = await run_stream(policy(action="redact"), [first, *deltas, chunk(finish="tool_calls")])
+    arguments = "".join(
+        call["function"].get("arguments") or ""
+        for c in out
+        for choice in orjson.loads(c.raw[6:-2])["choices"]
+        for call in (choice["delta"].get("tool_calls") or [])
+    )
+    assert arguments == '{"token": "[REDACTED]"}'
+
+
+@pytest.mark.anyio
+async def test_custom_patterns_replace_the_defaults() -> None:
+    p = policy(patterns=[r"secret-\d{4}"])
+    with pytest.raises(PolicyBlocked):
+        await p.apply(transaction({"messages": [{"role": "user", "content": "secret-1234"}]}))
+    await p.apply(transaction({"messages": [{"role": "user", "content": OPENAI_KEY}]}))
