@@ -36,9 +36,15 @@ class _ChatRequest(_Strict):
     tools: list[dict[str, Any]] | None = None
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "content", "str")`` → ``messages[0].content`` (union tags dropped)."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            break
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -52,7 +58,7 @@ def validate_chat_request(payload: Any) -> None:
         _ChatRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = _param(tuple(p for p in first["loc"] if not isinstance(p, str) or "[" not in p))
+        param = _param(first["loc"])
         raise MalformedRequest(f"invalid value for '{param}': {first['msg']}", param=param) from exc
 
 

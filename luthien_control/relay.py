@@ -38,7 +38,7 @@ _NOT_FORWARDED = frozenset(
         "x-luthien-transaction-id",
     }
 )
-_STREAM_OWN = frozenset(name for name, _ in STREAM_HEADERS) | {"content-encoding"}
+_STREAM_OWN = frozenset(name.decode() for name, _ in STREAM_HEADERS) | {"content-encoding"}
 _INJECTED_USAGE = b',"usage":null'
 
 
@@ -65,6 +65,18 @@ async def send_buffered(tx: Transaction, send: Send) -> None:
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     tx.response_complete = True
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def note_usage(tx: Transaction, payload: Any) -> None:
+    """Take the token usage from a response body or a stream's usage chunk, if it has one."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if isinstance(usage, dict):
+        tx.usage = Usage(
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            raw=usage,
+        )
 
 
 async def _through(transform: StreamTransform, chunks: list[Chunk]) -> list[Chunk]:
@@ -102,13 +114,7 @@ class _UsageBook:
         if not isinstance(data, dict) or "usage" not in data:
             return chunk
         usage = data["usage"]
-        if isinstance(usage, dict):
-            self.tx.usage = Usage(
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens"),
-                total_tokens=usage.get("total_tokens"),
-                raw=usage,
-            )
+        note_usage(self.tx, data)
         if self.hide:
             if isinstance(usage, dict) and not data.get("choices"):
                 return None
@@ -150,17 +156,23 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     done = False
     try:
         async for data in stream.source:
-            chunks: list[Chunk] = []
-            for event in decoder.feed(data):
-                if event.is_done:
-                    done = True
-                    break
-                seen = usage.see(event)
-                if seen is not None:
-                    chunks.append(seen)
-            for transform in transforms:
-                chunks = await _through(transform, chunks)
-            await emit(chunks)
+            ready: list[Chunk] = []
+            try:
+                for event in decoder.feed(data):
+                    if event.is_done:
+                        done = True
+                        break
+                    seen = usage.see(event)
+                    if seen is None:
+                        continue
+                    chunks = [seen]
+                    for transform in transforms:
+                        chunks = await _through(transform, chunks)
+                    ready.extend(chunks)
+            except Exception:
+                await emit(ready)  # what passed every policy before the failure goes out
+                raise
+            await emit(ready)
             if done:
                 break
         if not done and (tx.request.is_chat_completion or decoder.pending.strip()):

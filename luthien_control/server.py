@@ -25,7 +25,7 @@ from luthien_control.exceptions import (
     NotFound,
     RequestTooLarge,
 )
-from luthien_control.relay import outcome_for, relay_stream, send_buffered
+from luthien_control.relay import note_usage, outcome_for, relay_stream, send_buffered
 from luthien_control.responses import send_error, send_json
 from luthien_control.settings import Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
@@ -205,6 +205,7 @@ class LuthienProxy:
             await relay_stream(tx, send, dev=dev)
         else:
             await send_buffered(tx, send)
+            note_usage(tx, response.payload if response.status < 400 else None)
         if tx.outcome == "pending":
             tx.outcome = "ok" if response.status < 400 else "backend_error_status"
 

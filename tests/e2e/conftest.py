@@ -40,7 +40,7 @@ class Backend:
         """Mock-backend directives as request headers (a real backend ignores them)."""
         headers = {}
         for name, value in values.items():
-            headers["x-mock-" + name.replace("_", "-")] = quote(str(value), safe="")
+            headers["x-mock-" + name.replace("_", "-")] = quote(str(value), safe=":")
         return headers
 
     @staticmethod

@@ -13,7 +13,7 @@ import asyncio
 import httpx
 import pytest
 
-from luthien_control.mock_backend.content import words_text
+from luthien_control.mock_backend.content import words as words_text
 from tests.conftest import ProxyServer
 from tests.e2e.conftest import Backend
 from tests.e2e.sse import acollect_sse_events, collect_sse_events
