@@ -88,7 +88,7 @@ async def _prepare_database(settings: Settings, demo_key: str | None) -> None:
 def demo_banner(proxy_url: str, backend_url: str, key: str) -> str:
     body = f'{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     sdk = (
-        f"python -c \"from openai import OpenAI; "
+        f'python -c "from openai import OpenAI; '
         f"c = OpenAI(base_url='{proxy_url}/v1', api_key='{key}'); "
         f"print(c.chat.completions.create(model='{DEMO_MODEL}', "
         f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\""

@@ -139,7 +139,9 @@ def mock_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockBacke
         tmp_path_factory.mktemp("mock") / "mock-backend.log",
     )
     server.start()
-    yield MockBackendServer(f"http://127.0.0.1:{port}")
+    mock = MockBackendServer(f"http://127.0.0.1:{port}")
+    yield mock
+    mock.client.close()
     server.stop()
 
 

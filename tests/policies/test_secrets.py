@@ -20,7 +20,9 @@ SECRETS = {
     "github_token": "ghp_" + "a" * 36,
     "slack_token": "xoxb-" + "1234567890-abcdef",
     "google_api_key": "AIza" + "B" * 35,
-    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+    "private_key": (
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----"
+    ),
 }
 
 
@@ -153,7 +155,7 @@ async def test_buffered_response_is_blocked_or_redacted() -> None:
 
 
 def splits(text: str, pieces: int) -> list[list[str]]:
-    """Every way to cut ``text`` into ``pieces`` parts at 1-character granularity near the secret."""
+    """Every way to cut ``text`` into ``pieces`` parts."""
     if pieces == 2:
         return [[text[:i], text[i:]] for i in range(1, len(text))]
     return [
