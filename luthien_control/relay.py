@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
 from luthien_control.responses import STREAM_HEADERS, TRANSACTION_HEADER, error_event
 from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
@@ -57,7 +58,7 @@ async def send_buffered(tx: Transaction, send: Send) -> None:
     """Send a buffered response: the backend's (as changed by policies) or a policy's own."""
     response = tx.response
     assert response is not None
-    body = response.body
+    body = tx.trail.client_body = response.body
     headers = response_headers(response.headers, tx.id, stream=False)
     headers.append((b"content-length", str(len(body)).encode()))
     tx.timings.client_first_byte = time.perf_counter()
@@ -107,7 +108,10 @@ class _UsageBook:
         if b'"usage"' not in raw:
             return chunk
         if self.hide and _INJECTED_USAGE in raw:
-            chunk = Chunk(raw.replace(_INJECTED_USAGE, b""))
+            data = chunk.data
+            if isinstance(data, dict):
+                data.pop("usage", None)
+            chunk = Chunk(raw.replace(_INJECTED_USAGE, b""), data)
             if b'"usage"' not in chunk.raw:
                 return chunk
         data = chunk.data
@@ -131,6 +135,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     transforms = stream.transforms
     usage = _UsageBook(tx)
     decoder = SSEDecoder()
+    received = tx.trail.stream_received = StreamAssembler()
+    sent = tx.trail.stream_sent = StreamAssembler()
     started = False
 
     async def emit(chunks: list[Chunk], *, last: bytes | None = None) -> None:
@@ -149,6 +155,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             started = True
             tx.timings.client_first_byte = time.perf_counter()
         tx.chunks_sent += len(chunks)
+        for chunk in chunks:
+            sent.feed(chunk.data)
         if last is not None:
             tx.response_complete = True
         await send({"type": "http.response.body", "body": body, "more_body": last is None})
@@ -162,6 +170,7 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                     if event.is_done:
                         done = True
                         break
+                    received.feed(event.data)
                     seen = usage.see(event)
                     if seen is None:
                         continue

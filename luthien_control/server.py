@@ -145,7 +145,9 @@ class LuthienProxy:
         failure: Exception | None = None
         metrics.ACTIVE.inc()
         try:
-            request.set_body(await read_body(receive, services.settings.max_request_bytes))
+            body = await read_body(receive, services.settings.max_request_bytes)
+            request.set_body(body)
+            tx.trail.request_body = body
             async with anyio.create_task_group() as group:
 
                 async def watch_disconnect() -> None:

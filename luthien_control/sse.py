@@ -22,19 +22,17 @@ class Chunk:
 
     __slots__ = ("_data", "_payload", "_raw", "changed")
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, data: Any = _NOT_PARSED) -> None:
         self._raw = raw
         self._payload: bytes | None = None
-        self._data: Any = _NOT_PARSED
+        self._data = data  # given when the caller already knows it: no second parse
         self.changed = False
 
     @classmethod
     def from_data(cls, data: Any, *, event: str | None = None) -> Chunk:
         """A new event carrying ``data`` as JSON (and an ``event:`` name when given)."""
         prefix = b"event: " + event.encode() + b"\n" if event else b""
-        chunk = cls(prefix + b"data: " + orjson.dumps(data) + b"\n\n")
-        chunk._data = data
-        return chunk
+        return cls(prefix + b"data: " + orjson.dumps(data) + b"\n\n", data)
 
     @property
     def raw(self) -> bytes:

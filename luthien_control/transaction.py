@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from luthien_control.chat import StreamAssembler
+
 if TYPE_CHECKING:
     from luthien_control.sse import Chunk
 
@@ -170,6 +172,21 @@ class Timings:
     end: float | None = None
 
 
+@dataclass(slots=True)
+class Trail:
+    """What the audit record needs that the request path would otherwise forget:
+    each side of the exchange as it was, before and after the policies."""
+
+    request_body: bytes = b""  # as received from the client
+    backend_request: dict[str, Any] | None = None  # method, url, headers, body as sent
+    backend_status: int | None = None
+    backend_headers: dict[str, str] | None = None
+    backend_body: bytes | None = None  # a buffered answer as the backend sent it
+    client_body: bytes | None = None  # a buffered answer as the client got it
+    stream_received: StreamAssembler | None = None  # a stream as the backend sent it
+    stream_sent: StreamAssembler | None = None  # a stream as the client got it
+
+
 def new_transaction_id() -> str:
     return uuid.uuid4().hex
 
@@ -195,6 +212,7 @@ class Transaction:
     error: BaseException | None = None
     status: int | None = None  # the HTTP status the client got
     response_complete: bool = False  # the last byte is on its way: a disconnect is no news
+    trail: Trail = field(default_factory=Trail)
     resources: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     def record(self, policy: str, action: str, detail: str = "") -> None:

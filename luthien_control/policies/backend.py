@@ -77,6 +77,12 @@ class SendBackendRequest(Policy):
         headers = backend_request_headers(request.headers)
         headers.update(tx.backend_headers)
         body = request.body or None
+        tx.trail.backend_request = {
+            "method": request.method,
+            "url": url,
+            "headers": headers,
+            "body": body,
+        }
         tx.timings.backend_sent = time.perf_counter()
         response = await tx.resources.enter_async_context(
             services.backend.open(request.method, url, headers, body)
@@ -88,11 +94,14 @@ class SendBackendRequest(Policy):
             response_headers[key] = (
                 f"{response_headers[key]}, {value}" if key in response_headers else value
             )
+        tx.trail.backend_status = response.status
+        tx.trail.backend_headers = response_headers
         if response.is_event_stream and response.status < 400:
             stream = ResponseStream(response.iter_bytes())
             tx.response = ProxyResponse(response.status, response_headers, stream=stream)
         else:
             body_bytes = await response.read()
+            tx.trail.backend_body = body_bytes
             tx.response = ProxyResponse(response.status, response_headers, body_bytes)
 
 
