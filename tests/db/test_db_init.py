@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from luthien_control.db.engine import create_engine
+from luthien_control.db.init_db import alembic_config, head_revision, upgrade, upgrade_database
+from luthien_control.db.models import Base
+
+
+async def _versions(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(text("SELECT version_num FROM alembic_version"))
+            return [row[0] for row in result]
+    finally:
+        await engine.dispose()
+
+
+async def _tables(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as connection:
+        names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    return set(names)
+
+
+def test_the_migrations_form_one_chain_from_the_initial_one() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    chain = [revision.revision for revision in script.walk_revisions()]
+    assert script.get_heads() == [head_revision()]
+    assert chain[0] == head_revision()
+    assert chain[-1] == "0001"
+
+
+@pytest.mark.anyio
+async def test_upgrade_creates_the_schema_and_is_idempotent(sqlite_path: Path) -> None:
+    url = f"sqlite:///{sqlite_path}"
+    assert await upgrade_database(url) == head_revision()
+    assert await upgrade_database(url) == head_revision()
+    assert await _versions(url) == [head_revision()]
+    engine = create_engine(url)
+    try:
+        assert await _tables(engine) == {"alembic_version", *Base.metadata.tables}
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_the_models_match_the_migrations(db: AsyncEngine) -> None:
+    def differences(connection: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    async with db.connect() as connection:
+        assert await connection.run_sync(differences) == []
+
+
+@pytest.mark.anyio
+async def test_concurrent_upgrades_of_a_fresh_database_both_succeed(sqlite_path: Path) -> None:
+    url = f"sqlite:///{sqlite_path}"
+    engines = [create_engine(url) for _ in range(4)]
+    revisions: list[str] = []
+
+    async def run(engine: AsyncEngine) -> None:
+        revisions.append(await upgrade(engine))
+
+    try:
+        async with anyio.create_task_group() as group:
+            for engine in engines:
+                group.start_soon(run, engine)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert revisions == [head_revision()] * 4
+    assert await _versions(url) == [head_revision()]
+
+
+def _run_init_db(cwd: Path, database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "luthien_control.db.init_db"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_init_db_module_upgrades_the_configured_database(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "luthien.db"
+    first = _run_init_db(tmp_path, f"sqlite:///{path}")
+    second = _run_init_db(tmp_path, f"sqlite:///{path}")
+    expected = f"database ready: sqlite:///{path} (revision {head_revision()})\n"
+    assert (first.returncode, first.stdout, first.stderr) == (0, expected, "")
+    assert (second.returncode, second.stdout, second.stderr) == (0, expected, "")
+    assert path.is_file()
+
+
+def test_init_db_module_uses_the_default_database_in_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "luthien_control.db.init_db"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"database ready: sqlite+aiosqlite:///./luthien_control.db (revision {head_revision()})\n"
+    )
+    assert (tmp_path / "luthien_control.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("database_url", "message"),
+    [
+        ("mysql://root:s3cret@localhost/luthien", "unsupported database URL"),
+        ("sqlite:///{tmp_path}", "cannot reach the database at sqlite+aiosqlite:///{tmp_path}: "),
+    ],
+)
+def test_init_db_module_reports_errors_in_one_line(
+    tmp_path: Path, database_url: str, message: str
+) -> None:
+    result = _run_init_db(tmp_path, database_url.format(tmp_path=tmp_path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("luthien-control: error: " + message.format(tmp_path=tmp_path))
+    assert result.stderr.count("\n") == 1
+    assert "s3cret" not in result.stderr
