@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.exceptions import LuthienError
 from luthien_control.policies.base import Policy
-from luthien_control.recording import LogRecorder, Recorder
+from luthien_control.policies.secrets import LeakedApiKeyDetection
+from luthien_control.recording import DatabaseRecorder, Redactor
 from luthien_control.settings import Settings
 from luthien_control.upstream import BackendClient
 
@@ -81,22 +83,41 @@ class PolicySource:
             self._version = None
             self.origin = f"built-in sample policy (no policy '{name}' in the database)"
 
-    async def refresh(self, engine: AsyncEngine) -> None:
-        """Reload a database policy whose version changed; keep the last good one on error."""
+    async def refresh(self, engine: AsyncEngine) -> bool:
+        """Reload a database policy whose version changed; keep the last good one on error.
+
+        Returns whether a new policy is now in force.
+        """
         if self._settings.policy_filepath is not None:
-            return
+            return False
         from luthien_control.db.policies import policy_version
 
         version = await policy_version(engine, self._settings.top_level_policy_name)
         if version == self._version:
-            return
+            return False
         try:
             await self.load(engine)
         except LuthienError as exc:
             self._version = version  # do not retry the same broken version every second
             logger.error("policy not reloaded, keeping the previous one: %s", exc.message)
-            return
+            return False
         logger.info("policy reloaded: %s", self.origin)
+        return True
+
+    def reload_file(self) -> bool:
+        """Read the policy file again (on SIGHUP); a broken file keeps the last good policy."""
+        from luthien_control.policies.loader import load_policy_file
+
+        path = self._settings.policy_filepath
+        if path is None:
+            return False
+        try:
+            self.current = load_policy_file(path)
+        except LuthienError as exc:
+            logger.error("policy file not reloaded, keeping the previous policy: %s", exc.message)
+            return False
+        logger.info("policy reloaded from file %s", path)
+        return True
 
 
 @dataclass(eq=False)
@@ -108,7 +129,7 @@ class Services:
     backend: BackendClient
     keys: KeyCache = field(default_factory=KeyCache)
     policy: PolicySource | None = None
-    recorder: Recorder = field(default_factory=LogRecorder)
+    recorder: DatabaseRecorder | None = None
     _refresher: asyncio.Task[None] | None = None
 
     @property
@@ -119,11 +140,13 @@ class Services:
     def create(cls, settings: Settings) -> Services:
         from luthien_control.db.engine import create_engine
 
+        engine = create_engine(settings.database_url)
         return cls(
             settings=settings,
-            engine=create_engine(settings.database_url),
+            engine=engine,
             backend=BackendClient(settings.timeouts, settings.limits),
             policy=PolicySource(settings),
+            recorder=DatabaseRecorder(engine, Redactor(), backlog=settings.recorder_backlog),
         )
 
     async def start(self) -> None:
@@ -131,16 +154,38 @@ class Services:
         assert self.policy is not None
         await self.policy.load(self.engine)
         logger.info("policy in force: %s", self.policy.origin)
+        self.update_redactor()
+        assert self.recorder is not None
+        self.recorder.start()
         try:
             await self.keys.refresh(self.engine)
         except LuthienError as exc:
             logger.error("client keys not loaded: %s", exc.message)
         self._refresher = asyncio.create_task(self._refresh_forever(), name="luthien-refresh")
+        if self.settings.policy_filepath is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        assert self.policy is not None
+        if self.policy.reload_file():
+            self.update_redactor()
+
+    def update_redactor(self) -> None:
+        """Stored records are redacted with the known patterns and the policy's own."""
+        assert self.policy is not None and self.recorder is not None
+        patterns: list[str] = []
+        if self.policy.current is not None:
+            for policy in self.policy.current.walk():
+                if isinstance(policy, LeakedApiKeyDetection) and policy.custom_patterns:
+                    patterns.extend(policy.custom_patterns)
+        self.recorder.redactor = Redactor(patterns)
 
     async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        if self.recorder is not None:
+            await self.recorder.stop()
         await self.backend.close()
         await self.engine.dispose()
 
@@ -151,7 +196,8 @@ class Services:
             await asyncio.sleep(self.settings.refresh_interval)
             try:
                 await self.keys.refresh(self.engine)
-                await self.policy.refresh(self.engine)
+                if await self.policy.refresh(self.engine):
+                    self.update_redactor()
             except LuthienError as exc:
                 if not failing:
                     logger.error("cannot refresh keys and policy: %s", exc.message)

@@ -85,6 +85,23 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return _run(commands.policy_show(args.name))
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    from luthien_control.logs import run_logs
+
+    return _run(
+        run_logs(
+            transaction_id=args.transaction,
+            limit=args.limit,
+            follow=args.follow,
+            as_json=args.json,
+            outcome=args.outcome,
+            model=args.model,
+            key_name=args.key,
+            since=args.since,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Luthien Control: an AI-control proxy for OpenAI-compatible APIs."
@@ -130,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", cmd_policy_list, "list stored policies", policy)
     p = command("show", cmd_policy_show, "print a stored policy", policy)
     p.add_argument("name")
+    p = command("logs", cmd_logs, "show recorded transactions")
+    p.add_argument("--transaction", metavar="ID", help="show one transaction, whole")
+    p.add_argument("--limit", type=int, default=50, help="how many recent ones (default 50)")
+    p.add_argument("--follow", action="store_true", help="keep printing new ones as they come")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--outcome", help="only this outcome (ok, blocked, client_disconnected, ...)")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--key", metavar="NAME", help="only this client key name")
+    p.add_argument("--since", help="only newer than this: 10m, 2h, 1d or an ISO time")
     return parser
 
 

@@ -48,6 +48,21 @@ DECISIONS = Counter(
 )
 
 
+ACTIVE_STREAMS = Gauge(
+    "luthien_active_streams", "Streamed responses being relayed.", registry=REGISTRY
+)
+RECORDER_BACKLOG = Gauge(
+    "luthien_recorder_backlog",
+    "Finished transactions waiting to be written to the database.",
+    registry=REGISTRY,
+)
+RECORDER_OVERFLOW = Counter(
+    "luthien_recorder_overflow",
+    "Transaction records dropped because the recorder backlog was full.",
+    registry=REGISTRY,
+)
+
+
 def observe(tx: Transaction) -> None:
     """Count a finished transaction."""
     REQUESTS.labels(tx.request.path, str(tx.status or 0), tx.outcome).inc()

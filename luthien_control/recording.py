@@ -1,21 +1,170 @@
-"""Where a finished transaction is handed over for the record.
+"""The audit trail: every finished transaction becomes one record, written off the
+request path.
 
-The proxy calls ``Recorder.record(tx)`` once per transaction, after the client has
-its answer; a recorder must never block or fail the request path.
+The proxy calls ``Recorder.record(tx)`` once per transaction, after the client has its
+answer. ``DatabaseRecorder`` queues the transaction and a background task turns queued
+transactions into rows, redacts every secret, and inserts them in batches. While the
+database is unreachable the queue holds the records (up to ``RECORDER_BACKLOG``) and the
+writer retries; an insert is idempotent (the transaction id is the key), so a retry after
+an ambiguous failure never writes a record twice. On shutdown the queue is flushed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Protocol
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
+import orjson
+
+from luthien_control import metrics
+from luthien_control.chat import StreamAssembler
+from luthien_control.exceptions import LuthienError
+from luthien_control.policies.audit_log import redacted_headers
+from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern
+from luthien_control.policies.text import rewrite_strings
+from luthien_control.settings import DEFAULT_RECORDER_BACKLOG
 from luthien_control.transaction import Transaction
 
 logger = logging.getLogger("luthien_control.transactions")
 
 
+BATCH_SIZE = 500
+BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
+
+
 class Recorder(Protocol):
     def record(self, tx: Transaction) -> None: ...
+
+
+class Redactor:
+    """Removes secrets from everything that is stored: known patterns, and the patterns
+    of every ``LeakedApiKeyDetection`` in the policy in force."""
+
+    def __init__(self, extra_patterns: list[str] | None = None) -> None:
+        patterns = dict(DEFAULT_PATTERNS)
+        for index, pattern in enumerate(extra_patterns or ()):
+            patterns[f"policy pattern {index}"] = pattern
+        self._secrets = SecretPattern(patterns)
+
+    def text(self, value: str) -> str:
+        return self._secrets.redact(value)[0]
+
+    def value(self, value: Any) -> Any:
+        return rewrite_strings(value, self.text)[0]
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """Credentials headers replaced whole; secrets in any other value redacted."""
+        return {k: self.text(v) for k, v in redacted_headers(headers).items()}
+
+    def body(self, body: bytes | None) -> Any:
+        """A body as stored: its JSON when it is JSON, else its text; secrets redacted."""
+        if body is None:
+            return None
+        if not body:
+            return ""
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self.text(body.decode("utf-8", "replace"))
+        return self.value(parsed)
+
+
+def _at(tx: Transaction, moment: float | None) -> datetime | None:
+    if moment is None:
+        return None
+    timings = tx.timings
+    return datetime.fromtimestamp(timings.received_at + (moment - timings.start), UTC)
+
+
+def _stream(assembler: StreamAssembler | None, redactor: Redactor) -> dict[str, Any] | None:
+    if assembler is None:
+        return None
+    choices = []
+    for index, state in sorted(assembler.choices.items()):
+        message = assembler.message(index)
+        for call in message.get("tool_calls", ()):
+            with contextlib.suppress(orjson.JSONDecodeError):  # non-JSON stays text only
+                call["function"]["parsed_arguments"] = orjson.loads(call["function"]["arguments"])
+        choices.append({"index": index, "message": message, "finish_reason": state.finish_reason})
+    stream: dict[str, Any] = redactor.value({"chunks": assembler.chunks, "choices": choices})
+    return stream
+
+
+def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
+    """The row of one finished transaction (plain values; JSON columns hold dicts)."""
+    trail = tx.trail
+    request = tx.request
+    payload = request.payload if isinstance(request.payload, dict) else {}
+    model = payload.get("model") if isinstance(payload.get("model"), str) else None
+    timings = tx.timings
+    backend_request = trail.backend_request
+    streamed = trail.stream_sent is not None
+    usage = tx.usage
+    response = tx.response
+    return {
+        "id": tx.id,
+        "received_at": datetime.fromtimestamp(timings.received_at, UTC),
+        "backend_first_byte_at": _at(tx, timings.backend_first_byte),
+        "client_first_byte_at": _at(tx, timings.client_first_byte),
+        "ended_at": _at(tx, timings.end),
+        "duration_ms": ((timings.end or timings.start) - timings.start) * 1000,
+        "client_key_name": tx.client_key_name,
+        "policy_name": tx.policy_name,
+        "method": request.method,
+        "endpoint": request.path,
+        "model": model,
+        "streamed": streamed or request.wants_stream,
+        "status": tx.status,
+        "outcome": tx.outcome,
+        "error": redactor.text(getattr(tx.error, "message", None) or repr(tx.error))
+        if tx.error is not None
+        else None,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "total_tokens": usage.total_tokens if usage else None,
+        "usage_partial": usage is not None and tx.outcome == "client_disconnected",
+        "chunks_sent": tx.chunks_sent,
+        "request": {
+            "received": {
+                "headers": redactor.headers(request.headers),
+                "query": request.query.decode("latin-1"),
+                "body": redactor.body(trail.request_body),
+            },
+            "sent": None
+            if backend_request is None
+            else {
+                "method": backend_request["method"],
+                "url": backend_request["url"],
+                "headers": redactor.headers(backend_request["headers"]),
+                "body": redactor.body(backend_request["body"]),
+            },
+        },
+        "response": {
+            "received": None
+            if trail.backend_status is None
+            else {
+                "status": trail.backend_status,
+                "headers": redactor.headers(trail.backend_headers or {}),
+                "body": redactor.body(trail.backend_body),
+                "stream": _stream(trail.stream_received, redactor),
+            },
+            "sent": {
+                "status": tx.status,
+                "headers": redactor.headers(response.headers) if response is not None else {},
+                "body": redactor.body(trail.client_body),
+                "stream": _stream(trail.stream_sent, redactor),
+            },
+        },
+        "decisions": [
+            {"policy": d.policy, "action": d.action, "detail": redactor.text(d.detail)}
+            for d in tx.decisions
+        ],
+    }
 
 
 class LogRecorder:
@@ -40,3 +189,102 @@ class LogRecorder:
             total_ms,
             "".join(f" {d.policy}:{d.action}" for d in tx.decisions),
         )
+
+
+class DatabaseRecorder:
+    """Queues finished transactions and writes them in batches, in the background."""
+
+    def __init__(
+        self, engine: Any, redactor: Redactor, *, backlog: int = DEFAULT_RECORDER_BACKLOG
+    ) -> None:
+        self._engine = engine
+        self.redactor = redactor
+        self._queue: deque[Transaction] = deque()
+        self._backlog = backlog
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._log = LogRecorder()
+        self._overflowed = 0
+        self._failing = False
+
+    def record(self, tx: Transaction) -> None:
+        self._log.record(tx)
+        if len(self._queue) >= self._backlog:
+            self._overflowed += 1
+            metrics.RECORDER_OVERFLOW.inc()
+            if self._overflowed == 1 or self._overflowed % 1000 == 0:
+                logger.error(
+                    "recorder backlog full (%d records): %d record(s) dropped so far",
+                    self._backlog,
+                    self._overflowed,
+                )
+            return
+        self._queue.append(tx)
+        metrics.RECORDER_BACKLOG.set(len(self._queue))
+        self._wakeup.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="luthien-recorder")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Write everything still queued (retrying for ``grace`` seconds), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._queue:
+            if not await self._write_batch():
+                if asyncio.get_running_loop().time() >= deadline:
+                    logger.error(
+                        "shutting down with %d unwritten record(s): database unreachable",
+                        len(self._queue),
+                    )
+                    return
+                await asyncio.sleep(0.5)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if len(self._queue) < BATCH_SIZE:
+                    await asyncio.sleep(BATCH_WAIT)
+            if await self._write_batch():
+                attempt = 0
+            else:
+                await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
+
+    async def _write_batch(self) -> bool:
+        """Write up to ``BATCH_SIZE`` queued records; False (records kept) if it failed."""
+        from luthien_control.db.transactions import insert_records
+
+        batch = [self._queue[i] for i in range(min(BATCH_SIZE, len(self._queue)))]
+        if not batch:
+            return True
+        rows = []
+        for tx in batch:
+            try:
+                rows.append(build_record(tx, self.redactor))
+            except Exception:  # a bug in one record must not lose the others
+                logger.exception("cannot build the record of transaction %s", tx.id)
+        try:
+            await insert_records(self._engine, rows)
+        except LuthienError as exc:
+            if not self._failing:
+                logger.error("cannot write transaction records, will retry: %s", exc.message)
+            self._failing = True
+            return False
+        if self._failing:
+            logger.info("transaction records are being written again")
+            self._failing = False
+        for _ in batch:
+            self._queue.popleft()
+        metrics.RECORDER_BACKLOG.set(len(self._queue))
+        return True

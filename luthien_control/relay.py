@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from luthien_control import metrics
 from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
 from luthien_control.responses import STREAM_HEADERS, TRANSACTION_HEADER, error_event
@@ -162,6 +163,7 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": last is None})
 
     done = False
+    metrics.ACTIVE_STREAMS.inc()
     try:
         async for data in stream.source:
             ready: list[Chunk] = []

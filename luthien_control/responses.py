@@ -66,7 +66,7 @@ def json_headers(body: bytes, transaction_id: str) -> list[tuple[bytes, bytes]]:
 
 async def send_json(send: Any, status: int, payload: Any, transaction_id: str) -> None:
     """Send a complete JSON response (ASGI)."""
-    body = orjson.dumps(payload)
+    body = orjson.dumps(payload, default=str)
     await send(
         {
             "type": "http.response.start",

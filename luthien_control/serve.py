@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,6 +114,14 @@ def demo_banner(proxy_url: str, backend_url: str, key: str) -> str:
 """
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived after uvicorn's graceful shutdown."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def serve(host: str | None = None, port: int | None = None, workers: int = 1) -> int:
     """Run the proxy until interrupted. Returns the exit status."""
     settings = Settings()
@@ -139,6 +148,9 @@ def serve(host: str | None = None, port: int | None = None, workers: int = 1) ->
                 demo_banner(f"http://{host}:{port}", os.environ["BACKEND_URL"], demo_key),
                 flush=True,
             )
+        # uvicorn shuts down gracefully on SIGTERM and then raises the signal again; this
+        # handler turns that into a clean exit, so the mock backend is stopped as well.
+        signal.signal(signal.SIGTERM, _terminated)
         uvicorn.run(
             "luthien_control.server:create_app",
             factory=True,
@@ -152,6 +164,8 @@ def serve(host: str | None = None, port: int | None = None, workers: int = 1) ->
             log_config=log_config(settings.log_level),
             timeout_graceful_shutdown=30,
         )
+    except _Terminated:
+        pass
     finally:
         if mock is not None:
             mock.terminate()

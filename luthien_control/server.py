@@ -17,6 +17,8 @@ import anyio
 from sqlalchemy import text
 
 from luthien_control import metrics
+from luthien_control.admin import PREFIX as ADMIN_PREFIX
+from luthien_control.admin import handle_admin
 from luthien_control.app import Services
 from luthien_control.chat import validate_chat_request
 from luthien_control.exceptions import (
@@ -90,6 +92,8 @@ class LuthienProxy:
                 await self.ready(send)
             elif path == "/metrics":
                 await metrics.send_metrics(send)
+            elif path.startswith(ADMIN_PREFIX) and self.services is not None:
+                await handle_admin(self.services, scope, send)
             else:
                 await send_error(
                     send, NotFound(f"no route {path}"), new_transaction_id(), dev=False
@@ -185,7 +189,8 @@ class LuthienProxy:
             if tx.outcome == "pending":
                 tx.outcome = "client_disconnected"
             metrics.observe(tx)
-            services.recorder.record(tx)
+            if services.recorder is not None:
+                services.recorder.record(tx)
 
     async def handle(self, tx: Transaction, send: Send, *, dev: bool) -> None:
         request = tx.request

@@ -24,6 +24,7 @@ DEFAULT_READ_TIMEOUT = 600.0
 DEFAULT_POOL_SIZE = 1000
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
+DEFAULT_RECORDER_BACKLOG = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +64,12 @@ class Settings(BaseSettings):
     backend_pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
+    recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
+    admin_api_key: str | None = None
 
-    @field_validator("policy_filepath", "backend_url", "openai_api_key", mode="before")
+    @field_validator(
+        "policy_filepath", "backend_url", "openai_api_key", "admin_api_key", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.postgres import PostgresServer, find_bindir, remove, start_postgres
 
 CLIENT_KEY = os.environ.get("TEST_CLIENT_API_KEY") or "lc-test-client-key-0123456789"
 BACKEND_KEY = "mock-backend-key"
@@ -89,6 +92,23 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (skipped only where it is not installed and not required:
+    ``make test`` sets LUTHIEN_REQUIRE_POSTGRES=1, so CI never skips it)."""
+    if find_bindir() is None and os.environ.get("LUTHIEN_REQUIRE_POSTGRES") != "1":
+        pytest.skip("PostgreSQL is not installed")
+    server = start_postgres(free_port())
+    yield server
+    remove(server)
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ policy's ``stream_transform`` appended to its chain.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -65,6 +66,16 @@ class Policy:
     def stream_transform(self, tx: Transaction) -> StreamTransform | None:
         """A transform for this transaction's streamed response, or None to leave it alone."""
         return None
+
+    def children(self) -> list[Policy]:
+        """The policies this one contains (composites override it)."""
+        return []
+
+    def walk(self) -> Iterator[Policy]:
+        """This policy and every policy below it, depth first."""
+        yield self
+        for child in self.children():
+            yield from child.walk()
 
     def serialize(self) -> dict[str, Any]:
         """``{"type": ..., "config": {...}}``, exactly as it was loaded."""

@@ -45,6 +45,10 @@ class BranchingPolicy(Policy):
             else build_member(config.default_policy, "default_policy")
         )
 
+    def children(self) -> list[Policy]:
+        members = [policy for _, policy in self.branches]
+        return members if self.default_policy is None else [*members, self.default_policy]
+
     async def apply(self, tx: Transaction) -> None:
         for condition, policy in self.branches:
             if condition.evaluate(tx):

@@ -124,6 +124,7 @@ class LeakedApiKeyDetection(Policy):
     def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
         super().__init__(config, raw_config)
         self.action = config.action
+        self.custom_patterns = list(config.patterns or ())
         if config.patterns is None:
             self.secrets = SecretPattern(DEFAULT_PATTERNS)
         else:

@@ -31,6 +31,9 @@ class SerialPolicy(Policy):
             for i, member in enumerate(config.policies)
         ]
 
+    def children(self) -> list[Policy]:
+        return list(self.policies)
+
     async def apply(self, tx: Transaction) -> None:
         for policy in self.policies:
             await policy.apply(tx)

@@ -1,0 +1,290 @@
+"""The audit trail: every transaction recorded, whatever its outcome, with no secret.
+
+A real proxy process writes the records; the tests read them back as a user would,
+with ``luthien-control logs`` and the admin API, and look into the database file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    CLIENT_KEY,
+    MockBackendServer,
+    ProxyServer,
+    ProxyStarter,
+    python_env,
+)
+
+SECRET = "sk-proj-" + "Qq1Ww2Ee3Rr4Tt5Yy6Uu7Ii8"
+ADMIN_KEY = "admin-test-key-123"
+
+
+def policy(backend: str) -> dict[str, Any]:
+    return {
+        "type": "SerialPolicy",
+        "config": {
+            "name": "audited",
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "LeakedApiKeyDetection", "config": {}},
+                {"type": "AddApiKeyHeader", "config": {}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
+                {"type": "SendBackendRequest", "config": {}},
+                {"type": "LeakedApiKeyDetection", "config": {"action": "redact"}},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    return start_proxy(policy=policy(mock_backend.api_base), env={"ADMIN_API_KEY": ADMIN_KEY})
+
+
+def directives(**values: Any) -> dict[str, str]:
+    return {"x-mock-" + k.replace("_", "-"): quote(str(v), safe=":") for k, v in values.items()}
+
+
+def chat(
+    proxy: ProxyServer, *, stream: bool, content: str = "hi", **headers: str
+) -> httpx.Response:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{proxy.api_base}/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", **headers},
+        )
+        response.read()
+        return response
+
+
+def record_of(proxy: ProxyServer, transaction_id: str) -> dict[str, Any]:
+    """The stored record, through ``luthien-control logs --transaction ID --json`` (the
+    recorder writes in the background: poll, bounded)."""
+    deadline = time.monotonic() + 10
+    while True:
+        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
+        if result.returncode == 0:
+            record: dict[str, Any] = json.loads(result.stdout)
+            return record
+        assert "no transaction" in result.stderr, result.stderr
+        assert time.monotonic() < deadline, f"transaction {transaction_id} never recorded"
+        time.sleep(0.1)
+
+
+def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer) -> None:
+    text = f"Your key is {SECRET} as requested."
+    response = chat(proxy, stream=True, **directives(content=text, chunk_size=4))
+    assert response.status_code == 200
+    assert "[REDACTED]" in response.text and SECRET not in response.text
+    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+
+    assert record["outcome"] == "ok" and record["status"] == 200 and record["streamed"] is True
+    assert record["client_key_name"] == "e2e" and record["policy_name"] == "audited"
+    assert record["endpoint"] == "/chat/completions" and record["model"] == "gpt-4o-mini"
+    assert record["prompt_tokens"] == 1 and record["completion_tokens"] > 0
+    assert record["total_tokens"] == record["prompt_tokens"] + record["completion_tokens"]
+    for moment in ("received_at", "backend_first_byte_at", "client_first_byte_at", "ended_at"):
+        assert record[moment] is not None
+    assert record["request"]["received"]["headers"]["authorization"] == "[REDACTED]"
+    assert record["request"]["sent"]["headers"]["authorization"] == "[REDACTED]"
+    assert record["request"]["sent"]["body"]["stream_options"] == {"include_usage": True}
+    sent = record["response"]["sent"]["stream"]
+    assert sent["choices"][0]["message"]["content"] == "Your key is [REDACTED] as requested."
+    assert sent["choices"][0]["finish_reason"] == "stop"
+    received = record["response"]["received"]["stream"]
+    assert received["choices"][0]["message"]["content"] == "Your key is [REDACTED] as requested."
+    assert received["chunks"] > sent["chunks"]  # the usage chunk was hidden from the client
+    assert record["decisions"] == [
+        {
+            "policy": "LeakedApiKeyDetection",
+            "action": "redacted",
+            "detail": "openai_api_key in the response",
+        }
+    ]
+
+
+def test_blocked_request_is_recorded_without_the_secret(proxy: ProxyServer) -> None:
+    response = chat(proxy, stream=False, content=f"please use {SECRET}")
+    assert response.status_code == 403
+    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    assert record["outcome"] == "blocked" and record["status"] == 403
+    assert (
+        record["request"]["received"]["body"]["messages"][0]["content"] == "please use [REDACTED]"
+    )
+    assert record["request"]["sent"] is None and record["response"]["received"] is None
+    assert record["decisions"][0]["action"] == "blocked"
+    assert "openai_api_key" in record["error"]
+
+
+def test_backend_error_and_tool_calls_are_recorded(proxy: ProxyServer) -> None:
+    limited = chat(proxy, stream=True, **directives(fail="status:429"))
+    record = record_of(proxy, limited.headers["x-luthien-transaction-id"])
+    assert record["status"] == 429 and record["outcome"] == "backend_error_status"
+    assert record["response"]["received"]["headers"]["retry-after"] == "7"
+
+    tools = json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    called = chat(proxy, stream=True, **directives(tool_calls=tools))
+    record = record_of(proxy, called.headers["x-luthien-transaction-id"])
+    choice = record["response"]["sent"]["stream"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    assert call["function"]["parsed_arguments"] == {"city": "Paris"}
+
+
+def test_disconnected_stream_is_recorded_as_such(proxy: ProxyServer) -> None:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{proxy.api_base}/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", **directives(words=300, delay_ms=20)},
+        ) as response,
+    ):
+        transaction_id = response.headers["x-luthien-transaction-id"]
+        chunks = response.iter_bytes()
+        next(chunks)
+    record = record_of(proxy, transaction_id)
+    assert record["outcome"] == "client_disconnected"
+    assert 0 < record["chunks_sent"] < 300
+
+
+def test_nothing_secret_in_the_database_file(proxy: ProxyServer) -> None:
+    chat(proxy, stream=True, **directives(content=f"leak {SECRET} leak", chunk_size=3))
+    chat(proxy, stream=False, content=f"in the request {SECRET}")
+    time.sleep(1.0)  # let the recorder's batch land (records are written in the background)
+    path = Path(proxy.database_url.split("///", 1)[1])
+    dump = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sqlite3; print(list(sqlite3.connect({str(path)!r}).iterdump()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "transactions" in dump
+    assert SECRET not in dump and SECRET[:16] not in dump
+    assert CLIENT_KEY not in dump
+
+
+def test_logs_lists_filters_and_follows(proxy: ProxyServer) -> None:
+    ok = chat(proxy, stream=False).headers["x-luthien-transaction-id"]
+    blocked = chat(proxy, stream=False, content=SECRET).headers["x-luthien-transaction-id"]
+    record_of(proxy, blocked)
+    listing = proxy.cli("logs", "--limit", "500")
+    assert listing.returncode == 0 and ok in listing.stdout and blocked in listing.stdout
+    assert listing.stdout.splitlines()[0].split()[:3] == ["RECEIVED", "ID", "KEY"]
+    only_blocked = proxy.cli("logs", "--outcome", "blocked", "--json", "--limit", "500")
+    rows = [json.loads(line) for line in only_blocked.stdout.splitlines()]
+    assert rows and all(row["outcome"] == "blocked" for row in rows)
+    assert blocked in {row["id"] for row in rows} and ok not in {row["id"] for row in rows}
+    bad = proxy.cli("logs", "--since", "yesterday-ish")
+    assert bad.returncode == 2 and bad.stderr.startswith("luthien-control: error: --since")
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "luthien_control", "logs", "--follow", "--json", "--limit", "1"],
+        env=python_env(DATABASE_URL=proxy.database_url),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert follower.stdout is not None
+    follower.stdout.readline()  # the most recent record, printed at once
+    fresh = chat(proxy, stream=False).headers["x-luthien-transaction-id"]
+    seen: list[str] = []
+    deadline = time.monotonic() + 15
+    while fresh not in seen and time.monotonic() < deadline:
+        seen.append(json.loads(follower.stdout.readline())["id"])
+    follower.send_signal(signal.SIGINT)
+    follower.wait(timeout=10)
+    follower.stdout.close()
+    assert fresh in seen
+
+
+def test_admin_api(proxy: ProxyServer) -> None:
+    tx_id = chat(proxy, stream=False).headers["x-luthien-transaction-id"]
+    record_of(proxy, tx_id)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        for path in ("/admin/api/transactions", "/admin/api/keys", "/admin/api/policies"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        listing = client.get("/admin/api/transactions", params={"limit": 1000}, headers=auth)
+        assert listing.status_code == 200
+        assert tx_id in {row["id"] for row in listing.json()["data"]}
+        detail = client.get(f"/admin/api/transactions/{tx_id}", headers=auth).json()
+        assert (
+            detail["id"] == tx_id
+            and detail["request"]["received"]["headers"]["authorization"] == "[REDACTED]"
+        )
+        keys = client.get("/admin/api/keys", headers=auth).json()["data"]
+        assert [k["name"] for k in keys] == ["e2e"] and CLIENT_KEY not in json.dumps(keys)
+        assert client.get("/admin/api/transactions/nope", headers=auth).status_code == 404
+
+
+def test_admin_api_is_off_without_a_key(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer
+) -> None:
+    proxy = start_proxy(policy=policy(mock_backend.api_base))
+    response = httpx.get(
+        f"{proxy.url}/admin/api/transactions", headers={"Authorization": "Bearer x"}
+    )
+    assert response.status_code == 401
+    assert "ADMIN_API_KEY" in response.json()["error"]["message"]
+
+
+def test_sigterm_lets_streams_finish_and_flushes_every_record(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer
+) -> None:
+    proxy = start_proxy(policy=policy(mock_backend.api_base))
+    assert proxy.server is not None and proxy.server.process is not None
+    client = httpx.Client(timeout=30)
+    streams = [
+        client.stream(
+            "POST",
+            f"{proxy.api_base}/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", **directives(words=40, delay_ms=25)},
+        )
+        for _ in range(4)
+    ]
+    responses = [stream.__enter__() for stream in streams]
+    ids = [r.headers["x-luthien-transaction-id"] for r in responses]
+    proxy.server.process.send_signal(signal.SIGTERM)
+    bodies = [r.read() for r in responses]
+    for stream in streams:
+        stream.__exit__(None, None, None)
+    client.close()
+    assert proxy.server.process.wait(timeout=30) == 0
+    assert all(body.endswith(b"data: [DONE]\n\n") for body in bodies)  # finished, not cut
+    for transaction_id in ids:
+        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["outcome"] == "ok"
