@@ -202,6 +202,9 @@ class Services:
                 if not failing:
                     logger.error("cannot refresh keys and policy: %s", exc.message)
                 failing = True
+            except Exception:  # a bug must not stop the refresh for the worker's lifetime
+                logger.exception("unexpected error while refreshing keys and policy")
+                failing = True
             else:
                 if failing:
                     logger.info("keys and policy refreshed again")

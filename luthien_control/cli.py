@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from dotenv import load_dotenv
+
 from luthien_control.exceptions import LuthienError
 from luthien_control.settings import DEFAULT_HOST, DEFAULT_MOCK_PORT, DEFAULT_PORT
 
@@ -31,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_mock_backend(args: argparse.Namespace) -> int:
     from luthien_control.mock_backend.server import run
 
-    run(host=args.host, port=args.port)
+    run(host=args.host, port=args.port, api_key=args.api_key)
     return 0
 
 
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("mock-backend", cmd_mock_backend, "run the built-in OpenAI-compatible mock backend")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_MOCK_PORT, help="port (default 9000)")
+    p.add_argument(
+        "--api-key", default=None, help="require this backend key (default $MOCK_BACKEND_API_KEY)"
+    )
 
     command("init-db", cmd_init_db, "create or upgrade the database schema")
 
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Settings read .env themselves; policies that read a variable by name (such as
+    # AddApiKeyHeaderFromEnv) find .env's values in the environment too.
+    load_dotenv(override=False)
     try:
         return int(args.handler(args))
     except LuthienError as exc:

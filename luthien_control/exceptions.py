@@ -2,9 +2,9 @@
 
 Every error the proxy raises on purpose is a ``LuthienError``. Lower-layer errors
 (aiohttp, SQLAlchemy, YAML, JSON) are translated into this tree where they happen,
-with ``raise X from exc``; they are turned into HTTP responses in exactly one place
-(``luthien_control.responses.error_response``) and into command-line messages in
-exactly one place (``luthien_control.cli``)::
+with ``raise X from exc``; they are turned into HTTP responses in one place
+(``luthien_control.responses.error_status_and_body``) and into one-line command-line
+messages by ``luthien_control.cli.main``::
 
     LuthienError
     ├── ClientError                  the client's request is wrong          (4xx)

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import orjson
 
 from luthien_control.exceptions import ClientError, NotFound
-from luthien_control.settings import Settings
+from luthien_control.settings import load_settings
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -99,7 +99,7 @@ async def run_logs(
 
     if limit < 1:
         raise ClientError("--limit must be at least 1")
-    settings = Settings()
+    settings = load_settings()
     await upgrade_database(settings.database_url)
     engine = create_engine(settings.database_url)
     try:

@@ -63,28 +63,44 @@ RECORDER_OVERFLOW = Counter(
 )
 
 
+def route_label(path: str) -> str:
+    """``/chat/completions`` as it is; ``/models/gpt-4o`` → ``/models/*`` (bounded labels)."""
+    if path in _ROUTES:
+        return path
+    head = path.split("/", 2)[1] if path.count("/") >= 1 else path
+    return f"/{head}/*"
+
+
+_ROUTES = frozenset(
+    {"/chat/completions", "/completions", "/embeddings", "/models", "/responses", "/moderations"}
+)
+
+
 def observe(tx: Transaction) -> None:
     """Count a finished transaction."""
-    REQUESTS.labels(tx.request.path, str(tx.status or 0), tx.outcome).inc()
+    REQUESTS.labels(route_label(tx.request.path), str(tx.status or 0), tx.outcome).inc()
     if tx.chunks_sent:
         CHUNKS.inc(tx.chunks_sent)
     timings = tx.timings
     if timings.client_first_byte is not None:
         TIME_TO_FIRST_BYTE.observe(timings.client_first_byte - timings.start)
-        if timings.backend_first_byte is not None:
+        if timings.backend_ready is not None and timings.backend_sent is not None:
             ADDED_LATENCY.observe(
-                max(0.0, timings.client_first_byte - timings.backend_first_byte)
-                + max(0.0, (timings.backend_sent or timings.start) - timings.start)
+                max(0.0, timings.client_first_byte - timings.backend_ready)
+                + max(0.0, timings.backend_sent - timings.start)
             )
     for decision in tx.decisions:
         DECISIONS.labels(decision.policy, decision.action).inc()
 
 
-async def send_metrics(send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+async def send_metrics(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], transaction_id: str
+) -> None:
     body = generate_latest(REGISTRY)
     headers = [
         (b"content-type", CONTENT_TYPE_LATEST.encode()),
         (b"content-length", str(len(body)).encode()),
+        (b"x-luthien-transaction-id", transaction_id.encode()),
     ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

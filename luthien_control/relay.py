@@ -166,6 +166,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     metrics.ACTIVE_STREAMS.inc()
     try:
         async for data in stream.source:
+            if tx.timings.backend_ready is None:
+                tx.timings.backend_ready = time.perf_counter()
             ready: list[Chunk] = []
             try:
                 for event in decoder.feed(data):

@@ -15,7 +15,7 @@ from typing import Any
 import uvicorn
 
 from luthien_control.exceptions import ConfigurationError
-from luthien_control.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+from luthien_control.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, load_settings
 
 DEMO_KEY_NAME = "demo"
 DEMO_MODEL = "gpt-4o-mini"
@@ -124,9 +124,9 @@ def _terminated(signum: int, frame: object) -> None:
 
 def serve(host: str | None = None, port: int | None = None, workers: int = 1) -> int:
     """Run the proxy until interrupted. Returns the exit status."""
-    settings = Settings()
+    settings = load_settings()
     host = host or DEFAULT_HOST
-    port = port or DEFAULT_PORT
+    port = DEFAULT_PORT if port is None else port
     if workers < 1:
         raise ConfigurationError("--workers must be at least 1")
     if settings.policy_filepath is not None:

@@ -91,7 +91,7 @@ class LuthienProxy:
             elif path == "/ready":
                 await self.ready(send)
             elif path == "/metrics":
-                await metrics.send_metrics(send)
+                await metrics.send_metrics(send, new_transaction_id())
             elif path.startswith(ADMIN_PREFIX) and self.services is not None:
                 await handle_admin(self.services, scope, send)
             else:

@@ -1,7 +1,7 @@
 """One typed, immutable settings object, loaded once at start-up.
 
-Values come from the environment and a ``.env`` file in the working directory; the
-command line overrides them by passing keyword arguments to ``Settings``.
+Values come from the environment and a ``.env`` file in the working directory
+(``load_settings`` reads them and turns a bad value into one clear error).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from luthien_control.exceptions import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./luthien_control.db"
 DEFAULT_HOST = "127.0.0.1"
@@ -100,3 +102,13 @@ class Settings(BaseSettings):
     @property
     def dev(self) -> bool:
         return self.run_mode == "dev"
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value is a ``ConfigurationError``."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]).upper() if error["loc"] else "setting"
+        raise ConfigurationError(f"invalid {name}: {error['msg']}") from exc

@@ -168,6 +168,7 @@ class Timings:
     start: float = field(default_factory=time.perf_counter)
     backend_sent: float | None = None  # the request went out to the backend
     backend_first_byte: float | None = None  # the backend's status and headers arrived
+    backend_ready: float | None = None  # its first event (stream) or whole body arrived
     client_first_byte: float | None = None
     end: float | None = None
 

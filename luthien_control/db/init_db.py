@@ -15,13 +15,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import create_engine, describe_url, translate_errors
-from luthien_control.exceptions import ConfigurationError, LuthienError
+from luthien_control.exceptions import LuthienError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Any fixed 64-bit number; PostgreSQL advisory locks are named by one ("Luthien").
@@ -63,14 +62,9 @@ async def upgrade_database(url: str) -> str:
 
 def database_url() -> str:
     """The configured ``DATABASE_URL``; invalid settings are a ``ConfigurationError``."""
-    from luthien_control.settings import Settings
+    from luthien_control.settings import load_settings
 
-    try:
-        return Settings().database_url
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        setting = ".".join(str(part) for part in error["loc"]).upper()
-        raise ConfigurationError(f"invalid setting {setting}: {error['msg']}") from exc
+    return load_settings().database_url
 
 
 def ready_message(url: str, revision: str) -> str:

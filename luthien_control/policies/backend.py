@@ -101,6 +101,7 @@ class SendBackendRequest(Policy):
             tx.response = ProxyResponse(response.status, response_headers, stream=stream)
         else:
             body_bytes = await response.read()
+            tx.timings.backend_ready = time.perf_counter()
             tx.trail.backend_body = body_bytes
             tx.response = ProxyResponse(response.status, response_headers, body_bytes)
 

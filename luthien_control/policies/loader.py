@@ -116,6 +116,10 @@ def load_policy(data: Any, path: str = "") -> Policy:
     except PolicyConfigError as exc:
         # Raised with a path relative to the policy; give it the absolute one.
         raise PolicyConfigError(exc.reason, path=within(path, exc.path)) from exc.__cause__
+    except Exception as exc:  # a custom policy's own failure is still a config error
+        raise PolicyConfigError(
+            f"{type_name} could not be built: {type(exc).__name__}: {exc}", path=path
+        ) from exc
     policy.loaded_as = type_name
     return policy
 
@@ -186,7 +190,10 @@ def parse_text(text: str, fmt: Literal["json", "yaml"], source: str) -> Any:
 
 def _translate(exc: ValidationError, base: str) -> PolicyConfigError:
     """One error for all of pydantic's: at the first one's path, listing the others."""
-    errors = [(join_path(base, *error["loc"]), error["msg"]) for error in exc.errors()]
+    errors = [
+        (join_path(base, *error["loc"]), error["msg"].removeprefix("Value error, "))
+        for error in exc.errors()
+    ]
     first_path, first_msg = errors[0]
     rest = [f"{where}: {msg}" for where, msg in errors[1:]]
     return PolicyConfigError("; ".join([first_msg, *rest]), path=first_path)
