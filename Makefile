@@ -13,10 +13,11 @@ run: $(SYNCED)
 	$(VENV)/bin/luthien-control serve
 
 test: $(SYNCED)
+	scripts/ensure-postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	LUTHIEN_REQUIRE_POSTGRES=1 $(VENV)/bin/pytest
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,13 @@
-"""Prometheus metrics, served at ``/metrics`` (docs/operations.md says what each means)."""
+"""Prometheus metrics, served at ``/metrics`` (docs/operations.md says what each means).
+
+With several workers (``serve --workers N`` sets ``PROMETHEUS_MULTIPROC_DIR``), every
+worker writes its values to that directory and ``/metrics`` adds them up, whichever
+worker answers.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -12,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from luthien_control.transaction import Transaction
@@ -26,7 +33,14 @@ REQUESTS = Counter(
     ["route", "status", "outcome"],
     registry=REGISTRY,
 )
-ACTIVE = Gauge("luthien_active_transactions", "Transactions in progress.", registry=REGISTRY)
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+ACTIVE = Gauge(
+    "luthien_active_transactions",
+    "Transactions in progress.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 CHUNKS = Counter("luthien_stream_chunks", "Streamed events relayed to clients.", registry=REGISTRY)
 TIME_TO_FIRST_BYTE = Histogram(
     "luthien_time_to_first_byte_seconds",
@@ -49,12 +63,16 @@ DECISIONS = Counter(
 
 
 ACTIVE_STREAMS = Gauge(
-    "luthien_active_streams", "Streamed responses being relayed.", registry=REGISTRY
+    "luthien_active_streams",
+    "Streamed responses being relayed.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 RECORDER_BACKLOG = Gauge(
     "luthien_recorder_backlog",
     "Finished transactions waiting to be written to the database.",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 RECORDER_OVERFLOW = Counter(
     "luthien_recorder_overflow",
@@ -93,10 +111,21 @@ def observe(tx: Transaction) -> None:
         DECISIONS.labels(decision.policy, decision.action).inc()
 
 
+def worker_stopped() -> None:
+    """Forget this worker's live gauges (several workers only)."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
 async def send_metrics(
     send: Callable[[MutableMapping[str, Any]], Awaitable[None]], transaction_id: str
 ) -> None:
-    body = generate_latest(REGISTRY)
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
     headers = [
         (b"content-type", CONTENT_TYPE_LATEST.encode()),
         (b"content-length", str(len(body)).encode()),

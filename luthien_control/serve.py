@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -135,6 +137,10 @@ def serve(host: str | None = None, port: int | None = None, workers: int = 1) ->
         load_policy_file(settings.policy_filepath)  # fail now, with the path, not per worker
     mock: subprocess.Popen[bytes] | None = None
     demo_key: str | None = None
+    metrics_dir: str | None = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="luthien-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # workers add up their metrics
     try:
         if settings.demo_mode:
             from luthien_control.db.keys import generate_key
@@ -167,6 +173,8 @@ def serve(host: str | None = None, port: int | None = None, workers: int = 1) ->
     except _Terminated:
         pass
     finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if mock is not None:
             mock.terminate()
             mock.wait(timeout=10)

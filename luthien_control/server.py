@@ -116,6 +116,7 @@ class LuthienProxy:
             elif message["type"] == "lifespan.shutdown":
                 if self.services is not None:
                     await self.services.stop()
+                metrics.worker_stopped()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -227,9 +227,10 @@ def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStart
         policy_name: str = "root",
         env: dict[str, str] | None = None,
         workers: int = 1,
+        database_url: str | None = None,
     ) -> ProxyServer:
         directory = tmp_path_factory.mktemp("proxy")
-        database_url = f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
+        database_url = database_url or f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
         result = run_cli(database_url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
         assert result.returncode == 0, result.stderr
         server_env = python_env(

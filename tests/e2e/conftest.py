@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -81,17 +80,39 @@ def file_proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
     return start(policy=e2e_policy(_backend_url(backend)), env=_env())
 
 
-@pytest.fixture(scope="session")
-def db_proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
-    """The proxy configured from the same policy, stored in the database."""
+_db_proxies: dict[str, ProxyServer] = {}
+
+
+def _db_proxy(request: pytest.FixtureRequest, backend: Backend, database: str) -> ProxyServer:
+    """The proxy configured from the same policy stored in the database: SQLite, or a
+    real PostgreSQL server started for the suite. One per database for the session."""
     target = request.config.getoption("--e2e-target-url")
     if target:
         return ProxyServer(target.rstrip("/"), CLIENT_KEY)
-    start: ProxyStarter = request.getfixturevalue("start_proxy")
-    return start(db_policy=e2e_policy(_backend_url(backend)), policy_name="e2e_root", env=_env())
+    if database not in _db_proxies:
+        start: ProxyStarter = request.getfixturevalue("start_proxy")
+        url = None
+        if database == "postgres":
+            url = request.getfixturevalue("postgres").create_database("e2e")
+        _db_proxies[database] = start(
+            db_policy=e2e_policy(_backend_url(backend)),
+            policy_name="e2e_root",
+            env=_env(),
+            database_url=url,
+        )
+    return _db_proxies[database]
 
 
-@pytest.fixture(params=["file", "db"])
-def proxy(request: pytest.FixtureRequest) -> Iterator[ProxyServer]:
-    """Each test runs against both configurations."""
-    yield request.getfixturevalue(f"{request.param}_proxy")
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def db_proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
+    """The database-configured proxy, on SQLite and on PostgreSQL."""
+    return _db_proxy(request, backend, request.param)
+
+
+@pytest.fixture(params=["file", "sqlite", "postgres"])
+def proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
+    """Each test runs against every configuration."""
+    if request.param == "file":
+        proxy: ProxyServer = request.getfixturevalue("file_proxy")
+        return proxy
+    return _db_proxy(request, backend, request.param)
