@@ -208,6 +208,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                 "more_body": False,
             }
         )
+    finally:
+        metrics.ACTIVE_STREAMS.dec()
 
 
 def outcome_for(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ disconnect arriving through ``receive`` cancels the work at once.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ class Client:
         self.disconnect = anyio.Event()
         self.receive_calls = 0
         self._body_given = False
+        self._sent_event = anyio.Event()
 
     async def receive(self) -> dict[str, Any]:
         self.receive_calls += 1
@@ -101,6 +102,13 @@ class Client:
 
     async def send(self, message: dict[str, Any]) -> None:
         self.sent.append(message)
+        self._sent_event.set()
+        self._sent_event = anyio.Event()
+
+    async def wait_until(self, condition: Callable[[list[dict[str, Any]]], bool]) -> None:
+        """Wait for the app to have sent what ``condition`` wants (callers bound the wait)."""
+        while not condition(self.sent):
+            await self._sent_event.wait()
 
 
 def test_api_path() -> None:
@@ -139,8 +147,7 @@ async def test_disconnect_mid_stream_cancels_the_backend(
     with anyio.fail_after(4):
         async with anyio.create_task_group() as group:
             group.start_soon(app, scope(headers), client.receive, client.send)
-            while len(client.sent) < 3:
-                await anyio.sleep(0.01)
+            await client.wait_until(lambda sent: len(sent) >= 3)
             client.disconnect.set()
     start = client.sent[0]
     assert start["type"] == "http.response.start" and start["status"] == 200
@@ -158,8 +165,7 @@ async def test_receive_is_only_read_for_the_body_and_the_disconnect(app: Luthien
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
             group.start_soon(app, scope({"x-mock-content": "fine"}), client.receive, client.send)
-            while not client.sent or client.sent[-1].get("more_body", True):
-                await anyio.sleep(0.01)
+            await client.wait_until(lambda sent: bool(sent) and not sent[-1].get("more_body", True))
             client.disconnect.set()  # uvicorn says "disconnect" once the response is complete
     assert client.receive_calls == 2
     raw = b"".join(m.get("body", b"") for m in client.sent)
