@@ -68,7 +68,7 @@ async def _route(services: Services, parts: list[str], query: dict[str, str]) ->
                 outcome=query.get("outcome"),
                 model=query.get("model"),
                 key_name=query.get("key"),
-                since=parse_since(query["since"]) if "since" in query else None,
+                since=parse_since(query["since"], "since") if "since" in query else None,
             )
             return {"data": await list_transactions(engine, where, limit=max(limit, 1))}
         case ["transactions", transaction_id]:

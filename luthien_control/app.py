@@ -185,6 +185,9 @@ class Services:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         if self.recorder is not None:
+            # Requests cancelled at the end of the grace period record themselves as
+            # their tasks unwind: give them a moment before the last flush.
+            await asyncio.sleep(0.1)
             await self.recorder.stop()
         await self.backend.close()
         await self.engine.dispose()

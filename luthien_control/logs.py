@@ -6,6 +6,7 @@ import asyncio
 import re
 import sys
 from collections import deque
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -30,9 +31,10 @@ COLUMNS = (
 )
 FOLLOW_INTERVAL = 1.0
 SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
+LOOKBACK = 1000  # rows re-read on each poll while following
 
 
-def parse_since(value: str) -> datetime:
+def parse_since(value: str, name: str = "--since") -> datetime:
     """``10m``, ``2h``, ``1d`` ago, or an ISO 8601 time (UTC when it names no zone)."""
     match = _RELATIVE.match(value.strip())
     if match:
@@ -42,7 +44,8 @@ def parse_since(value: str) -> datetime:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ClientError(
-            f"--since: expected a time like 10m, 2h, 1d or 2026-01-31T12:00:00, got {value!r}"
+            f"{name}: expected a time like 10m, 2h, 1d or 2026-01-31T12:00:00, got {value!r}",
+            param=name.lstrip("-"),
         ) from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -95,6 +98,7 @@ async def run_logs(
         TransactionFilter,
         get_transaction,
         list_transactions,
+        max_seq,
     )
 
     if limit < 1:
@@ -126,17 +130,22 @@ async def run_logs(
             if not records and not as_json:
                 print("no transactions", file=out)
             return 0
-        last_seq = max((r["seq"] for r in records), default=0)
-        seen: deque[str] = deque((r["id"] for r in records), maxlen=SEEN_WINDOW)
+        # Everything stored so far counts as seen; then look back a little on each poll,
+        # because with several writers a row with a lower seq can commit late.
+        last_seq = await max_seq(engine)
+        window = TransactionFilter(after_seq=max(0, last_seq - LOOKBACK))
+        seen = deque(
+            (r["id"] for r in await list_transactions(engine, window, limit=LOOKBACK)),
+            maxlen=SEEN_WINDOW,
+        )
         while True:
             await asyncio.sleep(FOLLOW_INTERVAL)
-            # Look back a little: with several writers a lower seq can commit late.
-            lookback = TransactionFilter(
-                outcome=outcome, model=model, key_name=key_name, after_seq=max(0, last_seq - 1000)
-            )
+            lookback = replace(where, after_seq=max(0, last_seq - LOOKBACK))
             fresh = [
                 r
-                for r in await list_transactions(engine, lookback, limit=1000, oldest_first=True)
+                for r in await list_transactions(
+                    engine, lookback, limit=LOOKBACK, oldest_first=True
+                )
                 if r["id"] not in seen
             ]
             for record in fresh:

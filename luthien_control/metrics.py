@@ -74,6 +74,11 @@ RECORDER_BACKLOG = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+RECORDER_REFUSED = Counter(
+    "luthien_recorder_refused",
+    "Transaction records the database refused (logged with the transaction id).",
+    registry=REGISTRY,
+)
 RECORDER_OVERFLOW = Counter(
     "luthien_recorder_overflow",
     "Transaction records dropped because the recorder backlog was full.",

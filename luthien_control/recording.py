@@ -22,6 +22,7 @@ import orjson
 
 from luthien_control import metrics
 from luthien_control.chat import StreamAssembler
+from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.exceptions import LuthienError
 from luthien_control.policies.audit_log import redacted_headers
 from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern
@@ -95,6 +96,17 @@ def _stream(assembler: StreamAssembler | None, redactor: Redactor) -> dict[str, 
     return stream
 
 
+def _column(value: str | None, size: int) -> str | None:
+    """Fit a value to its column: at most ``size`` characters, no NUL (PostgreSQL refuses it)."""
+    if value is None:
+        return None
+    return value.replace("\x00", "")[:size]
+
+
+def _headers_sent(headers: list[tuple[bytes, bytes]] | None) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers or ()}
+
+
 def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     """The row of one finished transaction (plain values; JSON columns hold dicts)."""
     trail = tx.trail
@@ -105,7 +117,6 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     backend_request = trail.backend_request
     streamed = trail.stream_sent is not None
     usage = tx.usage
-    response = tx.response
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -114,10 +125,10 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "ended_at": _at(tx, timings.end),
         "duration_ms": ((timings.end or timings.start) - timings.start) * 1000,
         "client_key_name": tx.client_key_name,
-        "policy_name": tx.policy_name,
-        "method": request.method,
-        "endpoint": request.path,
-        "model": model,
+        "policy_name": _column(tx.policy_name, NAME_LENGTH),
+        "method": _column(request.method, 16),
+        "endpoint": _column(request.path, ENDPOINT_LENGTH),
+        "model": _column(model, NAME_LENGTH),
         "streamed": streamed or request.wants_stream,
         "status": tx.status,
         "outcome": tx.outcome,
@@ -132,14 +143,14 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "request": {
             "received": {
                 "headers": redactor.headers(request.headers),
-                "query": request.query.decode("latin-1"),
+                "query": redactor.text(request.query.decode("latin-1")),
                 "body": redactor.body(trail.request_body),
             },
             "sent": None
             if backend_request is None
             else {
                 "method": backend_request["method"],
-                "url": backend_request["url"],
+                "url": redactor.text(backend_request["url"]),
                 "headers": redactor.headers(backend_request["headers"]),
                 "body": redactor.body(backend_request["body"]),
             },
@@ -155,7 +166,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
             },
             "sent": {
                 "status": tx.status,
-                "headers": redactor.headers(response.headers) if response is not None else {},
+                "headers": redactor.headers(_headers_sent(trail.client_headers)),
                 "body": redactor.body(trail.client_body),
                 "stream": _stream(trail.stream_sent, redactor),
             },
@@ -199,7 +210,7 @@ class DatabaseRecorder:
     ) -> None:
         self._engine = engine
         self.redactor = redactor
-        self._queue: deque[Transaction] = deque()
+        self._queue: deque[tuple[Transaction, Redactor]] = deque()
         self._backlog = backlog
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -219,7 +230,8 @@ class DatabaseRecorder:
                     self._overflowed,
                 )
             return
-        self._queue.append(tx)
+        # The patterns in force when the transaction ran, not when it is written.
+        self._queue.append((tx, self.redactor))
         metrics.RECORDER_BACKLOG.set(len(self._queue))
         self._wakeup.set()
 
@@ -269,22 +281,59 @@ class DatabaseRecorder:
         if not batch:
             return True
         rows = []
-        for tx in batch:
+        for tx, redactor in batch:
             try:
-                rows.append(build_record(tx, self.redactor))
+                rows.append(build_record(tx, redactor))
             except Exception:  # a bug in one record must not lose the others
                 logger.exception("cannot build the record of transaction %s", tx.id)
         try:
             await insert_records(self._engine, rows)
         except LuthienError as exc:
-            if not self._failing:
-                logger.error("cannot write transaction records, will retry: %s", exc.message)
-            self._failing = True
-            return False
+            if not await self._insert_one_by_one(rows):
+                if not self._failing:
+                    logger.error("cannot write transaction records, will retry: %s", exc.message)
+                self._failing = True
+                return False
         if self._failing:
             logger.info("transaction records are being written again")
             self._failing = False
         for _ in batch:
             self._queue.popleft()
         metrics.RECORDER_BACKLOG.set(len(self._queue))
+        return True
+
+    async def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> bool:
+        """After a failed batch: write the rows singly, so that one row the database
+        refuses cannot hold back the others. False when none could be written (the
+        database is away: the batch is kept and retried)."""
+        from luthien_control.db.transactions import insert_records
+
+        refused: list[tuple[str, str]] = []
+        written = 0
+        for row in rows:
+            try:
+                await insert_records(self._engine, [row])
+            except LuthienError as exc:
+                refused.append((row["id"], exc.message))
+            else:
+                written += 1
+        if written == 0 and len(rows) > 1:
+            return False
+        if written == 0 and not await self._reachable():
+            return False
+        for transaction_id, reason in refused:
+            metrics.RECORDER_REFUSED.inc()
+            logger.error(
+                "record of transaction %s refused by the database: %s", transaction_id, reason
+            )
+        return True
+
+    async def _reachable(self) -> bool:
+        from sqlalchemy import text
+
+        try:
+            async with self._engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception:  # any failure to reach it means "away"
+            return False
         return True

@@ -62,6 +62,7 @@ async def send_buffered(tx: Transaction, send: Send) -> None:
     body = tx.trail.client_body = response.body
     headers = response_headers(response.headers, tx.id, stream=False)
     headers.append((b"content-length", str(len(body)).encode()))
+    tx.trail.client_headers = headers
     tx.timings.client_first_byte = time.perf_counter()
     tx.status = response.status
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -148,7 +149,9 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         if not body and last is None:
             return
         if not started:
-            headers = response_headers(response.headers, tx.id, stream=True)
+            headers = tx.trail.client_headers = response_headers(
+                response.headers, tx.id, stream=True
+            )
             tx.status = response.status
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}

@@ -64,8 +64,8 @@ def json_headers(body: bytes, transaction_id: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def send_json(send: Any, status: int, payload: Any, transaction_id: str) -> None:
-    """Send a complete JSON response (ASGI)."""
+async def send_json(send: Any, status: int, payload: Any, transaction_id: str) -> bytes:
+    """Send a complete JSON response (ASGI); returns the body sent."""
     body = orjson.dumps(payload, default=str)
     await send(
         {
@@ -75,6 +75,7 @@ async def send_json(send: Any, status: int, payload: Any, transaction_id: str) -
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+    return body
 
 
 async def send_error(send: Any, exc: BaseException, transaction_id: str, *, dev: bool) -> int:

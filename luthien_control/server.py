@@ -28,7 +28,7 @@ from luthien_control.exceptions import (
     RequestTooLarge,
 )
 from luthien_control.relay import note_usage, outcome_for, relay_stream, send_buffered
-from luthien_control.responses import send_error, send_json
+from luthien_control.responses import error_status_and_body, json_headers, send_error, send_json
 from luthien_control.settings import Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
 
@@ -147,8 +147,26 @@ class LuthienProxy:
             headers[key] = f"{headers[key]}, {text_value}" if key in headers else text_value
         request = ProxyRequest(scope["method"], path, scope.get("query_string", b""), headers, b"")
         tx = Transaction(request=request, services=services)
-        failure: Exception | None = None
         metrics.ACTIVE.inc()
+        try:
+            await self._run(tx, receive, send, dev=dev)
+        finally:
+            # Synchronous bookkeeping first: it must happen even when the task is being
+            # cancelled (a stream cut at the end of the shutdown grace period).
+            tx.timings.end = time.perf_counter()
+            if tx.outcome == "pending":
+                tx.outcome = "client_disconnected"
+            metrics.ACTIVE.dec()
+            metrics.observe(tx)
+            if services.recorder is not None:
+                services.recorder.record(tx)
+            await tx.resources.aclose()
+
+    async def _run(self, tx: Transaction, receive: Receive, send: Send, *, dev: bool) -> None:
+        """Read the body, run the policies and answer, racing the client's disconnect."""
+        services = tx.services
+        request = tx.request
+        failure: Exception | None = None
         try:
             body = await read_body(receive, services.settings.max_request_bytes)
             request.set_body(body)
@@ -176,22 +194,16 @@ class LuthienProxy:
             tx.outcome = "client_disconnected"
         except Exception as exc:
             failure = exc
-        try:
-            if failure is not None:
-                tx.error = failure
-                if tx.outcome in ("pending", "ok"):
-                    tx.outcome = outcome_for(failure)
-                if tx.status is None:
-                    tx.status = await send_error(send, failure, tx.id, dev=dev)
-        finally:
-            metrics.ACTIVE.dec()
-            await tx.resources.aclose()
-            tx.timings.end = time.perf_counter()
-            if tx.outcome == "pending":
-                tx.outcome = "client_disconnected"
-            metrics.observe(tx)
-            if services.recorder is not None:
-                services.recorder.record(tx)
+        if failure is not None:
+            tx.error = failure
+            if tx.outcome in ("pending", "ok"):
+                tx.outcome = outcome_for(failure)
+            if tx.status is None:
+                status, payload = error_status_and_body(failure, tx.id, dev=dev)
+                tx.status = status
+                body = await send_json(send, status, payload, tx.id)
+                tx.trail.client_body = body
+                tx.trail.client_headers = json_headers(body, tx.id)
 
     async def handle(self, tx: Transaction, send: Send, *, dev: bool) -> None:
         request = tx.request

@@ -184,6 +184,7 @@ class Trail:
     backend_headers: dict[str, str] | None = None
     backend_body: bytes | None = None  # a buffered answer as the backend sent it
     client_body: bytes | None = None  # a buffered answer as the client got it
+    client_headers: list[tuple[bytes, bytes]] | None = None  # the headers the client got
     stream_received: StreamAssembler | None = None  # a stream as the backend sent it
     stream_sent: StreamAssembler | None = None  # a stream as the client got it
 

@@ -111,6 +111,10 @@ def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer)
     received = record["response"]["received"]["stream"]
     assert received["choices"][0]["message"]["content"] == "Your key is [REDACTED] as requested."
     assert received["chunks"] > sent["chunks"]  # the usage chunk was hidden from the client
+    headers_sent = record["response"]["sent"]["headers"]
+    assert headers_sent["content-type"] == "text/event-stream; charset=utf-8"
+    assert headers_sent["x-accel-buffering"] == "no"
+    assert headers_sent["x-luthien-transaction-id"] == record["id"]
     assert record["decisions"] == [
         {
             "policy": "LeakedApiKeyDetection",
@@ -131,6 +135,33 @@ def test_blocked_request_is_recorded_without_the_secret(proxy: ProxyServer) -> N
     assert record["request"]["sent"] is None and record["response"]["received"] is None
     assert record["decisions"][0]["action"] == "blocked"
     assert "openai_api_key" in record["error"]
+    error = record["response"]["sent"]["body"]["error"]  # what the client got, exactly
+    assert error["code"] == "policy_blocked" and error["transaction_id"] == record["id"]
+    assert record["response"]["sent"]["headers"]["content-type"] == "application/json"
+
+
+def test_secret_in_the_query_string_is_blocked(proxy: ProxyServer) -> None:
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{proxy.api_base}/chat/completions?token={SECRET}",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+    assert response.status_code == 403
+    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    assert record["request"]["received"]["query"] == "token=[REDACTED]"
+
+
+def test_oversized_values_are_fitted_to_their_columns(proxy: ProxyServer) -> None:
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "m" * 300 + "\u0000", "messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+    assert response.status_code == 404  # the backend's answer to an unknown model
+    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    assert record["model"] == "m" * 200
 
 
 def test_backend_error_and_tool_calls_are_recorded(proxy: ProxyServer) -> None:
@@ -221,7 +252,7 @@ def test_logs_lists_filters_and_follows(proxy: ProxyServer) -> None:
     follower.send_signal(signal.SIGINT)
     follower.wait(timeout=10)
     follower.stdout.close()
-    assert fresh in seen
+    assert seen == [fresh]  # nothing older printed again
 
 
 def test_admin_api(proxy: ProxyServer) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -83,6 +83,12 @@ async def list_transactions(
     async with transaction(engine) as session:
         result = await session.execute(statement.limit(limit))
         return [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in result]
+
+
+async def max_seq(engine: AsyncEngine) -> int:
+    """The sequence number of the newest stored record (0 when there is none)."""
+    async with transaction(engine) as session:
+        return int(await session.scalar(select(func.max(TransactionRow.seq))) or 0)
 
 
 async def get_transaction(engine: AsyncEngine, transaction_id: str) -> dict[str, Any] | None:

@@ -140,7 +140,12 @@ class LeakedApiKeyDetection(Policy):
             )
 
     async def on_request(self, tx: Transaction) -> None:
-        self._check_message(tx, tx.request, where="request")
+        request = tx.request
+        if request.query:
+            query, changed = self.scan_value(tx, request.query.decode("latin-1"), "request")
+            if changed:
+                request.query = query.encode("latin-1")
+        self._check_message(tx, request, where="request")
 
     async def on_response(self, tx: Transaction) -> None:
         assert tx.response is not None
