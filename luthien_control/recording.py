@@ -36,6 +36,7 @@ logger = logging.getLogger("luthien_control.transactions")
 BATCH_SIZE = 500
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
+REFUSALS_BEFORE_DROP = 3
 
 
 class Recorder(Protocol):
@@ -216,6 +217,7 @@ class DatabaseRecorder:
         self._task: asyncio.Task[None] | None = None
         self._log = LogRecorder()
         self._overflowed = 0
+        self._refusals: dict[str, int] = {}
         self._failing = False
 
     def record(self, tx: Transaction) -> None:
@@ -308,25 +310,30 @@ class DatabaseRecorder:
         database is away: the batch is kept and retried)."""
         from luthien_control.db.transactions import insert_records
 
-        refused: list[tuple[str, str]] = []
+        failed: list[tuple[dict[str, Any], str]] = []
         written = 0
         for row in rows:
             try:
                 await insert_records(self._engine, [row])
             except LuthienError as exc:
-                refused.append((row["id"], exc.message))
+                failed.append((row, exc.message))
             else:
                 written += 1
-        if written == 0 and len(rows) > 1:
-            return False
-        if written == 0 and not await self._reachable():
-            return False
-        for transaction_id, reason in refused:
+        if written == 0 and (len(rows) > 1 or not await self._reachable()):
+            return False  # the database is away, not refusing: keep everything
+        # A row is given up only after the database, reachable, refused it on its own
+        # REFUSALS_BEFORE_DROP times: a blip between two attempts must not lose it.
+        kept = False
+        for row, reason in failed:
+            count = self._refusals.get(row["id"], 0) + 1
+            if count < REFUSALS_BEFORE_DROP:
+                self._refusals[row["id"]] = count
+                kept = True
+                continue
+            self._refusals.pop(row["id"], None)
             metrics.RECORDER_REFUSED.inc()
-            logger.error(
-                "record of transaction %s refused by the database: %s", transaction_id, reason
-            )
-        return True
+            logger.error("record of transaction %s refused by the database: %s", row["id"], reason)
+        return not kept
 
     async def _reachable(self) -> bool:
         from sqlalchemy import text
