@@ -67,6 +67,9 @@ def client_wants_usage(payload: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+
 @dataclass(slots=True)
 class ToolCall:
     """One tool call, reassembled from its deltas."""
@@ -95,6 +98,10 @@ class StreamAssembler:
     choices: dict[int, ChoiceState] = field(default_factory=dict)
     chunks: int = 0
     usage: dict[str, Any] | None = None
+    # The Responses API: the latest response object, sequence number and terminal event.
+    response: dict[str, Any] | None = None
+    sequence_number: int = -1
+    terminal: str | None = None
 
     def feed(self, data: Any) -> None:
         self.chunks += 1
@@ -102,6 +109,10 @@ class StreamAssembler:
             return
         if isinstance(data.get("usage"), dict):
             self.usage = data["usage"]
+        kind = data.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            self._feed_response_event(kind, data)
+            return
         for choice in data.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -119,6 +130,21 @@ class StreamAssembler:
                 tool.arguments += function.get("arguments") or ""
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
+
+    def _feed_response_event(self, kind: str, data: dict[str, Any]) -> None:
+        if isinstance(data.get("sequence_number"), int):
+            self.sequence_number = data["sequence_number"]
+        response = data.get("response")
+        if isinstance(response, dict):
+            self.response = response
+            if isinstance(response.get("usage"), dict):
+                self.usage = response["usage"]
+        if kind in RESPONSES_TERMINAL:
+            self.terminal = kind
+            state = self.choices.setdefault(0, ChoiceState())
+            state.finish_reason = response.get("status") if isinstance(response, dict) else kind
+        elif kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            self.choices.setdefault(0, ChoiceState()).content.append(data["delta"])
 
     def message(self, index: int = 0) -> dict[str, Any]:
         """The assembled message of one choice, in the non-streamed response's shape."""

@@ -13,10 +13,17 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from luthien_control import metrics
 from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
-from luthien_control.responses import STREAM_HEADERS, TRANSACTION_HEADER, error_event
+from luthien_control.responses import (
+    STREAM_HEADERS,
+    TRANSACTION_HEADER,
+    error_event,
+    error_status_and_body,
+)
 from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
 from luthien_control.transaction import StreamTransform, Transaction, Usage
 
@@ -74,9 +81,9 @@ def note_usage(tx: Transaction, payload: Any) -> None:
     """Take the token usage from a response body or a stream's usage chunk, if it has one."""
     usage = payload.get("usage") if isinstance(payload, dict) else None
     if isinstance(usage, dict):
-        tx.usage = Usage(
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
+        tx.usage = Usage(  # chat completions' names, or the Responses API's
+            prompt_tokens=usage.get("prompt_tokens", usage.get("input_tokens")),
+            completion_tokens=usage.get("completion_tokens", usage.get("output_tokens")),
             total_tokens=usage.get("total_tokens"),
             raw=usage,
         )
@@ -191,8 +198,13 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             await emit(ready)
             if done:
                 break
-        if not done and (tx.request.is_chat_completion or decoder.pending.strip()):
+        responses_api = tx.request.path == "/responses"
+        if (not done and (tx.request.is_chat_completion or decoder.pending.strip())) or (
+            responses_api and received.terminal is None
+        ):
             raise BackendBroken("the backend's stream ended before it was complete")
+        if tx.usage is None and received.usage is not None:
+            note_usage(tx, {"usage": received.usage})
         tail: list[Chunk] = []
         for transform in transforms:
             tail = await _through(transform, tail)
@@ -204,15 +216,29 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         tx.outcome = outcome_for(exc)
         tx.error = exc
         tx.response_complete = True
-        await send(
-            {
-                "type": "http.response.body",
-                "body": error_event(exc, tx.id, dev=dev),
-                "more_body": False,
-            }
-        )
+        if tx.request.path == "/responses":
+            last = response_failed_event(exc, tx, received, dev=dev)
+        else:
+            last = error_event(exc, tx.id, dev=dev)
+        await send({"type": "http.response.body", "body": last, "more_body": False})
     finally:
         metrics.ACTIVE_STREAMS.dec()
+
+
+def response_failed_event(
+    exc: BaseException, tx: Transaction, received: StreamAssembler, *, dev: bool
+) -> bytes:
+    """How a Responses API stream ends when it fails after it began: ``response.failed``."""
+    _, payload = error_status_and_body(exc, tx.id, dev=dev)
+    error = payload["error"]
+    response = dict(received.response or {"id": f"resp_{tx.id}", "object": "response"})
+    response.update(status="failed", error={"code": error["code"], "message": error["message"]})
+    data = {
+        "type": "response.failed",
+        "sequence_number": received.sequence_number + 1,
+        "response": response,
+    }
+    return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 def outcome_for(exc: BaseException) -> str:

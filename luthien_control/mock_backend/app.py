@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from luthien_control.mock_backend import content, errors
+from luthien_control.mock_backend import content, errors, responses
 from luthien_control.mock_backend.exchange import JSON_TYPE, Exchange
 from luthien_control.mock_backend.models import is_known_model, model_list, model_object
 from luthien_control.mock_backend.records import DEFAULT_MAX_RECORDS, RequestLog, finish
@@ -100,6 +100,9 @@ class MockBackend:
             if path == "/v1/embeddings":
                 await _embeddings(exchange, body)
                 return
+            if path == "/v1/responses":
+                await _responses(exchange, body)
+                return
         elif method == "GET":
             if path == MODELS_PATH:
                 await exchange.json(orjson.dumps(model_list()))
@@ -174,6 +177,23 @@ async def _completions(exchange: Exchange, body: Any) -> None:
         await exchange.stream(content.text_stream(reply, model, prompt_tokens, _usage_asked(body)))
     else:
         payload = orjson.dumps(content.text_completion(reply, model, prompt_tokens))
+        await exchange.json(payload, generation_steps=reply.completion_tokens)
+
+
+async def _responses(exchange: Exchange, body: Any) -> None:
+    problem = _check_request(body, "input", "a string or an array", (str, list))
+    if problem is None:
+        problem = _check_stream(body)
+    if problem is not None:
+        await exchange.error(problem)
+        return
+    model, text = body["model"], responses.input_text(body["input"])
+    reply = content.Reply.for_prompt(exchange.scenario, text)
+    input_tokens = content.count_words([text])
+    if body.get("stream"):
+        await exchange.stream(responses.response_stream(reply, model, input_tokens))
+    else:
+        payload = orjson.dumps(responses.response_json(reply, model, input_tokens))
         await exchange.json(payload, generation_steps=reply.completion_tokens)
 
 

@@ -16,7 +16,12 @@ from pydantic import AfterValidator
 
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig
-from luthien_control.policies.text import ChatTextStream, iter_strings, rewrite_strings
+from luthien_control.policies.text import (
+    RESPONSES_DELTA,
+    ChatTextStream,
+    iter_strings,
+    rewrite_strings,
+)
 from luthien_control.transaction import StreamTransform, Transaction
 
 REDACTED = "[REDACTED]"
@@ -193,11 +198,13 @@ class _SecretStream(ChatTextStream):
 
     async def on_chunk(self, chunk: Any) -> list[Any]:
         data = chunk.data
-        if isinstance(data, dict) and isinstance(data.get("choices"), list):
-            return await super().on_chunk(chunk)
-        if data is None:
+        if not isinstance(data, dict):
             return [chunk]
-        # Events without choices (Responses API, errors): each one is scanned whole.
+        if isinstance(data.get("choices"), list) or data.get("type") == RESPONSES_DELTA:
+            return await super().on_chunk(chunk)
+        # Any other event (Responses API items and results, errors) is scanned whole,
+        # after the text its deltas held back has been released.
+        out = await super().on_chunk(chunk)
         if self._policy.scan_value(self._tx, data, "response")[1]:
             chunk.mark_changed()
-        return [chunk]
+        return out

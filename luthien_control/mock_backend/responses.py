@@ -1,0 +1,125 @@
+"""The Responses API (``/v1/responses``): a response object, or its typed event stream.
+
+Streamed, every event is ``event: <type>`` plus ``data: <json>`` carrying the same
+``type`` and a ``sequence_number``; the stream ends with ``response.completed`` (there is
+no ``[DONE]``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from luthien_control.mock_backend.content import Reply, message_text, new_id
+
+
+def input_text(value: Any) -> str:
+    """The text of a Responses ``input``: a string, or the last user item's text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for item in reversed(value):
+            if isinstance(item, dict) and item.get("role", "user") == "user":
+                content = item.get("content")
+                if isinstance(content, list):
+                    return " ".join(
+                        part.get("text", "") for part in content if isinstance(part, dict)
+                    )
+                return message_text(content)
+    return ""
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+class _Response:
+    """The fields one response keeps across its events."""
+
+    def __init__(self, model: str) -> None:
+        self.id = new_id("resp_mock_")
+        self.item_id = new_id("msg_mock_")
+        self.model = model
+        self.created_at = int(time.time())
+
+    def object(
+        self, status: str, output: list[dict[str, Any]], usage: Any = None
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "temperature": 1.0,
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "usage": usage,
+        }
+
+    def message(self, text: str, status: str) -> dict[str, Any]:
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+
+
+def response_json(reply: Reply, model: str, input_tokens: int) -> dict[str, Any]:
+    """A non-streamed response object."""
+    response = _Response(model)
+    usage = _usage(input_tokens, reply.completion_tokens)
+    return response.object("completed", [response.message(reply.text, "completed")], usage)
+
+
+def response_stream(reply: Reply, model: str, input_tokens: int) -> list[bytes]:
+    """Every event of a streamed response, in order."""
+    response = _Response(model)
+    events: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        data = {"type": kind, "sequence_number": len(events), **fields}
+        events.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+    where = {"item_id": response.item_id, "output_index": 0, "content_index": 0}
+    emit("response.created", response=response.object("in_progress", []))
+    emit("response.in_progress", response=response.object("in_progress", []))
+    emit(
+        "response.output_item.added",
+        output_index=0,
+        item={**response.message("", "in_progress"), "content": []},
+    )
+    emit(
+        "response.content_part.added",
+        part={"type": "output_text", "text": "", "annotations": []},
+        **where,
+    )
+    for delta in reply.deltas:
+        emit("response.output_text.delta", delta=delta, logprobs=[], **where)
+    emit("response.output_text.done", text=reply.text, logprobs=[], **where)
+    emit(
+        "response.content_part.done",
+        part={"type": "output_text", "text": reply.text, "annotations": []},
+        **where,
+    )
+    done = response.message(reply.text, "completed")
+    emit("response.output_item.done", output_index=0, item=done)
+    usage = _usage(input_tokens, reply.completion_tokens)
+    emit("response.completed", response=response.object("completed", [done], usage))
+    return events
