@@ -139,7 +139,8 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
         "total_tokens": usage.total_tokens if usage else None,
-        "usage_partial": usage is not None and tx.outcome == "client_disconnected",
+        # A stream cut short: whatever usage the backend reported covers only part of it.
+        "usage_partial": streamed and tx.outcome == "client_disconnected",
         "chunks_sent": tx.chunks_sent,
         "request": {
             "received": {
