@@ -25,7 +25,7 @@ from luthien_control.chat import StreamAssembler
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.exceptions import LuthienError
 from luthien_control.policies.audit_log import redacted_headers
-from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern
+from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern, default_secrets
 from luthien_control.policies.text import rewrite_strings
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG
 from luthien_control.transaction import Transaction
@@ -48,8 +48,11 @@ class Redactor:
     of every ``LeakedApiKeyDetection`` in the policy in force."""
 
     def __init__(self, extra_patterns: list[str] | None = None) -> None:
+        if not extra_patterns:
+            self._secrets = default_secrets()
+            return
         patterns = dict(DEFAULT_PATTERNS)
-        for index, pattern in enumerate(extra_patterns or ()):
+        for index, pattern in enumerate(extra_patterns):
             patterns[f"policy pattern {index}"] = pattern
         self._secrets = SecretPattern(patterns)
 
@@ -57,11 +60,21 @@ class Redactor:
         return self._secrets.redact(value)[0]
 
     def value(self, value: Any) -> Any:
-        return rewrite_strings(value, self.text)[0]
+        """A JSON value with every secret redacted: one regex pass over its serialized
+        text (no secret pattern can span JSON syntax), the value itself when clean."""
+        serialized = orjson.dumps(value).decode()
+        redacted = self.text(serialized)
+        if redacted == serialized:
+            return value
+        try:
+            return orjson.loads(redacted)
+        except orjson.JSONDecodeError:  # a redaction swallowed an escape: walk the strings
+            return rewrite_strings(value, self.text)[0]
 
     def headers(self, headers: dict[str, str]) -> dict[str, str]:
         """Credentials headers replaced whole; secrets in any other value redacted."""
-        return {k: self.text(v) for k, v in redacted_headers(headers).items()}
+        cleaned: dict[str, str] = self.value(redacted_headers(headers))
+        return cleaned
 
     def body(self, body: bytes | None) -> Any:
         """A body as stored: its JSON when it is JSON, else its text; secrets redacted."""
@@ -69,11 +82,18 @@ class Redactor:
             return None
         if not body:
             return ""
+        text = body.decode("utf-8", "replace")
+        redacted = self.text(text)
         try:
-            parsed = orjson.loads(body)
+            return orjson.loads(redacted)
         except orjson.JSONDecodeError:
-            return self.text(body.decode("utf-8", "replace"))
-        return self.value(parsed)
+            pass
+        if redacted == text:
+            return text  # not JSON: stored as text
+        try:
+            return self.value(orjson.loads(body))  # JSON whose redaction needs the walk
+        except orjson.JSONDecodeError:
+            return redacted
 
 
 def _at(tx: Transaction, moment: float | None) -> datetime | None:

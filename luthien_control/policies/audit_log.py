@@ -9,7 +9,7 @@ import orjson
 
 from luthien_control.chat import StreamAssembler
 from luthien_control.policies.base import Policy, PolicyConfig
-from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern
+from luthien_control.policies.secrets import default_secrets
 from luthien_control.policies.text import rewrite_strings
 from luthien_control.sse import Chunk
 from luthien_control.transaction import Message, StreamTransform, Transaction
@@ -19,7 +19,7 @@ logger = logging.getLogger("luthien_control.policies.transaction_log")
 SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
 )
-_SECRETS = SecretPattern(DEFAULT_PATTERNS)
+_SECRETS = default_secrets()
 
 
 def redacted_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -27,9 +27,11 @@ from luthien_control.transaction import StreamTransform, Transaction
 REDACTED = "[REDACTED]"
 
 # Name → pattern. Names appear in decisions and error messages; the secret never does.
+# Keys start at a word boundary: the "s" that ends "Thanks" is not held back in case it
+# begins "sk-...".
 DEFAULT_PATTERNS: dict[str, str] = {
-    "anthropic_api_key": r"sk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
-    "openai_api_key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+    "anthropic_api_key": r"\bsk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
+    "openai_api_key": r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
     "aws_access_key_id": r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
     "github_token": r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
     "slack_token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
@@ -37,9 +39,33 @@ DEFAULT_PATTERNS: dict[str, str] = {
     # The whole block when its END line is there, else the header and body.
     "private_key": (
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*+"
+        r"(?:\\[nr][A-Za-z0-9+/=\s]*+)*+"  # a key inside JSON text: \n escapes
         r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?+"
     ),
 }
+
+
+# What every default pattern's match begins with (see SecretPattern).
+DEFAULT_LITERALS = (
+    "sk-",
+    "AKIA",
+    "ASIA",
+    "ABIA",
+    "ACCA",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "xox",
+    "AIza",
+    "-----BEGIN ",
+)
+
+
+def default_secrets() -> SecretPattern:
+    return SecretPattern(DEFAULT_PATTERNS, DEFAULT_LITERALS)
 
 
 def _check_pattern(pattern: str) -> str:
@@ -51,21 +77,51 @@ def _check_pattern(pattern: str) -> str:
 
 
 class SecretPattern:
-    """All patterns as one regex with a named group each, compiled once."""
+    """All patterns as one regex with a named group each, compiled once.
 
-    def __init__(self, patterns: dict[str, str]) -> None:
+    ``literals``, when given, are strings every match starts with: text that contains
+    none of them holds no secret, and only a tail that begins one of them could still
+    become one. Checking them (C substring search) spares the regex on most text.
+    """
+
+    def __init__(self, patterns: dict[str, str], literals: tuple[str, ...] | None = None) -> None:
         self.names = list(patterns)
         joined = "|".join(f"(?P<p{i}>{p})" for i, p in enumerate(patterns.values()))
         self.regex = regex.compile(joined)
+        self.literals = literals
+        self._prefixes = frozenset(
+            literal[:size] for literal in literals or () for size in range(1, len(literal))
+        )
+        self._first = frozenset(literal[0] for literal in literals or ())
+        self._longest = max(map(len, literals or ("",)))
 
     def kind(self, match: Any) -> str:
         group = match.lastgroup
         return self.names[int(group[1:])] if group else "secret"
 
+    def may_contain(self, text: str) -> bool:
+        """False only when ``text`` certainly holds no (complete) secret."""
+        literals = self.literals
+        return literals is None or any(literal in text for literal in literals)
+
+    def open_tail(self, text: str, before: str) -> int:
+        """How many final characters of ``text`` could start a secret (text that may not
+        contain one: ``may_contain`` was False); ``before`` is the character that came
+        just before ``text``, for the word boundary keys start at."""
+        first, prefixes = self._first, self._prefixes
+        for size in range(min(len(text), self._longest - 1), 0, -1):
+            if text[-size] in first and text[-size:] in prefixes:
+                previous = text[-size - 1] if size < len(text) else before
+                if text[-size] == "-" or not (previous.isalnum() or previous == "_"):
+                    return size
+        return 0
+
     def search(self, text: str) -> Any:
-        return self.regex.search(text)
+        return self.regex.search(text) if self.may_contain(text) else None
 
     def redact(self, text: str) -> tuple[str, list[str]]:
+        if not self.may_contain(text):
+            return text, []
         found: list[str] = []
 
         def replace(match: Any) -> str:
@@ -78,13 +134,14 @@ class SecretPattern:
 class SecretScanner:
     """One text channel of a stream: releases text only once it cannot start a secret."""
 
-    __slots__ = ("_held", "_policy", "_secrets", "_tx")
+    __slots__ = ("_before", "_held", "_policy", "_secrets", "_tx")
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
         self._policy = policy
         self._secrets = policy.secrets
         self._tx = tx
         self._held = ""
+        self._before = ""  # the last character released: the context of a word boundary
 
     def feed(self, text: str) -> str:
         return self._scan(self._held + text if self._held else text, final=False)
@@ -94,10 +151,24 @@ class SecretScanner:
         return self._scan(held, final=True) if held else ""
 
     def _scan(self, text: str, *, final: bool) -> str:
+        released = self._release(text, final=final)
+        if released:
+            self._before = released[-1]
+        return released
+
+    def _release(self, text: str, *, final: bool) -> str:
+        secrets = self._secrets
+        if secrets.literals is not None and not secrets.may_contain(text):
+            hold = 0 if final else secrets.open_tail(text, self._before)
+            self._held = text[len(text) - hold :] if hold else ""
+            return text[: len(text) - hold] if hold else text
+        # The regex sees the character before the text too, for its word boundaries.
+        context = self._before
+        text = context + text
         out: list[str] = []
-        position = 0
+        position = len(context)
         hold_from = len(text)
-        for match in self._secrets.regex.finditer(text, partial=not final):
+        for match in self._secrets.regex.finditer(text, len(context), partial=not final):
             if match.partial:
                 hold_from = match.start()
                 break
@@ -131,7 +202,7 @@ class LeakedApiKeyDetection(Policy):
         self.action = config.action
         self.custom_patterns = list(config.patterns or ())
         if config.patterns is None:
-            self.secrets = SecretPattern(DEFAULT_PATTERNS)
+            self.secrets = default_secrets()
         else:
             self.secrets = SecretPattern({f"pattern {i}": p for i, p in enumerate(config.patterns)})
 
