@@ -1,0 +1,60 @@
+"""What Linux tells about a process: its cores, resident memory and CPU time (``/proc``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+
+
+def core_split() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(load generator cores, server cores): one core each when there are two or more.
+
+    The servers share one core however many there are, so that figures from a big
+    machine compare with those of the 2-core machines CI runs on.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    return (cores[0],), (cores[1],)
+
+
+def pin(pid: int, cores: Iterable[int] | None) -> None:
+    """Pin every thread of ``pid`` (affinity is per thread on Linux) to ``cores``."""
+    if cores is None:
+        return
+    cpu_set = set(cores)
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(tid, cpu_set)
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid``, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of ``pid`` so far, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    fields = text[text.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS

@@ -1,0 +1,70 @@
+"""``luthien-control bench --quick`` end to end: it runs, prints the table, writes the JSON.
+
+Figures are printed, never asserted: timing on a shared CI machine proves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN_TIMEOUT = 60.0
+SCENARIOS = {
+    "stream_1",
+    "stream_16",
+    "stream_64",
+    "nonstream_32",
+    "unpaced_32",
+    "open_64",
+    "open_many",
+}
+
+
+def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "luthien_control.bench", "--quick", "--json", str(results)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)  # the figures, for whoever reads the CI log
+    assert "added/ratio" in run.stdout
+    assert "requests/s" in run.stdout and "chunks/s" in run.stdout
+    assert "round 1/1" in run.stderr  # progress was shown
+
+    document = json.loads(results.read_text())
+    assert {
+        "date",
+        "machine",
+        "config",
+        "proxy",
+        "verification",
+        "summary",
+        "targets",
+        "rounds",
+    } <= document.keys()
+    assert document["config"]["quick"] is True
+    assert set(document["summary"]) == SCENARIOS
+    stream = document["summary"]["stream_64"]
+    for metric in ("ttft_p50_ms", "ttft_p99_ms", "gap_p99_ms"):
+        assert {"direct", "proxy", "added"} <= stream[metric].keys()
+    assert {"direct", "proxy", "ratio"} <= document["summary"]["nonstream_32"][
+        "requests_per_s"
+    ].keys()
+    assert {"direct", "proxy", "ratio"} <= document["summary"]["unpaced_32"]["chunks_per_s"].keys()
+    assert "proxy" in document["summary"]["open_many"]["rss_mb"]
+    assert "proxy" in document["summary"]["unpaced_32"]["cpu_ms_per_1000_chunks"]
+    names = {target["name"] for target in document["targets"]}
+    assert {"added_ttft_p50_64", "requests_per_s_ratio", "open_many_errors"} <= names
+    for target in document["targets"]:
+        assert target["met"] in (True, False, None)
+    # Every round measured both sides of every scenario, and the generator reported its CPU.
+    for scenario in document["rounds"][0].values():
+        assert set(scenario) == {"direct", "proxy"}
+        assert scenario["proxy"]["load"]["cpu_share"] >= 0
