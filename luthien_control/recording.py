@@ -201,15 +201,16 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
 
 
 class LogRecorder:
-    """Writes one summary line per transaction to the ``luthien_control.transactions`` log."""
+    """Writes one summary line per transaction to the ``luthien_control.transactions`` log,
+    at DEBUG (``LOG_LEVEL=DEBUG``): the database holds the full record."""
 
     def record(self, tx: Transaction) -> None:
-        if not logger.isEnabledFor(logging.INFO):
+        if not logger.isEnabledFor(logging.DEBUG):
             return
         timings = tx.timings
         total_ms = ((timings.end or timings.start) - timings.start) * 1000
         usage = tx.usage
-        logger.info(
+        logger.debug(
             "tx=%s %s %s outcome=%s status=%s key=%s chunks=%d tokens=%s ms=%.1f%s",
             tx.id,
             tx.request.method,

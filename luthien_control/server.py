@@ -8,6 +8,7 @@ responses in one place (``responses``). No middleware, and ``receive`` is never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -171,25 +172,35 @@ class LuthienProxy:
             body = await read_body(receive, services.settings.max_request_bytes)
             request.set_body(body)
             tx.trail.request_body = body
-            async with anyio.create_task_group() as group:
+            # The handler races a disconnect listener: the listener cancels the handler's
+            # task (an anyio task group does the same at several times the cost).
+            handler = asyncio.current_task()
+            assert handler is not None
+            disconnected = False
 
-                async def watch_disconnect() -> None:
-                    # The body has been read: the next message is the disconnect, which
-                    # also arrives once the response is complete (then it is no news).
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    if not tx.response_complete:
-                        tx.outcome = "client_disconnected"
-                        group.cancel_scope.cancel()
+            async def watch_disconnect() -> None:
+                nonlocal disconnected
+                # The body has been read: the next message is the disconnect, which also
+                # arrives once the response is complete (then it is no news).
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                if not tx.response_complete:
+                    disconnected = True
+                    tx.outcome = "client_disconnected"
+                    handler.cancel()
 
-                group.start_soon(watch_disconnect)
-                try:
-                    await self.handle(tx, send, dev=dev)
-                except Exception as exc:
-                    failure = exc
-                finally:
-                    tx.response_complete = True
-                    group.cancel_scope.cancel()
+            watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+            try:
+                await self.handle(tx, send, dev=dev)
+            except asyncio.CancelledError:
+                if not disconnected:
+                    raise  # the server is shutting down: not ours to swallow
+                handler.uncancel()
+            except Exception as exc:
+                failure = exc
+            finally:
+                tx.response_complete = True
+                watcher.cancel()
         except ClientDisconnected:
             tx.outcome = "client_disconnected"
         except Exception as exc:

@@ -28,7 +28,8 @@ POLL = 10.0  # bound on every wait for the proxy or the mock to catch up
 
 @pytest.fixture(scope="module")
 def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    return start_proxy(policy=e2e_policy(mock_backend.api_base))
+    # LOG_LEVEL=DEBUG: the one-line summary of each transaction is a DEBUG line.
+    return start_proxy(policy=e2e_policy(mock_backend.api_base), env={"LOG_LEVEL": "DEBUG"})
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from luthien_control.db.engine import transaction
+from luthien_control.db.engine import transaction, translate_errors
 from luthien_control.db.models import TransactionRow
 
 SUMMARY_COLUMNS = (
@@ -37,15 +37,12 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
     batch retried after an ambiguous failure is never written twice."""
     if not rows:
         return
-    dialect = engine.dialect.name
-    if dialect == "postgresql":
-        statement: Any = postgresql.insert(TransactionRow).on_conflict_do_nothing(
-            index_elements=["id"]
-        )
-    else:
-        statement = sqlite.insert(TransactionRow).on_conflict_do_nothing(index_elements=["id"])
-    async with transaction(engine) as session:
-        await session.execute(statement, list(rows))
+    # Core, not the ORM: one executemany with no per-row mapper work.
+    table = TransactionRow.__table__
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    async with translate_errors(engine), engine.begin() as connection:
+        await connection.execute(statement, list(rows))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ every character once, plus that bounded tail.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import regex
@@ -27,15 +28,16 @@ from luthien_control.transaction import StreamTransform, Transaction
 REDACTED = "[REDACTED]"
 
 # Name → pattern. Names appear in decisions and error messages; the secret never does.
-# Keys start at a word boundary: the "s" that ends "Thanks" is not held back in case it
-# begins "sk-...".
+# A key never follows a letter: the "s" that ends "Thanks" is not held back in case it
+# begins "sk-...", while "%20sk-..." (URL-encoded) or "=sk-..." is still caught.
+_START = r"(?<![A-Za-z])"
 DEFAULT_PATTERNS: dict[str, str] = {
-    "anthropic_api_key": r"\bsk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
-    "openai_api_key": r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
-    "aws_access_key_id": r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
-    "github_token": r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
-    "slack_token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
-    "google_api_key": r"\bAIza[0-9A-Za-z_-]{35}",
+    "anthropic_api_key": _START + r"sk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
+    "openai_api_key": _START + r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+    "aws_access_key_id": _START + r"(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+    "github_token": _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+    "slack_token": _START + r"xox[abposr]-[A-Za-z0-9-]{10,}",
+    "google_api_key": _START + r"AIza[0-9A-Za-z_-]{35}",
     # The whole block when its END line is there, else the header and body.
     "private_key": (
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*+"
@@ -93,6 +95,7 @@ class SecretPattern:
             literal[:size] for literal in literals or () for size in range(1, len(literal))
         )
         self._first = frozenset(literal[0] for literal in literals or ())
+        self._any_literal = re.compile("|".join(map(re.escape, literals))) if literals else None
         self._longest = max(map(len, literals or ("",)))
 
     def kind(self, match: Any) -> str:
@@ -101,8 +104,7 @@ class SecretPattern:
 
     def may_contain(self, text: str) -> bool:
         """False only when ``text`` certainly holds no (complete) secret."""
-        literals = self.literals
-        return literals is None or any(literal in text for literal in literals)
+        return self._any_literal is None or self._any_literal.search(text) is not None
 
     def open_tail(self, text: str, before: str) -> int:
         """How many final characters of ``text`` could start a secret (text that may not
@@ -112,7 +114,7 @@ class SecretPattern:
         for size in range(min(len(text), self._longest - 1), 0, -1):
             if text[-size] in first and text[-size:] in prefixes:
                 previous = text[-size - 1] if size < len(text) else before
-                if text[-size] == "-" or not (previous.isalnum() or previous == "_"):
+                if text[-size] == "-" or not ("a" <= previous.lower() <= "z"):
                     return size
         return 0
 

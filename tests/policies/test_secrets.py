@@ -268,3 +268,11 @@ async def test_custom_patterns_replace_the_defaults() -> None:
     with pytest.raises(PolicyBlocked):
         await p.apply(transaction({"messages": [{"role": "user", "content": "secret-1234"}]}))
     await p.apply(transaction({"messages": [{"role": "user", "content": OPENAI_KEY}]}))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("prefix", ["%20", "key=", "(", "1", "\n"])
+async def test_a_key_after_a_digit_or_symbol_is_still_found(prefix: str) -> None:
+    tx = transaction({"model": "m", "messages": [{"role": "user", "content": prefix + OPENAI_KEY}]})
+    with pytest.raises(PolicyBlocked):
+        await policy().apply(tx)
