@@ -33,7 +33,7 @@ from luthien_control.transaction import Transaction
 logger = logging.getLogger("luthien_control.transactions")
 
 
-BATCH_SIZE = 500
+BATCH_SIZE = 100  # the rows of one batch are prepared on the event loop: keep stalls short
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
 REFUSALS_BEFORE_DROP = 3
@@ -305,11 +305,13 @@ class DatabaseRecorder:
         if not batch:
             return True
         rows = []
-        for tx, redactor in batch:
+        for number, (tx, redactor) in enumerate(batch, 1):
             try:
                 rows.append(build_record(tx, redactor))
             except Exception:  # a bug in one record must not lose the others
                 logger.exception("cannot build the record of transaction %s", tx.id)
+            if number % 10 == 0:
+                await asyncio.sleep(0)  # let streams in flight send their chunks
         try:
             await insert_records(self._engine, rows)
         except LuthienError as exc:

@@ -22,6 +22,16 @@ RESPONSES_DONE = "response.output_text.done"
 _NOT_TEXT = frozenset({"role", "tool_calls", "function_call"})
 
 
+def _emptied(choice: Any) -> bool:
+    """A choice with nothing left in it (its text was all held back)."""
+    if type(choice) is not dict or choice.get("finish_reason"):
+        return False
+    delta = choice.get("delta")
+    if type(delta) is dict:
+        return all(value == "" or value is None or value == [] for value in delta.values())
+    return choice.get("text") == ""
+
+
 class TextRewriter(Protocol):
     def feed(self, text: str) -> str:
         """Take the next piece of the channel; return the text that may go out now."""
@@ -101,29 +111,22 @@ class ChatTextStream:
         if self._template is None:
             self._template = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
         changed = False
-        empty = True
         for choice in choices:
-            if not isinstance(choice, dict):
+            if type(choice) is not dict:
                 continue
             index = choice.get("index", 0)
             delta = choice.get("delta")
-            if isinstance(delta, dict):
+            if type(delta) is dict:
                 changed |= self._rewrite_delta(index, delta)
-                if delta and any(v not in ("", None, []) for v in delta.values()):
-                    empty = False
             elif isinstance(choice.get("text"), str) and self._wants("text"):  # completions
                 changed |= self._rewrite_field(choice, "text", (index, "text", -1))
-                empty = empty and choice["text"] == ""
-            else:
-                empty = False
             if choice.get("finish_reason"):
                 changed |= self._flush_choice(index, choice)
-                empty = False
         if not changed:
             return [chunk]
         chunk.mark_changed()
-        if empty and "usage" not in data:
-            return []
+        if "usage" not in data and all(_emptied(choice) for choice in choices):
+            return []  # everything it carried is held back: nothing to send yet
         return [chunk]
 
     async def on_end(self) -> list[Chunk]:
