@@ -25,6 +25,8 @@ _BUILTINS: dict[str, str] = {
     "ModelNameReplacement": "luthien_control.policies.backend:ModelNameReplacement",
     "SendBackendRequest": "luthien_control.policies.backend:SendBackendRequest",
     "IncrementIntegers": "luthien_control.policies.rewrite:IncrementIntegers",
+    "LLMJudgePolicy": "luthien_control.policies.judge:LLMJudgePolicy",
+    "ToolCallPolicy": "luthien_control.policies.tools:ToolCallPolicy",
     "TransactionContextLoggingPolicy": (
         "luthien_control.policies.audit_log:TransactionContextLoggingPolicy"
     ),

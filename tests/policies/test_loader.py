@@ -47,6 +47,8 @@ def test_builtin_type_names_lists_every_builtin() -> None:
         "ModelNameReplacement",
         "SendBackendRequest",
         "IncrementIntegers",
+        "LLMJudgePolicy",
+        "ToolCallPolicy",
         "TransactionContextLoggingPolicy",
     ]
 
