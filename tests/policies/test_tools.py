@@ -1,0 +1,730 @@
+"""ToolCallPolicy: a tool call is checked whole, and none of a refused call gets out.
+
+The stream transform is driven with hand-built chunks, the arguments split in every
+way; what the transform returns is what the client would receive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from luthien_control.chat import StreamAssembler
+from luthien_control.exceptions import PolicyBlocked, PolicyConfigError
+from luthien_control.policies.loader import load_policy
+from luthien_control.policies.tools import ToolCall, ToolCallPolicy
+from luthien_control.sse import Chunk
+from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
+
+READ_ARGS = '{"path": "/tmp/notes.txt", "lines": 10}'
+SHELL_ARGS = '{"command": "rm -rf /srv/data"}'
+
+
+def policy(**config: Any) -> ToolCallPolicy:
+    return ToolCallPolicy(ToolCallPolicy.Config(**config), config)
+
+
+def transaction(payload: Any = None) -> Transaction:
+    body = orjson.dumps(payload if payload is not None else {})
+    return Transaction(
+        request=ProxyRequest("POST", "/chat/completions", b"", {}, body), services=None
+    )
+
+
+def event(delta: dict[str, Any], *, finish: str | None = None, index: int = 0) -> Chunk:
+    data = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return Chunk(b"data: " + orjson.dumps(data) + b"\n\n")
+
+
+def text(content: str, *, index: int = 0) -> Chunk:
+    return event({"content": content}, index=index)
+
+
+def role() -> Chunk:
+    return event({"role": "assistant", "content": None, "refusal": None})
+
+
+def finish(reason: str = "tool_calls", *, index: int = 0) -> Chunk:
+    return event({}, finish=reason, index=index)
+
+
+def call(
+    k: int, name: str, parts: list[str], *, choice: int = 0, call_id: str | None = None
+) -> list[Chunk]:
+    """A streamed tool call as OpenAI sends it: the head (id, name), then argument deltas."""
+    head = {
+        "index": k,
+        "id": call_id or f"call_{k}",
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
+    return [
+        event({"tool_calls": [head]}, index=choice),
+        *(
+            event({"tool_calls": [{"index": k, "function": {"arguments": p}}]}, index=choice)
+            for p in parts
+        ),
+    ]
+
+
+def splits(value: str) -> list[list[str]]:
+    """Every way to cut ``value`` into two parts, and a spread of three-part cuts."""
+    two = [[value[:i], value[i:]] for i in range(1, len(value))]
+    three = [
+        [value[:i], value[i:j], value[j:]]
+        for i in range(1, len(value) - 1)
+        for j in range(i + 1, len(value))
+    ]
+    return [[value], *two, *three[::5]]
+
+
+async def run(
+    p: ToolCallPolicy, chunks: list[Chunk], tx: Transaction | None = None
+) -> tuple[list[Chunk], Transaction]:
+    tx = tx or transaction()
+    transform = p.stream_transform(tx)
+    out: list[Chunk] = []
+    for c in chunks:
+        out.extend(await transform.on_chunk(c))
+    out.extend(await transform.on_end())
+    return out, tx
+
+
+async def run_until_blocked(
+    p: ToolCallPolicy, chunks: list[Chunk]
+) -> tuple[list[Chunk], Transaction, PolicyBlocked]:
+    """Everything released before the transform raised ``PolicyBlocked`` (which it must)."""
+    tx = transaction()
+    transform = p.stream_transform(tx)
+    out: list[Chunk] = []
+    with pytest.raises(PolicyBlocked) as caught:
+        for c in chunks:
+            out.extend(await transform.on_chunk(c))
+        out.extend(await transform.on_end())
+    return out, tx, caught.value
+
+
+def data_of(c: Chunk) -> dict[str, Any]:
+    parsed: dict[str, Any] = orjson.loads(c.raw[6:-2])
+    return parsed
+
+
+def assembled(chunks: list[Chunk]) -> StreamAssembler:
+    """What a client accumulates from the chunks it received."""
+    assembler = StreamAssembler()
+    for c in chunks:
+        assembler.feed(data_of(c))
+    return assembler
+
+
+def call_deltas(chunks: list[Chunk]) -> list[dict[str, Any]]:
+    return [
+        delta
+        for c in chunks
+        for choice in data_of(c)["choices"]
+        for delta in (choice["delta"].get("tool_calls") or [])
+    ]
+
+
+def decisions(tx: Transaction) -> list[tuple[str, str, str]]:
+    return [(d.policy, d.action, d.detail) for d in tx.decisions]
+
+
+# --- streamed: allowed calls ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_allowed_call_comes_out_byte_for_byte_in_order_for_every_split() -> None:
+    for parts in splits(READ_ARGS):
+        chunks = [role(), text("Let me look."), *call(0, "read_file", parts), finish()]
+        raws = [c.raw for c in chunks]
+        out, tx = await run(policy(denied_tools=["shell"]), chunks)
+        assert [c.raw for c in out] == raws
+        assert tx.decisions == []
+
+
+@pytest.mark.anyio
+async def test_two_allowed_calls_come_out_byte_for_byte() -> None:
+    chunks = [
+        role(),
+        *call(0, "read_file", ['{"pa', 'th": "/a"}']),
+        *call(1, "read_file", ['{"path"', ': "/b"}']),
+        finish(),
+    ]
+    raws = [c.raw for c in chunks]
+    out, _ = await run(policy(allowed_tools=["read_file"], argument_patterns=["/etc"]), chunks)
+    assert [c.raw for c in out] == raws
+
+
+@pytest.mark.anyio
+async def test_text_flows_at_once_while_a_call_is_held_until_complete() -> None:
+    transform = policy(denied_tools=["shell"]).stream_transform(transaction())
+    first, second = role(), text("Checking the file.")
+    assert await transform.on_chunk(first) == [first]
+    assert await transform.on_chunk(second) == [second]  # released at once
+    head, *arguments = call(0, "read_file", ['{"path": ', '"/tmp/a"}'])
+    assert await transform.on_chunk(head) == []
+    assert await transform.on_chunk(arguments[0]) == []
+    during = text(" Still here.")  # text while the call is open is not held either
+    assert await transform.on_chunk(during) == [during]
+    assert await transform.on_chunk(arguments[1]) == []
+    end = finish()
+    assert await transform.on_chunk(end) == [head, *arguments, end]  # the call, then the finish
+    assert await transform.on_end() == []
+
+
+@pytest.mark.anyio
+async def test_a_call_is_complete_when_the_next_call_begins() -> None:
+    transform = policy(denied_tools=["shell"]).stream_transform(transaction())
+    first = call(0, "read_file", [READ_ARGS])
+    second = call(1, "list_dir", ['{"path": "/"}'])
+    for c in first:
+        assert await transform.on_chunk(c) == []
+    assert await transform.on_chunk(second[0]) == first  # call 0 released, call 1 held
+    assert await transform.on_chunk(second[1]) == []
+    assert await transform.on_end() == second  # the stream ended without a finish_reason
+
+
+@pytest.mark.anyio
+async def test_text_and_a_call_delta_in_one_chunk_are_separated() -> None:
+    mixed = event(
+        {
+            "content": "Reading.",
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": READ_ARGS[:9]},
+                }
+            ],
+        }
+    )
+    rest = event({"tool_calls": [{"index": 0, "function": {"arguments": READ_ARGS[9:]}}]})
+    transform = policy(denied_tools=["shell"]).stream_transform(transaction())
+    now = await transform.on_chunk(mixed)
+    assert [data_of(c)["choices"][0]["delta"] for c in now] == [{"content": "Reading."}]
+    assert await transform.on_chunk(rest) == []
+    out = [*now, *await transform.on_chunk(finish()), *await transform.on_end()]
+    message = assembled(out).message()
+    assert message["content"] == "Reading."
+    assert message["tool_calls"] == [
+        {
+            "id": "call_0",
+            "type": "function",
+            "function": {"name": "read_file", "arguments": READ_ARGS},
+        }
+    ]
+    assert assembled(out).choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.anyio
+async def test_events_without_choices_pass_unchanged() -> None:
+    usage = Chunk(b'data: {"id":"x","choices":[],"usage":{"total_tokens":3}}\n\n')
+    other = Chunk(b'event: response.created\ndata: {"type":"response.created"}\n\n')
+    out, _ = await run(policy(denied_tools=["shell"]), [usage, other])
+    assert out == [usage, other]
+
+
+# --- streamed: blocked calls ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_denied_call_never_gets_out_whatever_the_split() -> None:
+    for parts in splits(SHELL_ARGS):
+        chunks = [role(), text("Sure."), *call(0, "shell", parts), finish()]
+        out, tx, blocked = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
+        assert call_deltas(out) == []
+        assert assembled(out).message()["content"] == "Sure."  # text before it did flow
+        assert blocked.status_code == 403 and "'shell'" in blocked.message
+        assert "rm -rf" not in blocked.message
+        assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_denied_call_is_blocked_before_the_next_call_gets_out() -> None:
+    chunks = [*call(0, "shell", [SHELL_ARGS]), *call(1, "read_file", [READ_ARGS]), finish()]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_a_call_after_allowed_ones_is_blocked_without_taking_them_back() -> None:
+    chunks = [*call(0, "read_file", [READ_ARGS]), *call(1, "shell", [SHELL_ARGS]), finish()]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
+    assert [d.get("index") for d in call_deltas(out)] == [0, 0]
+    assert assembled(out).message()["tool_calls"][0]["function"]["name"] == "read_file"
+
+
+@pytest.mark.anyio
+async def test_denied_call_at_the_end_of_a_stream_without_finish_is_blocked() -> None:
+    out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), call(0, "shell", ["{}"]))
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_name_split_across_deltas_is_reassembled() -> None:
+    head = event(
+        {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "sh"}}]}
+    )
+    tail = event({"tool_calls": [{"index": 0, "function": {"name": "ell", "arguments": "{}"}}]})
+    out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), [head, tail, finish()])
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_allowed_tools_only_lets_those_through() -> None:
+    p = policy(allowed_tools=["read_file"])
+    out, _ = await run(p, [*call(0, "read_file", [READ_ARGS]), finish()])
+    assert len(call_deltas(out)) == 2
+    out, tx, blocked = await run_until_blocked(p, [*call(0, "write_file", ["{}"]), finish()])
+    assert out == [] and "not allowed" in blocked.message
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool write_file")]
+
+
+@pytest.mark.anyio
+async def test_argument_pattern_matches_across_chunk_boundaries() -> None:
+    p = policy(argument_patterns=[r"rm\s+-rf"])
+    for parts in splits(SHELL_ARGS):
+        out, tx, blocked = await run_until_blocked(p, [*call(0, "shell", parts), finish()])
+        assert out == []
+        assert "argument_patterns[0]" in blocked.message and "rm" not in blocked.message
+        assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_argument_pattern_sees_through_json_escapes() -> None:
+    escaped = '{"command": "\\u0072m -rf /"}'
+    assert "rm" not in escaped
+    out, _, _ = await run_until_blocked(
+        policy(argument_patterns=[r"rm\s+-rf"]), [*call(0, "shell", [escaped]), finish()]
+    )
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_more_deltas_for_a_released_call_are_checked_again() -> None:
+    # A backend revisits call 0 after call 1 began: too late to drop it, so it is blocked.
+    late = event({"tool_calls": [{"index": 0, "function": {"arguments": "rm -rf /"}}]})
+    chunks = [*call(0, "shell", ['{"a": 1}']), *call(1, "read_file", ["{}"]), late, finish()]
+    out, tx, _ = await run_until_blocked(
+        policy(argument_patterns=["rm -rf"], action="drop_call"), chunks
+    )
+    assert "rm -rf" not in b"".join(c.raw for c in out).decode()
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_legacy_function_call_is_checked() -> None:
+    chunks = [
+        event({"role": "assistant", "function_call": {"name": "shell", "arguments": ""}}),
+        event({"function_call": {"arguments": SHELL_ARGS[:10]}}),
+        event({"function_call": {"arguments": SHELL_ARGS[10:]}}),
+        finish("function_call"),
+    ]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
+    assert out == []
+    out, tx = await run(policy(denied_tools=["shell"], action="drop_call"), chunks)
+    choices = [choice for c in out for choice in data_of(c)["choices"]]
+    assert all("function_call" not in choice["delta"] for choice in choices)
+    assert choices[0]["delta"] == {"role": "assistant"}
+    assert choices[-1]["finish_reason"] == "stop"
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+
+
+# --- streamed: dropped calls ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_drop_call_removes_the_first_and_renumbers_the_second() -> None:
+    p = policy(denied_tools=["shell"], action="drop_call")
+    for parts in splits(SHELL_ARGS)[::3]:
+        chunks = [
+            role(),
+            *call(0, "shell", parts),
+            *call(1, "read_file", ['{"path": ', '"/tmp/a"}']),
+            finish(),
+        ]
+        out, tx = await run(p, chunks)
+        assert [d["index"] for d in call_deltas(out)] == [0, 0, 0]
+        client = assembled(out)
+        assert client.message()["tool_calls"] == [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "read_file", "arguments": '{"path": "/tmp/a"}'},
+            }
+        ]
+        assert client.choices[0].finish_reason == "tool_calls"
+        assert "rm -rf" not in b"".join(c.raw for c in out).decode()
+        assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_drop_call_of_the_only_call_finishes_with_stop() -> None:
+    chunks = [role(), text("Running it."), *call(0, "shell", [SHELL_ARGS]), finish()]
+    out, tx = await run(policy(denied_tools=["shell"], action="drop_call"), chunks)
+    assert call_deltas(out) == []
+    client = assembled(out)
+    assert client.message() == {"role": "assistant", "content": "Running it."}
+    assert client.choices[0].finish_reason == "stop"
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_drop_call_in_the_middle_keeps_indices_contiguous() -> None:
+    chunks = [
+        *call(0, "read_file", ['{"path": "/a"}']),
+        *call(1, "shell", [SHELL_ARGS]),
+        *call(2, "read_file", ['{"path": "/b"}'], call_id="call_b"),
+        *call(3, "shell", [SHELL_ARGS], call_id="call_c"),
+        finish(),
+    ]
+    out, tx = await run(policy(denied_tools=["shell"], action="drop_call"), chunks)
+    assert [d["index"] for d in call_deltas(out)] == [0, 0, 1, 1]
+    calls = assembled(out).message()["tool_calls"]
+    assert [c["id"] for c in calls] == ["call_0", "call_b"]
+    assert assembled(out).choices[0].finish_reason == "tool_calls"
+    assert [d[1] for d in decisions(tx)] == ["dropped", "dropped"]
+
+
+@pytest.mark.anyio
+async def test_drop_call_with_all_calls_in_one_chunk() -> None:
+    both = event(
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "shell", "arguments": SHELL_ARGS},
+                },
+                {
+                    "index": 1,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": READ_ARGS},
+                },
+            ],
+        }
+    )
+    out, _ = await run(policy(denied_tools=["shell"], action="drop_call"), [both, finish()])
+    assert call_deltas(out)[0]["index"] == 0
+    assert assembled(out).message() == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "read_file", "arguments": READ_ARGS},
+            }
+        ],
+    }
+    assert data_of(out[0])["choices"][0]["delta"] == {"role": "assistant"}  # at once
+
+
+@pytest.mark.anyio
+async def test_each_choice_is_held_and_finished_on_its_own() -> None:
+    transform = policy(denied_tools=["shell"], action="drop_call").stream_transform(transaction())
+    held = call(0, "shell", [SHELL_ARGS], choice=0)
+    for c in held:
+        assert await transform.on_chunk(c) == []
+    other = text("choice one", index=1)
+    assert await transform.on_chunk(other) == [other]
+    kept = call(0, "read_file", [READ_ARGS], choice=1)
+    kept_raws = [c.raw for c in kept]
+    for c in kept:
+        assert await transform.on_chunk(c) == []
+    out = await transform.on_chunk(finish(index=0))
+    assert [data_of(c)["choices"][0]["finish_reason"] for c in out] == ["stop"]
+    end_one = finish(index=1)
+    out = await transform.on_chunk(end_one)
+    assert [c.raw for c in out] == [*kept_raws, end_one.raw]
+
+
+@pytest.mark.anyio
+async def test_other_choice_finish_releases_only_its_own_calls() -> None:
+    transform = policy(denied_tools=["shell"]).stream_transform(transaction())
+    first = call(0, "read_file", [READ_ARGS], choice=0)
+    second = call(0, "read_file", ['{"path": "/b"}'], choice=1)
+    for c in [*first, *second]:
+        assert await transform.on_chunk(c) == []
+    end_one = finish(index=1)
+    assert await transform.on_chunk(end_one) == [*second, end_one]
+    end_zero = finish(index=0)
+    assert await transform.on_chunk(end_zero) == [*first, end_zero]
+
+
+# --- custom checks ----------------------------------------------------------------------
+
+
+class NoSystemPaths(ToolCallPolicy):
+    """A custom check on the parsed arguments."""
+
+    seen: list[ToolCall]
+
+    def check(self, call: ToolCall) -> str | None:
+        self.seen.append(call)
+        path = call.parsed_arguments.get("path") if isinstance(call.parsed_arguments, dict) else ""
+        if isinstance(path, str) and path.startswith("/etc"):
+            return "system paths are off limits"
+        return super().check(call)
+
+
+@pytest.mark.anyio
+async def test_a_subclass_checks_the_reassembled_call() -> None:
+    p = NoSystemPaths(NoSystemPaths.Config(), {})
+    p.seen = []
+    arguments = '{"path": "/etc/shadow"}'
+    out, _, blocked = await run_until_blocked(
+        p, [*call(0, "read_file", [arguments[:5], arguments[5:14], arguments[14:]]), finish()]
+    )
+    assert out == [] and "system paths are off limits" in blocked.message
+    assert p.seen == [ToolCall("call_0", "read_file", arguments, {"path": "/etc/shadow"})]
+
+
+def test_tool_call_parses_json_arguments_when_it_can() -> None:
+    assert ToolCall.of("c", "f", '{"a": [1]}').parsed_arguments == {"a": [1]}
+    assert ToolCall.of("c", "f", '{"a": ').parsed_arguments is None
+    assert ToolCall.of(None, "f", "").parsed_arguments is None
+
+
+# --- buffered responses -----------------------------------------------------------------
+
+
+def completion(*calls: tuple[str, str], content: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ]
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}
+        ],
+    }
+
+
+def responded(payload: dict[str, Any]) -> Transaction:
+    tx = transaction()
+    tx.response = ProxyResponse(200, {}, orjson.dumps(payload))
+    return tx
+
+
+@pytest.mark.anyio
+async def test_buffered_denied_call_is_blocked() -> None:
+    tx = responded(completion(("read_file", READ_ARGS), ("shell", SHELL_ARGS)))
+    with pytest.raises(PolicyBlocked) as caught:
+        await policy(denied_tools=["shell"]).apply(tx)
+    assert caught.value.status_code == 403 and "'shell'" in caught.value.message
+    assert "rm -rf" not in caught.value.message
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_buffered_allowed_calls_leave_the_body_as_it_was() -> None:
+    tx = responded(completion(("read_file", READ_ARGS)))
+    assert tx.response is not None
+    body = tx.response.body
+    await policy(denied_tools=["shell"], argument_patterns=["rm"]).apply(tx)
+    assert tx.response.body is body and tx.decisions == []
+
+
+@pytest.mark.anyio
+async def test_buffered_drop_call_keeps_the_others() -> None:
+    tx = responded(completion(("shell", SHELL_ARGS), ("read_file", READ_ARGS)))
+    await policy(denied_tools=["shell"], action="drop_call").apply(tx)
+    assert tx.response is not None
+    choice = orjson.loads(tx.response.body)["choices"][0]
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["read_file"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_buffered_drop_of_every_call_finishes_with_stop() -> None:
+    tx = responded(completion(("shell", SHELL_ARGS), content="I will run it."))
+    await policy(argument_patterns=[r"rm\s"], action="drop_call").apply(tx)
+    assert tx.response is not None
+    choice = orjson.loads(tx.response.body)["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "I will run it."}
+    assert choice["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_buffered_legacy_function_call() -> None:
+    payload = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "shell", "arguments": SHELL_ARGS},
+                },
+                "finish_reason": "function_call",
+            }
+        ]
+    }
+    with pytest.raises(PolicyBlocked):
+        await policy(denied_tools=["shell"]).apply(responded(payload))
+    tx = responded(payload)
+    await policy(denied_tools=["shell"], action="drop_call").apply(tx)
+    assert tx.response is not None
+    choice = orjson.loads(tx.response.body)["choices"][0]
+    assert "function_call" not in choice["message"] and choice["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_an_error_body_is_left_alone() -> None:
+    tx = transaction()
+    tx.response = ProxyResponse(404, {}, b'{"error": {"message": "no such model"}}')
+    body = tx.response.body
+    await policy(denied_tools=["shell"]).apply(tx)
+    assert tx.response.body is body
+
+
+# --- the request side: the history ------------------------------------------------------
+
+
+def history() -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "clean up"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "shell", "arguments": SHELL_ARGS},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_a", "content": "done"},
+            {
+                "role": "assistant",
+                "content": "Now reading.",
+                "tool_calls": [
+                    {
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "read_file", "arguments": READ_ARGS},
+                    },
+                    {
+                        "id": "call_c",
+                        "type": "function",
+                        "function": {"name": "shell", "arguments": '{"command": "ls"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_b", "content": "notes"},
+            {"role": "tool", "tool_call_id": "call_c", "content": "a b c"},
+            {"role": "user", "content": "thanks"},
+        ],
+    }
+
+
+@pytest.mark.anyio
+async def test_request_history_with_a_denied_call_is_blocked() -> None:
+    tx = transaction(history())
+    with pytest.raises(PolicyBlocked) as caught:
+        await policy(denied_tools=["shell"]).apply(tx)
+    assert caught.value.status_code == 403 and "in the request" in caught.value.message
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_request_history_drop_call_removes_the_calls_and_their_results() -> None:
+    tx = transaction(history())
+    await policy(denied_tools=["shell"], action="drop_call").apply(tx)
+    messages = orjson.loads(tx.request.body)["messages"]
+    assert messages == [
+        {"role": "user", "content": "clean up"},
+        {
+            "role": "assistant",
+            "content": "Now reading.",
+            "tool_calls": [
+                {
+                    "id": "call_b",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": READ_ARGS},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_b", "content": "notes"},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert [d[1] for d in decisions(tx)] == ["dropped", "dropped"]
+
+
+@pytest.mark.anyio
+async def test_request_with_allowed_history_is_unchanged() -> None:
+    tx = transaction(history())
+    body = tx.request.body
+    await policy(denied_tools=["delete_repo"]).apply(tx)
+    assert tx.request.body is body and tx.decisions == []
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def config_error(definition: dict[str, Any]) -> PolicyConfigError:
+    with pytest.raises(PolicyConfigError) as caught:
+        load_policy(definition)
+    return caught.value
+
+
+def test_config_errors_name_the_exact_path() -> None:
+    bad_regex = {"type": "ToolCallPolicy", "config": {"argument_patterns": ["ok", "rm ("]}}
+    error = config_error(bad_regex)
+    assert error.path == "config.argument_patterns[1]"
+    assert error.reason.startswith("invalid regular expression")
+    nested = {
+        "type": "SerialPolicy",
+        "config": {"policies": [{"type": "NoopPolicy", "config": {}}, bad_regex]},
+    }
+    assert config_error(nested).path == "policies[1].config.argument_patterns[1]"
+    assert config_error({"type": "ToolCallPolicy", "config": {"action": "drop"}}).path == (
+        "config.action"
+    )
+    assert config_error({"type": "ToolCallPolicy", "config": {"allowed_tools": "shell"}}).path == (
+        "config.allowed_tools"
+    )
+    assert config_error({"type": "ToolCallPolicy", "config": {"denied_tools": [1]}}).path == (
+        "config.denied_tools[0]"
+    )
+    assert config_error({"type": "ToolCallPolicy", "config": {"denied": ["x"]}}).path == (
+        "config.denied"
+    )
+
+
+def test_definition_round_trips_and_defaults() -> None:
+    definition = {
+        "type": "ToolCallPolicy",
+        "config": {
+            "denied_tools": ["shell"],
+            "argument_patterns": [r"rm\s"],
+            "action": "drop_call",
+        },
+    }
+    loaded = load_policy(definition)
+    assert isinstance(loaded, ToolCallPolicy) and loaded.serialize() == definition
+    default = load_policy({"type": "ToolCallPolicy", "config": {}})
+    assert isinstance(default, ToolCallPolicy)
+    assert default.action == "block" and default.allowed is None and default.denied == frozenset()
