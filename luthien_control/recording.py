@@ -37,6 +37,7 @@ BATCH_SIZE = 100  # the rows of one batch are prepared on the event loop: keep s
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
 REFUSALS_BEFORE_DROP = 3
+REACHABLE_TIMEOUT = 3.0
 
 
 class Recorder(Protocol):
@@ -82,18 +83,12 @@ class Redactor:
             return None
         if not body:
             return ""
-        text = body.decode("utf-8", "replace")
-        redacted = self.text(text)
         try:
-            return orjson.loads(redacted)
+            parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            pass
-        if redacted == text:
-            return text  # not JSON: stored as text
-        try:
-            return self.value(orjson.loads(body))  # JSON whose redaction needs the walk
-        except orjson.JSONDecodeError:
-            return redacted
+            return self.text(body.decode("utf-8", "replace"))  # not JSON: stored as text
+        # Parsed first, so escapes the client wrote (\u0073k-...) cannot hide a key.
+        return self.value(parsed)
 
 
 def _at(tx: Transaction, moment: float | None) -> datetime | None:
@@ -334,6 +329,8 @@ class DatabaseRecorder:
         database is away: the batch is kept and retried)."""
         from luthien_control.db.transactions import insert_records
 
+        if not await self._reachable():
+            return False  # away: not worth one connect timeout per row
         failed: list[tuple[dict[str, Any], str]] = []
         written = 0
         for row in rows:
@@ -343,7 +340,7 @@ class DatabaseRecorder:
                 failed.append((row, exc.message))
             else:
                 written += 1
-        if written == 0 and (len(rows) > 1 or not await self._reachable()):
+        if written == 0 and len(rows) > 1:
             return False  # the database is away, not refusing: keep everything
         # A row is given up only after the database, reachable, refused it on its own
         # REFUSALS_BEFORE_DROP times: a blip between two attempts must not lose it.
@@ -363,7 +360,7 @@ class DatabaseRecorder:
         from sqlalchemy import text
 
         try:
-            async with self._engine.connect() as connection:
+            async with asyncio.timeout(REACHABLE_TIMEOUT), self._engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
         except Exception:  # any failure to reach it means "away"
             return False

@@ -200,6 +200,20 @@ class ProxyServer:
         """Run a ``luthien-control`` command against this proxy's database."""
         return run_cli(self.database_url, *args)
 
+    def record(self, transaction_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The stored record of a transaction, through ``luthien-control logs
+        --transaction ID --json``; records are written in the background, so this polls
+        (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.cli("logs", "--transaction", transaction_id, "--json")
+            if result.returncode == 0:
+                record: dict[str, Any] = json.loads(result.stdout)
+                return record
+            assert "no transaction" in result.stderr, result.stderr
+            assert time.monotonic() < deadline, f"transaction {transaction_id} never recorded"
+            time.sleep(0.1)
+
 
 def run_cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

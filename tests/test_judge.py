@@ -8,7 +8,6 @@ back from the audit trail with ``luthien-control logs``, as an operator would.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -66,19 +65,6 @@ def answer(text: str, chunk_size: int = 5) -> dict[str, str]:
     return {"x-mock-content": quote(text), "x-mock-chunk-size": str(chunk_size)}
 
 
-def record_of(proxy: ProxyServer, transaction_id: str) -> dict[str, Any]:
-    """The stored record (written in the background: poll, bounded)."""
-    deadline = time.monotonic() + 10
-    while True:
-        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
-        if result.returncode == 0:
-            record: dict[str, Any] = json.loads(result.stdout)
-            return record
-        assert "no transaction" in result.stderr, result.stderr
-        assert time.monotonic() < deadline, f"transaction {transaction_id} never recorded"
-        time.sleep(0.1)
-
-
 def judge_decisions(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
         (d["action"], json.loads(d["detail"]))
@@ -117,7 +103,7 @@ def test_buffer_mode_releases_a_clean_stream_and_blocks_a_violating_one_with_403
             )
 
     transaction_id = caught.value.response.headers["x-luthien-transaction-id"]
-    record = record_of(proxy, transaction_id)
+    record = proxy.record(transaction_id)
     assert record["outcome"] == "blocked" and record["status"] == 403
     [(action, detail)] = judge_decisions(record)
     assert action == "judge_blocked" and detail["mode"] == "buffer"
@@ -147,7 +133,7 @@ def test_window_mode_delivers_the_judged_windows_then_an_error_event(
     assert f"the text says {FORBIDDEN}" in caught.value.message
     assert received == "".join(windows)
 
-    record = record_of(proxy, stream.response.headers["x-luthien-transaction-id"])
+    record = proxy.record(stream.response.headers["x-luthien-transaction-id"])
     assert record["outcome"] == "blocked"
     assert [(action, d["window"]) for action, d in judge_decisions(record)] == [
         ("judge_allowed", 1),
@@ -175,7 +161,7 @@ def test_audit_mode_streams_everything_and_records_the_verdict(
         received = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert received == text
 
-    record = record_of(proxy, stream.response.headers["x-luthien-transaction-id"])
+    record = proxy.record(stream.response.headers["x-luthien-transaction-id"])
     assert record["outcome"] == "ok" and record["status"] == 200
     [(action, detail)] = judge_decisions(record)
     assert action == "judge_flagged" and detail["mode"] == "audit"

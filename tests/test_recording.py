@@ -74,26 +74,12 @@ def chat(
         return response
 
 
-def record_of(proxy: ProxyServer, transaction_id: str) -> dict[str, Any]:
-    """The stored record, through ``luthien-control logs --transaction ID --json`` (the
-    recorder writes in the background: poll, bounded)."""
-    deadline = time.monotonic() + 10
-    while True:
-        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
-        if result.returncode == 0:
-            record: dict[str, Any] = json.loads(result.stdout)
-            return record
-        assert "no transaction" in result.stderr, result.stderr
-        assert time.monotonic() < deadline, f"transaction {transaction_id} never recorded"
-        time.sleep(0.1)
-
-
 def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer) -> None:
     text = f"Your key is {SECRET} as requested."
     response = chat(proxy, stream=True, **directives(content=text, chunk_size=4))
     assert response.status_code == 200
     assert "[REDACTED]" in response.text and SECRET not in response.text
-    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
 
     assert record["outcome"] == "ok" and record["status"] == 200 and record["streamed"] is True
     assert record["client_key_name"] == "e2e" and record["policy_name"] == "audited"
@@ -127,7 +113,7 @@ def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer)
 def test_blocked_request_is_recorded_without_the_secret(proxy: ProxyServer) -> None:
     response = chat(proxy, stream=False, content=f"please use {SECRET}")
     assert response.status_code == 403
-    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
     assert record["outcome"] == "blocked" and record["status"] == 403
     assert (
         record["request"]["received"]["body"]["messages"][0]["content"] == "please use [REDACTED]"
@@ -148,7 +134,7 @@ def test_secret_in_the_query_string_is_blocked(proxy: ProxyServer) -> None:
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         )
     assert response.status_code == 403
-    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
     assert record["request"]["received"]["query"] == "token=[REDACTED]"
 
 
@@ -160,19 +146,19 @@ def test_oversized_values_are_fitted_to_their_columns(proxy: ProxyServer) -> Non
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         )
     assert response.status_code == 404  # the backend's answer to an unknown model
-    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
     assert record["model"] == "m" * 200
 
 
 def test_backend_error_and_tool_calls_are_recorded(proxy: ProxyServer) -> None:
     limited = chat(proxy, stream=True, **directives(fail="status:429"))
-    record = record_of(proxy, limited.headers["x-luthien-transaction-id"])
+    record = proxy.record(limited.headers["x-luthien-transaction-id"])
     assert record["status"] == 429 and record["outcome"] == "backend_error_status"
     assert record["response"]["received"]["headers"]["retry-after"] == "7"
 
     tools = json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}])
     called = chat(proxy, stream=True, **directives(tool_calls=tools))
-    record = record_of(proxy, called.headers["x-luthien-transaction-id"])
+    record = proxy.record(called.headers["x-luthien-transaction-id"])
     choice = record["response"]["sent"]["stream"]["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
@@ -197,7 +183,7 @@ def test_disconnected_stream_is_recorded_as_such(proxy: ProxyServer) -> None:
         transaction_id = response.headers["x-luthien-transaction-id"]
         chunks = response.iter_bytes()
         next(chunks)
-    record = record_of(proxy, transaction_id)
+    record = proxy.record(transaction_id)
     assert record["outcome"] == "client_disconnected"
     assert 0 < record["chunks_sent"] < 300
     assert record["usage_partial"] is True  # cut short: no complete usage exists
@@ -206,6 +192,7 @@ def test_disconnected_stream_is_recorded_as_such(proxy: ProxyServer) -> None:
 def test_nothing_secret_in_the_database_file(proxy: ProxyServer) -> None:
     chat(proxy, stream=True, **directives(content=f"leak {SECRET} leak", chunk_size=3))
     chat(proxy, stream=False, content=f"in the request {SECRET}")
+    chat(proxy, stream=True, **directives(content=f"after a newline:\n{SECRET}", chunk_size=5))
     time.sleep(1.0)  # let the recorder's batch land (records are written in the background)
     path = Path(proxy.database_url.split("///", 1)[1])
     dump = subprocess.run(
@@ -226,7 +213,7 @@ def test_nothing_secret_in_the_database_file(proxy: ProxyServer) -> None:
 def test_logs_lists_filters_and_follows(proxy: ProxyServer) -> None:
     ok = chat(proxy, stream=False).headers["x-luthien-transaction-id"]
     blocked = chat(proxy, stream=False, content=SECRET).headers["x-luthien-transaction-id"]
-    record_of(proxy, blocked)
+    proxy.record(blocked)
     listing = proxy.cli("logs", "--limit", "500")
     assert listing.returncode == 0 and ok in listing.stdout and blocked in listing.stdout
     assert listing.stdout.splitlines()[0].split()[:3] == ["RECEIVED", "ID", "KEY"]
@@ -258,7 +245,7 @@ def test_logs_lists_filters_and_follows(proxy: ProxyServer) -> None:
 
 def test_admin_api(proxy: ProxyServer) -> None:
     tx_id = chat(proxy, stream=False).headers["x-luthien-transaction-id"]
-    record_of(proxy, tx_id)
+    proxy.record(tx_id)
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         for path in ("/admin/api/transactions", "/admin/api/keys", "/admin/api/policies"):
             assert client.get(path).status_code == 401

@@ -4,7 +4,6 @@ ending the stream with ``response.failed``, usage recorded, secrets held back.""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 from urllib.parse import quote
 
@@ -46,17 +45,6 @@ def sdk(proxy: ProxyServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.api_base, api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
-def record_of(proxy: ProxyServer, transaction_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    result = proxy.cli("logs", "--transaction", transaction_id, "--json")
-    while result.returncode != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
-    assert result.returncode == 0, result.stderr
-    record: dict[str, Any] = json.loads(result.stdout)
-    return record
-
-
 def test_streamed_response_events_arrive_typed_and_in_order(
     proxy: ProxyServer, mock_backend: MockBackendServer
 ) -> None:
@@ -93,7 +81,7 @@ def test_non_streamed_response_and_usage_recorded(proxy: ProxyServer) -> None:
         )
         response = raw.parse()
     assert response.output_text == "a b c"
-    record = record_of(proxy, raw.headers["x-luthien-transaction-id"])
+    record = proxy.record(raw.headers["x-luthien-transaction-id"])
     assert record["endpoint"] == "/responses" and record["outcome"] == "ok"
     assert (record["prompt_tokens"], record["completion_tokens"]) == (2, 3)
 
@@ -109,7 +97,7 @@ def test_streamed_usage_is_recorded(proxy: ProxyServer) -> None:
         ) as response,
     ):
         response.read()
-    record = record_of(proxy, response.headers["x-luthien-transaction-id"])
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
     assert record["streamed"] is True
     assert (record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]) == (
         3,
@@ -165,3 +153,29 @@ def test_secret_split_across_deltas_is_redacted_everywhere(proxy: ProxyServer) -
                 if data["type"] == "response.output_text.done":
                     assert data["text"] == "the key [REDACTED] is here"
     assert "".join(deltas) == "the key [REDACTED] is here"
+
+
+def test_secret_split_across_function_call_argument_deltas_is_redacted(
+    proxy: ProxyServer,
+) -> None:
+    calls = json.dumps([{"name": "save", "arguments": {"token": SECRET}}])
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{proxy.api_base}/responses",
+            json={"model": "gpt-4o-mini", "input": "hi", "stream": True},
+            headers={
+                "Authorization": f"Bearer {CLIENT_KEY}",
+                **directives(tool_calls=calls, chunk_size=4),
+            },
+        ) as response,
+    ):
+        raw = response.read().decode()
+    assert SECRET[:8] not in raw
+    arguments = "".join(
+        json.loads(line[6:])["delta"]
+        for line in raw.splitlines()
+        if line.startswith("data: ") and '"response.function_call_arguments.delta"' in line
+    )
+    assert arguments == '{"token":"[REDACTED]"}'

@@ -6,7 +6,6 @@ what comes out. What the client received is checked, then the transaction record
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -136,19 +135,6 @@ def raw_stream(proxy: ProxyServer, headers: dict[str, str]) -> httpx.Response:
     return response
 
 
-def record_of(proxy: ProxyServer, transaction_id: str) -> dict[str, Any]:
-    """The stored record (written in the background: polled, within a bound)."""
-    deadline = time.monotonic() + 10
-    while True:
-        result = proxy.cli("logs", "--transaction", transaction_id, "--json")
-        if result.returncode == 0:
-            record: dict[str, Any] = json.loads(result.stdout)
-            return record
-        assert "no transaction" in result.stderr, result.stderr
-        assert time.monotonic() < deadline, f"transaction {transaction_id} never recorded"
-        time.sleep(0.1)
-
-
 def decisions_of(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(d["policy"], d["action"], d["detail"]) for d in record["decisions"]]
 
@@ -214,7 +200,7 @@ def test_denied_call_ends_the_stream_with_an_error(
     assert "'shell'" in caught.value.message
     assert got.content == "On it."  # the text before the calls did stream
     assert [call["name"] for call in got.calls.values()] == ["read_file"]  # released before
-    record = record_of(blocking_proxy, got.transaction_id)
+    record = blocking_proxy.record(got.transaction_id)
     assert record["outcome"] == "blocked"
     assert decisions_of(record) == [("ToolCallPolicy", "blocked", "tool shell")]
 
@@ -242,7 +228,7 @@ def test_denied_call_non_streamed_is_a_403(
         )
     assert caught.value.status_code == 403 and SECRET_PATH not in caught.value.message
     transaction_id = caught.value.response.headers["x-luthien-transaction-id"]
-    record = record_of(blocking_proxy, transaction_id)
+    record = blocking_proxy.record(transaction_id)
     assert decisions_of(record) == [("ToolCallPolicy", "blocked", "tool shell")]
 
 
@@ -285,7 +271,7 @@ def test_drop_call_leaves_the_other_call_renumbered(
         0: {"id": "call_mock_1", "name": "read_file", "arguments": compact(READ["arguments"])}
     }
     assert got.finish_reason == "tool_calls"
-    record = record_of(dropping_proxy, got.transaction_id)
+    record = dropping_proxy.record(got.transaction_id)
     assert record["outcome"] == "ok"
     assert decisions_of(record) == [("ToolCallPolicy", "dropped", "tool shell")]
 

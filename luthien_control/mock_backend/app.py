@@ -188,7 +188,7 @@ async def _responses(exchange: Exchange, body: Any) -> None:
         await exchange.error(problem)
         return
     model, text = body["model"], responses.input_text(body["input"])
-    reply = content.Reply.for_prompt(exchange.scenario, text)
+    reply = responses.reply_for(exchange.scenario, text)
     input_tokens = content.count_words([text])
     if body.get("stream"):
         await exchange.stream(responses.response_stream(reply, model, input_tokens))

@@ -3,6 +3,10 @@
 Streamed, every event is ``event: <type>`` plus ``data: <json>`` carrying the same
 ``type`` and a ``sequence_number``; the stream ends with ``response.completed`` (there is
 no ``[DONE]``).
+
+Scripted tool calls (``x-mock-tool-calls``) become ``function_call`` output items after
+the message item (there is no message item when only tool calls were scripted); streamed,
+each item's arguments arrive as ``response.function_call_arguments.delta`` fragments.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from luthien_control.mock_backend.content import Reply, message_text, new_id
+from luthien_control.mock_backend.content import GREETING, Reply, message_text, new_id, words
+from luthien_control.mock_backend.scenario import Scenario
 
 
 def input_text(value: Any) -> str:
@@ -29,6 +34,20 @@ def input_text(value: Any) -> str:
                     )
                 return message_text(content)
     return ""
+
+
+def reply_for(scenario: Scenario, text: str) -> Reply:
+    """The planned reply to a Responses request whose input text is ``text``: the scripted
+    text (or the echo, unless only tool calls were scripted) and the scripted tool calls."""
+    if scenario.content is not None:
+        content: str | None = scenario.content
+    elif scenario.words is not None:
+        content = words(scenario.words)
+    elif scenario.tool_calls:
+        content = None
+    else:
+        content = GREETING + text
+    return Reply(content, scenario, scenario.tool_calls)
 
 
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
@@ -80,12 +99,33 @@ class _Response:
             "content": [{"type": "output_text", "text": text, "annotations": []}],
         }
 
+    @staticmethod
+    def function_call(index: int, name: str, arguments: str, status: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": f"fc_mock_{index}",
+            "call_id": f"call_mock_{index}",
+            "name": name,
+            "arguments": arguments,
+            "status": status,
+        }
+
+
+def _output(response: _Response, reply: Reply) -> list[dict[str, Any]]:
+    """The complete output items: the message (if there is text), then the tool calls."""
+    output = [] if reply.content is None else [response.message(reply.text, "completed")]
+    output.extend(
+        response.function_call(index, call.name, call.arguments, "completed")
+        for index, call in enumerate(reply.tool_calls)
+    )
+    return output
+
 
 def response_json(reply: Reply, model: str, input_tokens: int) -> dict[str, Any]:
     """A non-streamed response object."""
     response = _Response(model)
     usage = _usage(input_tokens, reply.completion_tokens)
-    return response.object("completed", [response.message(reply.text, "completed")], usage)
+    return response.object("completed", _output(response, reply), usage)
 
 
 def response_stream(reply: Reply, model: str, input_tokens: int) -> list[bytes]:
@@ -97,29 +137,54 @@ def response_stream(reply: Reply, model: str, input_tokens: int) -> list[bytes]:
         data = {"type": kind, "sequence_number": len(events), **fields}
         events.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
 
-    where = {"item_id": response.item_id, "output_index": 0, "content_index": 0}
     emit("response.created", response=response.object("in_progress", []))
     emit("response.in_progress", response=response.object("in_progress", []))
-    emit(
-        "response.output_item.added",
-        output_index=0,
-        item={**response.message("", "in_progress"), "content": []},
-    )
-    emit(
-        "response.content_part.added",
-        part={"type": "output_text", "text": "", "annotations": []},
-        **where,
-    )
-    for delta in reply.deltas:
-        emit("response.output_text.delta", delta=delta, logprobs=[], **where)
-    emit("response.output_text.done", text=reply.text, logprobs=[], **where)
-    emit(
-        "response.content_part.done",
-        part={"type": "output_text", "text": reply.text, "annotations": []},
-        **where,
-    )
-    done = response.message(reply.text, "completed")
-    emit("response.output_item.done", output_index=0, item=done)
+    output: list[dict[str, Any]] = []
+    if reply.content is not None:
+        where = {"item_id": response.item_id, "output_index": 0, "content_index": 0}
+        emit(
+            "response.output_item.added",
+            output_index=0,
+            item={**response.message("", "in_progress"), "content": []},
+        )
+        emit(
+            "response.content_part.added",
+            part={"type": "output_text", "text": "", "annotations": []},
+            **where,
+        )
+        for delta in reply.deltas:
+            emit("response.output_text.delta", delta=delta, logprobs=[], **where)
+        emit("response.output_text.done", text=reply.text, logprobs=[], **where)
+        emit(
+            "response.content_part.done",
+            part={"type": "output_text", "text": reply.text, "annotations": []},
+            **where,
+        )
+        output.append(response.message(reply.text, "completed"))
+        emit("response.output_item.done", output_index=0, item=output[-1])
+    for index, (call, fragments) in enumerate(zip(reply.tool_calls, reply.fragments, strict=True)):
+        position = len(output)
+        item_id = f"fc_mock_{index}"
+        emit(
+            "response.output_item.added",
+            output_index=position,
+            item=response.function_call(index, call.name, "", "in_progress"),
+        )
+        for fragment in fragments:
+            emit(
+                "response.function_call_arguments.delta",
+                item_id=item_id,
+                output_index=position,
+                delta=fragment,
+            )
+        emit(
+            "response.function_call_arguments.done",
+            item_id=item_id,
+            output_index=position,
+            arguments=call.arguments,
+        )
+        output.append(response.function_call(index, call.name, call.arguments, "completed"))
+        emit("response.output_item.done", output_index=position, item=output[-1])
     usage = _usage(input_tokens, reply.completion_tokens)
-    emit("response.completed", response=response.object("completed", [done], usage))
+    emit("response.completed", response=response.object("completed", output, usage))
     return events

@@ -10,6 +10,7 @@ every character once, plus that bounded tail.
 from __future__ import annotations
 
 import re
+import string
 from typing import Annotated, Any, Literal
 
 import regex
@@ -18,7 +19,7 @@ from pydantic import AfterValidator
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig
 from luthien_control.policies.text import (
-    RESPONSES_DELTA,
+    RESPONSES_DELTAS,
     ChatTextStream,
     iter_strings,
     rewrite_strings,
@@ -26,11 +27,13 @@ from luthien_control.policies.text import (
 from luthien_control.transaction import StreamTransform, Transaction
 
 REDACTED = "[REDACTED]"
+_ASCII_LETTERS = frozenset(string.ascii_letters)
 
 # Name → pattern. Names appear in decisions and error messages; the secret never does.
 # A key never follows a letter: the "s" that ends "Thanks" is not held back in case it
 # begins "sk-...", while "%20sk-..." (URL-encoded) or "=sk-..." is still caught.
-_START = r"(?<![A-Za-z])"
+# A letter that ends an escape does not count: URL encoding (%0Ask-...) or JSON (\nsk-...).
+_START = r"(?:(?<![A-Za-z])|(?<=%[0-9A-Fa-f]{2})|(?<=\\[nrtbf]))"
 DEFAULT_PATTERNS: dict[str, str] = {
     "anthropic_api_key": _START + r"sk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
     "openai_api_key": _START + r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
@@ -78,6 +81,13 @@ def _check_pattern(pattern: str) -> str:
     return pattern
 
 
+def _key_may_start(preceding: str) -> bool:
+    """Whether a key may start right after ``preceding`` (the rule of ``_START``)."""
+    if not preceding or preceding[-1] not in _ASCII_LETTERS:
+        return True
+    return (len(preceding) >= 3 and preceding[-3] == "%") or preceding[-2:-1] == "\\"
+
+
 class SecretPattern:
     """All patterns as one regex with a named group each, compiled once.
 
@@ -112,10 +122,17 @@ class SecretPattern:
         just before ``text``, for the word boundary keys start at."""
         first, prefixes = self._first, self._prefixes
         for size in range(min(len(text), self._longest - 1), 0, -1):
-            if text[-size] in first and text[-size:] in prefixes:
-                previous = text[-size - 1] if size < len(text) else before
-                if text[-size] == "-" or not ("a" <= previous.lower() <= "z"):
-                    return size
+            if (
+                text[-size] in first
+                and text[-size:] in prefixes
+                and (
+                    text[-size] == "-"
+                    or _key_may_start(
+                        before + text[max(0, len(text) - size - 3) : len(text) - size]
+                    )
+                )
+            ):
+                return size
         return 0
 
     def search(self, text: str) -> Any:
@@ -143,7 +160,7 @@ class SecretScanner:
         self._secrets = policy.secrets
         self._tx = tx
         self._held = ""
-        self._before = ""  # the last character released: the context of a word boundary
+        self._before = ""  # the last characters released: what a key may not follow
 
     def feed(self, text: str) -> str:
         return self._scan(self._held + text if self._held else text, final=False)
@@ -155,7 +172,7 @@ class SecretScanner:
     def _scan(self, text: str, *, final: bool) -> str:
         released = self._release(text, final=final)
         if released:
-            self._before = released[-1]
+            self._before = (self._before + released)[-3:]
         return released
 
     def _release(self, text: str, *, final: bool) -> str:
@@ -273,7 +290,7 @@ class _SecretStream(ChatTextStream):
         data = chunk.data
         if not isinstance(data, dict):
             return [chunk]
-        if isinstance(data.get("choices"), list) or data.get("type") == RESPONSES_DELTA:
+        if isinstance(data.get("choices"), list) or data.get("type") in RESPONSES_DELTAS:
             return await super().on_chunk(chunk)
         # Any other event (Responses API items and results, errors) is scanned whole,
         # after the text its deltas held back has been released.

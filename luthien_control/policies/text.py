@@ -17,6 +17,13 @@ from luthien_control.sse import Chunk
 ChannelKey = tuple[int, str, int]  # (choice index, field, tool call index or -1)
 RESPONSES_DELTA = "response.output_text.delta"
 RESPONSES_DONE = "response.output_text.done"
+RESPONSES_ARGUMENTS_DELTA = "response.function_call_arguments.delta"
+# Responses API delta events → the text field they belong to; done events → their delta.
+RESPONSES_DELTAS = {RESPONSES_DELTA: "content", RESPONSES_ARGUMENTS_DELTA: "arguments"}
+_RESPONSES_DONE = {
+    RESPONSES_DONE: RESPONSES_DELTA,
+    "response.function_call_arguments.done": RESPONSES_ARGUMENTS_DELTA,
+}
 
 # Delta fields that are never model text.
 _NOT_TEXT = frozenset({"role", "tool_calls", "function_call"})
@@ -103,10 +110,11 @@ class ChatTextStream:
         choices = data.get("choices")
         if not choices or not isinstance(choices, list):
             kind = data.get("type")
-            if kind == RESPONSES_DELTA and self._wants("content"):
-                return self._responses_delta(chunk, data)
-            if kind == RESPONSES_DONE:
-                return self._responses_done(chunk, data)
+            field = RESPONSES_DELTAS.get(kind) if isinstance(kind, str) else None
+            if field is not None and self._wants(field):
+                return self._responses_delta(chunk, data, kind)  # type: ignore[arg-type]
+            if kind in _RESPONSES_DONE:
+                return self._responses_done(chunk, data, _RESPONSES_DONE[kind])
             return [chunk]
         if self._template is None:
             self._template = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
@@ -144,20 +152,21 @@ class ChatTextStream:
         data["choices"] = [choices[i] for i in sorted(choices)]
         return [Chunk.from_data(data)]
 
-    def _responses_delta(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
-        """A Responses API text delta: one channel per output item and content part."""
+    def _responses_delta(self, chunk: Chunk, data: dict[str, Any], kind: str) -> list[Chunk]:
+        """A Responses API delta (text, or a function call's arguments): one channel per
+        output item and content part."""
         if not isinstance(data.get("delta"), str):
             return [chunk]
-        key = (data.get("output_index", 0), "responses", data.get("content_index", 0))
+        key = (data.get("output_index", 0), kind, data.get("content_index", 0))
         if self._rewrite_field(data, "delta", key):
             chunk.mark_changed()
             if data["delta"] == "":
                 return []
         return [chunk]
 
-    def _responses_done(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
+    def _responses_done(self, chunk: Chunk, data: dict[str, Any], kind: str) -> list[Chunk]:
         """The part is complete: what its channel held goes out as one more delta first."""
-        key = (data.get("output_index", 0), "responses", data.get("content_index", 0))
+        key = (data.get("output_index", 0), kind, data.get("content_index", 0))
         rewriter = self._channels.pop(key, None)
         rest = rewriter.flush() if rewriter is not None else ""
         if not rest:
@@ -166,13 +175,14 @@ class ChatTextStream:
             k: data[k] for k in ("item_id", "output_index", "content_index") if k in data
         }
         delta: dict[str, Any] = {
-            "type": RESPONSES_DELTA,
+            "type": kind,
             "sequence_number": data.get("sequence_number"),
             **fields,
             "delta": rest,
-            "logprobs": [],
         }
-        return [Chunk.from_data(delta, event=RESPONSES_DELTA), chunk]
+        if kind == RESPONSES_DELTA:
+            delta["logprobs"] = []
+        return [Chunk.from_data(delta, event=kind), chunk]
 
     def _wants(self, field: str) -> bool:
         return self._fields is None or field in self._fields

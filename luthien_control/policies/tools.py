@@ -7,12 +7,18 @@ back only until it is complete (the next call of its choice begins, the choice f
 or the stream ends), while text keeps flowing, and is then released unchanged or never
 sent at all. Before the backend it checks the calls in the request's history.
 
+The Responses API (``/responses``) is covered the same way: its ``function_call`` and
+``custom_tool_call`` output items, buffered or streamed (every event of such an item is
+held from its ``response.output_item.added`` to its ``response.output_item.done``), and
+the same items in a request's ``input``.
+
 Subclass it and override ``check`` for a check of your own: it receives each call
 reassembled as a ``ToolCall``.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -20,6 +26,7 @@ import orjson
 import regex
 from pydantic import AfterValidator
 
+from luthien_control.chat import RESPONSES_TERMINAL
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig
 from luthien_control.policies.text import iter_strings
@@ -29,6 +36,9 @@ from luthien_control.transaction import StreamTransform, Transaction
 _CALL_FIELDS = ("tool_calls", "function_call")  # function_call: the legacy single call
 _CALL_FINISHES = frozenset(_CALL_FIELDS)
 _EMPTY: tuple[Any, ...] = (None, "", [], {})
+# Responses API output items that are tool calls, with the field holding their arguments.
+_CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
+_CALL_RESULTS = {"function_call_output", "custom_tool_call_output"}
 
 
 def _check_pattern(pattern: str) -> str:
@@ -94,7 +104,12 @@ class ToolCallPolicy(Policy):
     def judge(self, tx: Transaction, call: ToolCall, *, where: str, block: bool = False) -> bool:
         """Whether ``call`` may pass; a violation is recorded, and raises ``PolicyBlocked``
         when the action is ``block`` (or ``block`` is forced)."""
-        reason = self.check(call)
+        return self._decide(tx, call, self.check(call), where=where, block=block)
+
+    def _decide(
+        self, tx: Transaction, call: ToolCall, reason: str | None, *, where: str, block: bool
+    ) -> bool:
+        """``judge`` once ``check`` has given its ``reason``."""
         if reason is None:
             return True
         if block or self.action == "block":
@@ -108,8 +123,13 @@ class ToolCallPolicy(Policy):
 
     async def on_request(self, tx: Transaction) -> None:
         payload = tx.request.payload
-        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not isinstance(payload, dict):
+            return
+        messages = payload.get("messages")
         if isinstance(messages, list) and self._filter_history(tx, messages):
+            tx.request.mark_changed()
+        items = payload.get("input")  # the Responses API
+        if isinstance(items, list) and self._filter_input(tx, items):
             tx.request.mark_changed()
 
     async def on_response(self, tx: Transaction) -> None:
@@ -117,6 +137,9 @@ class ToolCallPolicy(Policy):
         payload = tx.response.payload
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list):
+            output = payload.get("output") if isinstance(payload, dict) else None
+            if isinstance(output, list) and self._filter_output(tx, output):
+                tx.response.mark_changed()  # a Responses API response object
             return
         changed = False
         for choice in choices:
@@ -162,6 +185,42 @@ class ToolCallPolicy(Policy):
                 del message["function_call"]
                 dropped.append(("function", call.name))
         return dropped
+
+    def _filter_output(self, tx: Transaction, output: list[Any]) -> bool:
+        """Judge the tool-call items of a Responses ``output`` and remove the dropped ones."""
+        kept = [
+            item
+            for item in output
+            if (call := _item_call(item)) is None or self.judge(tx, call, where="response")
+        ]
+        if len(kept) == len(output):
+            return False
+        output[:] = kept
+        return True
+
+    def _filter_input(self, tx: Transaction, items: list[Any]) -> bool:
+        """Drop violating tool-call items from a Responses ``input``, with their results
+        (matched by ``call_id``)."""
+        dropped: set[str | None] = set()
+        kept = []
+        for item in items:
+            call = _item_call(item)
+            if call is None or self.judge(tx, call, where="request"):
+                kept.append(item)
+            else:
+                dropped.add(call.id)
+        if not dropped:
+            return False
+        items[:] = [
+            item
+            for item in kept
+            if not (
+                isinstance(item, dict)
+                and item.get("type") in _CALL_RESULTS
+                and item.get("call_id") in dropped
+            )
+        ]
+        return True
 
     def _filter_history(self, tx: Transaction, messages: list[Any]) -> bool:
         """Drop violating calls from the history, with their results and any assistant
@@ -220,6 +279,23 @@ def _arguments(function: dict[str, Any]) -> str:
     if isinstance(value, str):
         return value
     return "" if value is None else orjson.dumps(value).decode()
+
+
+def _item_call(item: Any) -> ToolCall | None:
+    """The call of a Responses API tool-call item (``function_call``, ``custom_tool_call``);
+    ``None`` for any other item. Its id is the ``call_id`` (which results refer to)."""
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    field_name = _CALL_ITEMS.get(kind) if isinstance(kind, str) else None
+    if field_name is None:
+        return None
+    call_id = item.get("call_id")
+    arguments = item.get(field_name)
+    if not isinstance(arguments, str):
+        arguments = "" if arguments is None else orjson.dumps(arguments).decode()
+    call_id = call_id if isinstance(call_id, str) else None
+    return ToolCall.of(call_id, _text(item.get("name")), arguments)
 
 
 def _whole_call(item: Any) -> ToolCall | None:
@@ -318,11 +394,16 @@ class _ToolCallStream:
         self._policy = policy
         self._tx = tx
         self._choices: dict[int, _ChoiceCalls] = {}
+        self._responses: _ResponsesCalls | None = None
 
     async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
+            if isinstance(data, dict) and isinstance(data.get("type"), str):
+                if self._responses is None:
+                    self._responses = _ResponsesCalls(self._policy, self._tx)
+                return self._responses.on_event(chunk, data)
             return [chunk]
         assert isinstance(data, dict)
         out: list[Chunk] = []
@@ -365,6 +446,8 @@ class _ToolCallStream:
         out: list[Chunk] = []
         for index in sorted(self._choices):
             out.extend(self._complete_all(self._choices[index]))
+        if self._responses is not None:
+            out.extend(self._responses.on_end())
         return out
 
     def _take(self, state: _ChoiceCalls, name: str, key: int, piece: _Piece) -> list[Chunk]:
@@ -489,3 +572,282 @@ def _is_empty(data: dict[str, Any]) -> bool:
         if not isinstance(delta, dict) or any(v not in _EMPTY for v in delta.values()):
             return False
     return True
+
+
+# --- Responses API streams ---------------------------------------------------------------
+
+_ITEM_ADDED = "response.output_item.added"
+_ITEM_DONE = "response.output_item.done"
+# Events that carry a piece of a call's arguments (``delta``) or all of them (``done``).
+_ARGUMENT_DELTAS = {
+    "response.function_call_arguments.delta": "function_call",
+    "response.custom_tool_call_input.delta": "custom_tool_call",
+}
+_ARGUMENT_DONES = {
+    "response.function_call_arguments.done": ("function_call", "arguments"),
+    "response.custom_tool_call_input.done": ("custom_tool_call", "input"),
+}
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    """A tool-call output item of a Responses stream, and its held events."""
+
+    index: int  # the backend's output_index
+    kind: str  # function_call or custom_tool_call
+    id: str | None = None
+    call_id: str | None = None
+    names: list[str] = field(default_factory=list)
+    streamed: str = ""  # the arguments as the deltas spell them out
+    finals: list[str] = field(default_factory=list)  # as the done events state them
+    held: list[Chunk] = field(default_factory=list)
+    status: Literal["open", "kept", "dropped"] = "open"
+    reopened: bool = False  # more events after it was released: it cannot be dropped now
+    passed: set[tuple[str, str]] = field(default_factory=set)  # (name, arguments) checked
+
+    def note(self, item: dict[str, Any], *, final: bool) -> None:
+        """Take what an ``output_item`` event's item says about the call."""
+        item_id, call_id, name = item.get("id"), item.get("call_id"), item.get("name")
+        if isinstance(item_id, str) and item_id:
+            self.id = self.id or item_id
+        if isinstance(call_id, str) and call_id:
+            self.call_id = self.call_id or call_id
+        if isinstance(name, str) and name and name not in self.names:
+            self.names.append(name)
+        arguments = item.get(_CALL_ITEMS[self.kind])
+        if isinstance(arguments, str):
+            if final:
+                self.finals.append(arguments)
+            elif arguments:
+                self.streamed = arguments + self.streamed
+
+    def calls(self) -> list[ToolCall]:
+        """Every version of the call the client could take (they differ only when the
+        backend contradicts itself): each name with each spelling of the arguments."""
+        names = self.names or [""]
+        arguments = list(dict.fromkeys([self.streamed, *self.finals]))
+        if len(arguments) > 1 and self.streamed == "" and self.finals:
+            arguments.remove("")  # the whole arguments came only in the done events
+        return [ToolCall.of(self.call_id, name, text) for name in names for text in arguments]
+
+
+class _ResponsesCalls:
+    """Holds every event of a tool-call output item until the item is done, then checks
+    the call and releases the events unchanged, raises ``PolicyBlocked``, or drops them.
+
+    Events of other items go on at once. After a drop, the ``output_index`` of later
+    items and every ``sequence_number`` are shifted down so that the client's stream has
+    no gaps, and the item is removed from the ``output`` of the terminal event.
+    """
+
+    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
+        self._policy = policy
+        self._tx = tx
+        self._items: dict[int, _Item] = {}  # by the backend's output_index
+        self._ids: dict[str, _Item] = {}
+        self._dropped: list[int] = []  # output indices of dropped items, sorted
+        self._discarded: list[int] = []  # sequence numbers of discarded events, sorted
+        self._shifts: dict[int, int] = {}  # output_index -> shift, fixed when first sent
+
+    def on_event(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
+        kind = data["type"]
+        if kind in RESPONSES_TERMINAL:
+            out = self._complete_all(data)
+            self._filter_output(chunk, data)
+            out.append(self._out(chunk))
+            return out
+        item = self._item_of(kind, data)
+        if item is None:
+            if isinstance(data.get("response"), dict):
+                self._filter_output(chunk, data)
+            return [self._out(chunk)]
+        if item.status == "dropped":
+            self._discard([chunk])
+            return []
+        if item.status == "kept":
+            item.status = "open"
+            item.reopened = True
+        item.held.append(chunk)
+        self._take(item, kind, data)
+        if kind == _ITEM_DONE:
+            return self._complete(item, None)
+        return []
+
+    def on_end(self) -> list[Chunk]:
+        return self._complete_all(None)
+
+    def _item_of(self, kind: str, data: dict[str, Any]) -> _Item | None:
+        """The tool-call item an event belongs to (by output_index, else item_id); a new
+        one for an event that starts or names a tool call; None for any other item."""
+        index = data.get("output_index")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else None
+        entry = data.get("item") if kind in (_ITEM_ADDED, _ITEM_DONE) else None
+        entry = entry if isinstance(entry, dict) else None
+        item_id = data.get("item_id")
+        if entry is not None:
+            item_id = entry.get("id")
+        item = self._items.get(index) if index is not None else None
+        if item is None and isinstance(item_id, str):
+            item = self._ids.get(item_id)
+        if kind == _ITEM_ADDED and item is not None and item.status != "open":
+            item = None  # the index is used again: a new item
+        if item is not None:
+            return item
+        if entry is not None:
+            call_kind = entry.get("type")
+        elif kind in _ARGUMENT_DELTAS:
+            call_kind = _ARGUMENT_DELTAS[kind]
+        elif kind in _ARGUMENT_DONES:
+            call_kind = _ARGUMENT_DONES[kind][0]
+        else:
+            return None
+        if not isinstance(call_kind, str) or call_kind not in _CALL_ITEMS:
+            return None
+        if index is None:
+            index = -1 - len(self._items)  # no output_index: a key of its own
+        item = self._items[index] = _Item(index, call_kind)
+        if isinstance(item_id, str) and item_id:
+            item.id = item_id
+            self._ids[item_id] = item
+        return item
+
+    def _take(self, item: _Item, kind: str, data: dict[str, Any]) -> None:
+        if kind in (_ITEM_ADDED, _ITEM_DONE):
+            entry = data.get("item")
+            if isinstance(entry, dict):
+                item.note(entry, final=kind == _ITEM_DONE)
+                if item.id is not None:
+                    self._ids.setdefault(item.id, item)
+        elif kind in _ARGUMENT_DELTAS:
+            item.streamed += _text(data.get("delta"))
+        elif kind in _ARGUMENT_DONES:
+            value = data.get(_ARGUMENT_DONES[kind][1])
+            if isinstance(value, str):
+                item.finals.append(value)
+            name = data.get("name")
+            if isinstance(name, str) and name and name not in item.names:
+                item.names.append(name)
+
+    def _complete_all(self, terminal: dict[str, Any] | None) -> list[Chunk]:
+        out: list[Chunk] = []
+        for item in sorted(self._items.values(), key=_by_output_index):
+            if item.status == "open":
+                out.extend(self._complete(item, terminal))
+        return out
+
+    def _complete(self, item: _Item, terminal: dict[str, Any] | None) -> list[Chunk]:
+        """Judge the item's call: release its held events, drop them, or raise."""
+        held, item.held = item.held, []
+        for call in item.calls():
+            if (call.name, call.arguments) in item.passed:
+                continue
+            reason = self._policy.check(call)
+            if reason is None:
+                item.passed.add((call.name, call.arguments))
+            elif not self._decide(call, reason, item.reopened, terminal):
+                self._drop(item, held)
+                return []
+        item.status = "kept"
+        return [self._out(chunk) for chunk in held]
+
+    def _decide(
+        self, call: ToolCall, reason: str, released: bool, terminal: dict[str, Any] | None
+    ) -> bool:
+        """The policy's decision on a violation. Raising during a terminal event, it first
+        takes every tool call out of that event's response: the relay's ``response.failed``
+        is made from the last response the backend sent."""
+        try:
+            return self._policy._decide(self._tx, call, reason, where="response", block=released)
+        except PolicyBlocked:
+            if terminal is not None:
+                _remove_calls(terminal)
+            raise
+
+    def _drop(self, item: _Item, held: list[Chunk]) -> None:
+        item.status = "dropped"
+        insort(self._dropped, item.index)
+        self._discard(held)
+
+    def _filter_output(self, chunk: Chunk, data: dict[str, Any]) -> None:
+        """The ``output`` of an event's response: without the dropped items, and every
+        tool call in it checked (a call the stream never showed may still be dropped)."""
+        response = data.get("response")
+        output = response.get("output") if isinstance(response, dict) else None
+        if not isinstance(output, list) or not output:
+            return
+        kept: list[Any] = []
+        for position, entry in enumerate(output):
+            call = _item_call(entry)
+            if call is None:
+                kept.append(entry)
+                continue
+            item = self._tracked(entry, position)
+            if item is not None and item.status == "dropped":
+                continue
+            key = (call.name, call.arguments)
+            if item is not None and key in item.passed:
+                kept.append(entry)
+                continue
+            reason = self._policy.check(call)
+            if reason is None:
+                if item is not None:
+                    item.passed.add(key)
+                kept.append(entry)
+                continue
+            released = item is not None and (item.status == "kept" or item.reopened)
+            if self._decide(call, reason, released, data):
+                kept.append(entry)  # never: a violation raises or is dropped
+            elif item is not None:
+                held, item.held = item.held, []
+                self._drop(item, held)
+        if len(kept) != len(output):
+            output[:] = kept
+            chunk.mark_changed()
+
+    def _tracked(self, entry: dict[str, Any], position: int) -> _Item | None:
+        """The streamed item an ``output`` entry is (by id, else by position)."""
+        item_id = entry.get("id")
+        if isinstance(item_id, str) and item_id in self._ids:
+            return self._ids[item_id]
+        item = self._items.get(position)
+        if item is not None and (item.id is None or not isinstance(item_id, str)):
+            return item
+        return None
+
+    def _discard(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            number = chunk.data.get("sequence_number")
+            if isinstance(number, int):
+                insort(self._discarded, number)
+
+    def _out(self, chunk: Chunk) -> Chunk:
+        """The event as it goes out: renumbered when events or items were dropped before."""
+        data = chunk.data
+        index = data.get("output_index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            shift = self._shifts.get(index)
+            if shift is None:
+                shift = self._shifts[index] = bisect_left(self._dropped, index)
+            if shift:
+                data["output_index"] = index - shift
+                chunk.mark_changed()
+        if self._discarded:
+            number = data.get("sequence_number")
+            if isinstance(number, int) and not isinstance(number, bool):
+                shift = bisect_left(self._discarded, number)
+                if shift:
+                    data["sequence_number"] = number - shift
+                    chunk.mark_changed()
+        return chunk
+
+
+def _by_output_index(item: _Item) -> int:
+    return item.index
+
+
+def _remove_calls(data: dict[str, Any]) -> None:
+    """Take every tool-call item out of the ``output`` of an event's response, in place."""
+    response = data.get("response")
+    output = response.get("output") if isinstance(response, dict) else None
+    if isinstance(output, list):
+        output[:] = [entry for entry in output if _item_call(entry) is None]

@@ -276,3 +276,14 @@ async def test_a_key_after_a_digit_or_symbol_is_still_found(prefix: str) -> None
     tx = transaction({"model": "m", "messages": [{"role": "user", "content": prefix + OPENAI_KEY}]})
     with pytest.raises(PolicyBlocked):
         await policy().apply(tx)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("before", ["url=%0A", "json \\n", "a %2F"])
+async def test_a_key_after_an_escape_is_held_and_redacted_when_streamed(before: str) -> None:
+    text = before + OPENAI_KEY + " end"
+    for parts in splits(text, 2):
+        out, _ = await run_stream(
+            policy(action="redact"), [*map(chunk, parts), chunk(finish="stop")]
+        )
+        assert text_of(out) == before + "[REDACTED] end"

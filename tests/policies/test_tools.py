@@ -13,6 +13,9 @@ import pytest
 
 from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import PolicyBlocked, PolicyConfigError
+from luthien_control.mock_backend import responses as mock_responses
+from luthien_control.mock_backend.scenario import Scenario
+from luthien_control.mock_backend.scenario import ToolCall as MockCall
 from luthien_control.policies.loader import load_policy
 from luthien_control.policies.tools import ToolCall, ToolCallPolicy
 from luthien_control.sse import Chunk
@@ -728,3 +731,327 @@ def test_definition_round_trips_and_defaults() -> None:
     default = load_policy({"type": "ToolCallPolicy", "config": {}})
     assert isinstance(default, ToolCallPolicy)
     assert default.action == "block" and default.allowed is None and default.denied == frozenset()
+
+
+# --- the Responses API ------------------------------------------------------------------
+# Streams are the mock backend's own events for scripted calls, split every way.
+
+
+def responses_events(
+    *calls: tuple[str, str], content: str | None = None, chunk_size: int = 8
+) -> list[Chunk]:
+    scenario = Scenario(
+        content=content,
+        chunk_size=chunk_size,
+        tool_calls=tuple(MockCall(name, arguments) for name, arguments in calls),
+    )
+    reply = mock_responses.reply_for(scenario, "hi")
+    return [Chunk(raw) for raw in mock_responses.response_stream(reply, "m", 1)]
+
+
+def responses_transaction() -> Transaction:
+    return Transaction(request=ProxyRequest("POST", "/responses", b"", {}, b"{}"), services=None)
+
+
+def event_data(c: Chunk) -> dict[str, Any]:
+    """The event's JSON as it goes on the wire."""
+    data: dict[str, Any] = orjson.loads(Chunk(c.raw).payload)
+    return data
+
+
+class ClientView:
+    """What a client builds from Responses events, keyed by output_index as the SDK does."""
+
+    def __init__(self, chunks: list[Chunk]) -> None:
+        self.events = [event_data(c) for c in chunks]
+        self.items: dict[int, dict[str, Any]] = {}
+        self.text = ""
+        for data in self.events:
+            kind = data["type"]
+            if kind == "response.output_item.added":
+                assert data["output_index"] not in self.items
+                self.items[data["output_index"]] = dict(data["item"])
+            elif kind == "response.function_call_arguments.delta":
+                self.items[data["output_index"]]["arguments"] += data["delta"]
+            elif kind == "response.output_text.delta":
+                self.text += data["delta"]
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        return [
+            (item["name"], item["arguments"])
+            for _, item in sorted(self.items.items())
+            if item["type"] == "function_call"
+        ]
+
+    @property
+    def completed(self) -> list[dict[str, Any]]:
+        last = self.events[-1]
+        assert last["type"] == "response.completed"
+        output: list[dict[str, Any]] = last["response"]["output"]
+        return output
+
+
+def argument_sizes(arguments: str) -> range:
+    return range(1, len(arguments) + 1)
+
+
+@pytest.mark.anyio
+async def test_responses_allowed_call_comes_out_byte_for_byte_for_every_split() -> None:
+    for size in argument_sizes(READ_ARGS):
+        chunks = responses_events(("read_file", READ_ARGS), content="Reading.", chunk_size=size)
+        raws = [c.raw for c in chunks]
+        out, tx = await run(policy(denied_tools=["shell"], argument_patterns=["rm"]), chunks)
+        assert [c.raw for c in out] == raws
+        assert tx.decisions == []
+
+
+@pytest.mark.anyio
+async def test_responses_call_is_held_until_its_item_is_done() -> None:
+    chunks = responses_events(("read_file", READ_ARGS), content="Hi.", chunk_size=5)
+    kinds = [event_data(c)["type"] for c in chunks]
+    start = kinds.index("response.output_item.added", kinds.index("response.output_item.done"))
+    transform = policy(denied_tools=["shell"]).stream_transform(responses_transaction())
+    for c in chunks[:start]:  # the message item flows at once
+        assert await transform.on_chunk(c) == [c]
+    done = kinds.index("response.output_item.done", start)
+    for c in chunks[start:done]:
+        assert await transform.on_chunk(c) == []
+    assert await transform.on_chunk(chunks[done]) == chunks[start : done + 1]
+    assert await transform.on_chunk(chunks[-1]) == [chunks[-1]]
+    assert await transform.on_end() == []
+
+
+@pytest.mark.anyio
+async def test_responses_text_of_another_item_flows_while_a_call_is_held() -> None:
+    def named(kind: str, **fields: Any) -> Chunk:
+        data = {"type": kind, **fields}
+        return Chunk(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+    call_item = {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "read_file"}
+    added = named(
+        "response.output_item.added",
+        output_index=1,
+        item={**call_item, "arguments": "", "status": "in_progress"},
+    )
+    first = named(
+        "response.function_call_arguments.delta", item_id="fc_1", output_index=1, delta="{}"
+    )
+    text_delta = named(
+        "response.output_text.delta", item_id="msg_1", output_index=0, content_index=0, delta="x"
+    )
+    done = named(
+        "response.output_item.done",
+        output_index=1,
+        item={**call_item, "arguments": "{}", "status": "completed"},
+    )
+    transform = policy(denied_tools=["shell"]).stream_transform(responses_transaction())
+    assert await transform.on_chunk(added) == []
+    assert await transform.on_chunk(first) == []
+    assert await transform.on_chunk(text_delta) == [text_delta]
+    assert await transform.on_chunk(done) == [added, first, done]
+
+
+@pytest.mark.anyio
+async def test_responses_denied_call_never_gets_out_whatever_the_split() -> None:
+    for size in argument_sizes(SHELL_ARGS):
+        chunks = responses_events(("shell", SHELL_ARGS), content="Sure.", chunk_size=size)
+        tx = responses_transaction()
+        transform = policy(argument_patterns=[r"rm\s+-rf"]).stream_transform(tx)
+        out: list[Chunk] = []
+        with pytest.raises(PolicyBlocked) as caught:
+            for c in chunks:
+                out.extend(await transform.on_chunk(c))
+        wire = b"".join(c.raw for c in out)
+        assert b"rm" not in wire and b"fc_mock_0" not in wire and b"shell" not in wire
+        assert ClientView(out).text == "Sure."  # the text before it did flow
+        assert "argument_patterns[0]" in caught.value.message and "rm" not in caught.value.message
+        assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_responses_drop_call_renumbers_what_follows() -> None:
+    for size in (1, 4, 100):
+        chunks = responses_events(
+            ("shell", SHELL_ARGS), ("read_file", READ_ARGS), content="Ok.", chunk_size=size
+        )
+        tx = responses_transaction()
+        out, _ = await run(policy(denied_tools=["shell"], action="drop_call"), chunks, tx)
+        client = ClientView(out)
+        assert client.calls == [("read_file", READ_ARGS)]
+        assert sorted(client.items) == [0, 1]  # no gap where the dropped item was
+        numbers = [data["sequence_number"] for data in client.events]
+        assert numbers == list(range(len(out)))
+        assert [item["type"] for item in client.completed] == ["message", "function_call"]
+        assert client.completed[1]["id"] == "fc_mock_1"
+        assert b"rm -rf" not in b"".join(c.raw for c in out)
+        assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_responses_drop_of_the_last_call_leaves_the_rest_unchanged() -> None:
+    chunks = responses_events(("read_file", READ_ARGS), ("shell", SHELL_ARGS), content="Ok.")
+    raws = [c.raw for c in chunks]
+    out, _ = await run(policy(denied_tools=["shell"], action="drop_call"), chunks)
+    shell = [
+        position
+        for position, c in enumerate(chunks)
+        if event_data(c).get("item", {}).get("name") == "shell"
+    ]
+    assert [c.raw for c in out[:-1]] == raws[: shell[0]]  # all before the shell item, as is
+    client = ClientView(out)
+    assert client.calls == [("read_file", READ_ARGS)]
+    assert [item.get("name") for item in client.completed] == [None, "read_file"]
+    assert client.events[-1]["sequence_number"] == len(out) - 1
+
+
+@pytest.mark.anyio
+async def test_responses_completed_output_contradicting_the_stream_is_blocked() -> None:
+    chunks = responses_events(("read_file", READ_ARGS))
+    last = event_data(chunks[-1])
+    last["response"]["output"][0]["arguments"] = SHELL_ARGS
+    chunks[-1] = Chunk.from_data(last, event="response.completed")
+    tx = responses_transaction()
+    transform = policy(argument_patterns=["rm -rf"], action="drop_call").stream_transform(tx)
+    for c in chunks[:-1]:
+        await transform.on_chunk(c)
+    with pytest.raises(PolicyBlocked):
+        await transform.on_chunk(chunks[-1])  # released already: too late to drop
+    assert chunks[-1].data["response"]["output"] == []  # nor in the failure event
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool read_file")]
+
+
+@pytest.mark.anyio
+async def test_responses_done_arguments_contradicting_the_deltas_are_checked() -> None:
+    chunks = responses_events(("read_file", READ_ARGS), chunk_size=4)
+    for position, c in enumerate(chunks):
+        data = event_data(c)
+        if data["type"] == "response.function_call_arguments.done":
+            data["arguments"] = SHELL_ARGS
+            chunks[position] = Chunk.from_data(data, event=data["type"])
+    out, _, _ = await run_until_blocked(policy(argument_patterns=["rm -rf"]), chunks)
+    assert "function_call" not in b"".join(c.raw for c in out).decode()
+
+
+@pytest.mark.anyio
+async def test_responses_argument_events_without_their_item_are_held_too() -> None:
+    orphan = Chunk.from_data(
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "fc_x",
+            "output_index": 3,
+            "delta": SHELL_ARGS,
+        },
+        event="response.function_call_arguments.delta",
+    )
+    out, _, _ = await run_until_blocked(policy(argument_patterns=["rm -rf"]), [orphan])
+    assert out == []
+
+
+# --- the Responses API: buffered and requests -------------------------------------------
+
+
+def response_object(*calls: tuple[str, str], content: str | None = None) -> dict[str, Any]:
+    scenario = Scenario(
+        content=content, tool_calls=tuple(MockCall(name, args) for name, args in calls)
+    )
+    return mock_responses.response_json(mock_responses.reply_for(scenario, "hi"), "m", 1)
+
+
+@pytest.mark.anyio
+async def test_responses_buffered_denied_call_is_blocked() -> None:
+    tx = responded(response_object(("read_file", READ_ARGS), ("shell", SHELL_ARGS)))
+    with pytest.raises(PolicyBlocked) as caught:
+        await policy(denied_tools=["shell"]).apply(tx)
+    assert caught.value.status_code == 403 and "rm -rf" not in caught.value.message
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+
+
+@pytest.mark.anyio
+async def test_responses_buffered_drop_call_and_allowed_calls() -> None:
+    tx = responded(response_object(("shell", SHELL_ARGS), ("read_file", READ_ARGS), content="x"))
+    await policy(denied_tools=["shell"], action="drop_call").apply(tx)
+    assert tx.response is not None
+    output = orjson.loads(tx.response.body)["output"]
+    assert [(item["type"], item.get("name")) for item in output] == [
+        ("message", None),
+        ("function_call", "read_file"),
+    ]
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+    tx = responded(response_object(("read_file", READ_ARGS)))
+    assert tx.response is not None
+    body = tx.response.body
+    await policy(denied_tools=["shell"]).apply(tx)
+    assert tx.response.body is body and tx.decisions == []
+
+
+def responses_input() -> dict[str, Any]:
+    return {
+        "model": "m",
+        "input": [
+            {"role": "user", "content": "clean up"},
+            {
+                "type": "function_call",
+                "call_id": "call_a",
+                "name": "shell",
+                "arguments": SHELL_ARGS,
+            },
+            {"type": "function_call_output", "call_id": "call_a", "output": "done"},
+            {"type": "function_call", "call_id": "call_b", "name": "read_file", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_b", "output": "notes"},
+            {"role": "user", "content": "thanks"},
+        ],
+    }
+
+
+@pytest.mark.anyio
+async def test_responses_input_with_a_denied_call_is_blocked_or_cleaned() -> None:
+    tx = transaction(responses_input())
+    with pytest.raises(PolicyBlocked) as caught:
+        await policy(denied_tools=["shell"]).apply(tx)
+    assert "in the request" in caught.value.message
+    tx = transaction(responses_input())
+    await policy(denied_tools=["shell"], action="drop_call").apply(tx)
+    items = orjson.loads(tx.request.body)["input"]
+    assert [item.get("call_id") for item in items] == [None, "call_b", "call_b", None]
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool shell")]
+    tx = transaction(responses_input())
+    body = tx.request.body
+    await policy(denied_tools=["delete_repo"]).apply(tx)
+    assert tx.request.body is body
+
+
+@pytest.mark.anyio
+async def test_responses_custom_tool_call_is_held_and_checked() -> None:
+    item = {"type": "custom_tool_call", "id": "ctc_1", "call_id": "c1", "name": "shell"}
+    where = {"item_id": "ctc_1", "output_index": 0}
+    chunks = [
+        Chunk.from_data(
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**item, "input": ""},
+            },
+            event="response.output_item.added",
+        ),
+        *(
+            Chunk.from_data(
+                {"type": "response.custom_tool_call_input.delta", "delta": part, **where},
+                event="response.custom_tool_call_input.delta",
+            )
+            for part in ("rm -", "rf /")
+        ),
+        Chunk.from_data(
+            {
+                "type": "response.output_item.done",
+                "output_index": 0,
+                "item": {**item, "input": "rm -rf /"},
+            },
+            event="response.output_item.done",
+        ),
+    ]
+    out, tx, blocked = await run_until_blocked(policy(argument_patterns=[r"rm\s+-rf"]), chunks)
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
+    assert out == [] and "argument_patterns[0]" in blocked.message
+    out, _ = await run(policy(argument_patterns=["ls"]), chunks)
+    assert out == chunks
