@@ -54,7 +54,7 @@ def test_streamed_response_events_arrive_typed_and_in_order(
             model="gpt-4o-mini",
             input="hi",
             stream=True,
-            extra_headers=directives(content=text, delay_ms=20, request_id="responses-live"),
+            extra_headers=directives(content=text, delay_ms=80, request_id="responses-live"),
         )
         events = iter(stream)
         first = next(events)

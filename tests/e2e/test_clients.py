@@ -67,7 +67,7 @@ def test_httpx_sse_reads_the_stream(proxy: ProxyServer, backend: Backend) -> Non
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_no_buffer_streams_events_as_they_come(proxy: ProxyServer, backend: Backend) -> None:
     request_id = backend.request_id()
-    headers = backend.directives(content=TEXT, delay_ms=30, request_id=request_id)
+    headers = backend.directives(content=TEXT, delay_ms=80, request_id=request_id)
     command = [
         "curl",
         "-sN",

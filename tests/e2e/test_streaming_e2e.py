@@ -43,7 +43,7 @@ def client_for(proxy: ProxyServer, timeout: float = 60) -> httpx.Client:
 def assert_complete_stream(proxy: ProxyServer, backend: Backend) -> None:
     request_id = backend.request_id()
     text = "Streaming through Luthien, chunk by chunk."
-    headers = backend.directives(content=text, delay_ms=20, request_id=request_id)
+    headers = backend.directives(content=text, delay_ms=80, request_id=request_id)
     with (
         client_for(proxy) as client,
         client.stream(
