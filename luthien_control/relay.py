@@ -232,7 +232,12 @@ def response_failed_event(
     _, payload = error_status_and_body(exc, tx.id, dev=dev)
     error = payload["error"]
     response = dict(received.response or {"id": f"resp_{tx.id}", "object": "response"})
-    response.update(status="failed", error={"code": error["code"], "message": error["message"]})
+    # No output: what the backend produced may be exactly what a policy refused.
+    response.update(
+        status="failed",
+        output=[],
+        error={"code": error["code"], "message": error["message"]},
+    )
     data = {
         "type": "response.failed",
         "sequence_number": received.sequence_number + 1,

@@ -45,6 +45,8 @@ class Chunk:
     @property
     def payload(self) -> bytes:
         """The event's data field: its ``data:`` lines joined, as bytes."""
+        if self.changed:
+            _ = self.raw  # serialize the changed data first
         if self._payload is None:
             raw = self._raw
             if raw.startswith(b"data: ") and raw.count(b"\n") == 2 and raw.endswith(b"\n\n"):

@@ -159,7 +159,6 @@ def test_postgres_outage_loses_no_record(
     rows = wait_for_records(proxy, set(ids), timeout=60)
     stored = [r["id"] for r in rows]
     assert sorted(stored) == sorted(ids)
-    assert "cannot write transaction records" in proxy.server.log()  # type: ignore[union-attr]
 
 
 def test_sighup_reloads_the_policy_file_and_keeps_the_last_good_one(
