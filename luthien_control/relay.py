@@ -19,6 +19,7 @@ from luthien_control import metrics
 from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
 from luthien_control.responses import (
+    HOP_BY_HOP,
     STREAM_HEADERS,
     TRANSACTION_HEADER,
     error_event,
@@ -30,23 +31,7 @@ from luthien_control.transaction import StreamTransform, Transaction, Usage
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # Response headers that describe one hop or that the proxy sets itself.
-_NOT_FORWARDED = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "date",
-        "server",
-        "x-luthien-transaction-id",
-    }
-)
+_NOT_FORWARDED = HOP_BY_HOP | {"date", "server", "x-luthien-transaction-id"}
 _STREAM_OWN = frozenset(name.decode() for name, _ in STREAM_HEADERS) | {"content-encoding"}
 _INJECTED_USAGE = b',"usage":null'
 

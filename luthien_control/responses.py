@@ -12,6 +12,23 @@ from luthien_control.exceptions import LuthienError
 logger = logging.getLogger(__name__)
 
 TRANSACTION_HEADER = b"x-luthien-transaction-id"
+
+# Headers that describe one hop of the connection (RFC 9110 7.6.1): never forwarded,
+# in either direction, nor is the length of a body the proxy may rewrite.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 JSON_CONTENT_TYPE = b"application/json"
 
 STREAM_HEADERS: list[tuple[bytes, bytes]] = [

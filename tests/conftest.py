@@ -287,3 +287,37 @@ def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStart
     yield start
     for server in started:
         server.stop()
+
+
+def tool_call_policy(backend: str, *, action: str) -> dict[str, Any]:
+    """``ToolCallPolicy`` (no ``shell``, no ``/etc/`` in arguments) on both sides."""
+    tools = {
+        "type": "ToolCallPolicy",
+        "config": {"denied_tools": ["shell"], "argument_patterns": [r"/etc/"], "action": action},
+    }
+    return {
+        "type": "SerialPolicy",
+        "config": {
+            "name": f"tools-{action}",
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                tools,
+                {"type": "AddApiKeyHeader", "config": {}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
+                {"type": "SendBackendRequest", "config": {}},
+                tools,
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def blocking_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    """A proxy whose ToolCallPolicy blocks forbidden calls (chat and Responses API)."""
+    return start_proxy(policy=tool_call_policy(mock_backend.api_base, action="block"))
+
+
+@pytest.fixture(scope="session")
+def dropping_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    """A proxy whose ToolCallPolicy drops forbidden calls."""
+    return start_proxy(policy=tool_call_policy(mock_backend.api_base, action="drop_call"))

@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer
 
 MODEL = "gpt-4o-mini"
 SECRET_PATH = "/srv/payroll/secret-ledger.db"  # only ever in the denied call's arguments
@@ -25,37 +25,6 @@ SHELL: dict[str, Any] = {"name": "shell", "arguments": {"command": f"rm -rf {SEC
 READ: dict[str, Any] = {"name": "read_file", "arguments": {"path": "/tmp/notes.txt", "lines": 10}}
 # Allowed by name, refused by argument_patterns ("/etc/"), wherever the arguments are cut.
 READ_ETC: dict[str, Any] = {"name": "read_file", "arguments": {"path": "/etc/shadow-copy.txt"}}
-
-
-def chain(backend: str, *, action: str) -> dict[str, Any]:
-    tools = {
-        "type": "ToolCallPolicy",
-        "config": {"denied_tools": ["shell"], "argument_patterns": [r"/etc/"], "action": action},
-    }
-    return {
-        "type": "SerialPolicy",
-        "config": {
-            "name": f"responses-tools-{action}",
-            "policies": [
-                {"type": "ClientApiKeyAuth", "config": {}},
-                tools,
-                {"type": "AddApiKeyHeader", "config": {}},
-                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
-                {"type": "SendBackendRequest", "config": {}},
-                tools,
-            ],
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def blocking_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    return start_proxy(policy=chain(mock_backend.api_base, action="block"))
-
-
-@pytest.fixture(scope="module")
-def dropping_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    return start_proxy(policy=chain(mock_backend.api_base, action="drop_call"))
 
 
 def sdk(proxy: ProxyServer) -> OpenAI:

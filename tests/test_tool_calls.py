@@ -16,44 +16,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer
 
 MODEL = "gpt-4o-mini"
 SECRET_PATH = "/srv/payroll/secret-ledger.db"  # only ever in the denied call's arguments
 SHELL: dict[str, Any] = {"name": "shell", "arguments": {"command": f"rm -rf {SECRET_PATH}"}}
 READ: dict[str, Any] = {"name": "read_file", "arguments": {"path": "/tmp/notes.txt", "lines": 10}}
 MESSAGES: list[Any] = [{"role": "user", "content": "Tidy up the server."}]
-
-
-def chain(backend: str, *, action: str) -> dict[str, Any]:
-    tools = {
-        "type": "ToolCallPolicy",
-        "config": {"denied_tools": ["shell"], "argument_patterns": [r"/etc/"], "action": action},
-    }
-    return {
-        "type": "SerialPolicy",
-        "config": {
-            "name": f"tools-{action}",
-            "policies": [
-                {"type": "ClientApiKeyAuth", "config": {}},
-                tools,
-                {"type": "AddApiKeyHeader", "config": {}},
-                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
-                {"type": "SendBackendRequest", "config": {}},
-                tools,
-            ],
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def blocking_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    return start_proxy(policy=chain(mock_backend.api_base, action="block"))
-
-
-@pytest.fixture(scope="module")
-def dropping_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    return start_proxy(policy=chain(mock_backend.api_base, action="drop_call"))
 
 
 @pytest.fixture

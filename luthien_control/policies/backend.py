@@ -15,29 +15,12 @@ from pydantic import field_validator
 from luthien_control.chat import client_wants_usage
 from luthien_control.exceptions import ConfigurationError, PolicyError
 from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.responses import HOP_BY_HOP
 from luthien_control.transaction import ProxyResponse, ResponseStream, Transaction
 
 # Request headers that describe one hop, that the proxy sets itself, or that carry the
 # client's own credentials (the backend gets the backend key, never the client's).
-_NOT_FORWARDED = frozenset(
-    {
-        "accept-encoding",
-        "authorization",
-        "connection",
-        "content-length",
-        "cookie",
-        "expect",
-        "host",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+_NOT_FORWARDED = HOP_BY_HOP | {"accept-encoding", "authorization", "cookie", "expect", "host"}
 
 
 def backend_request_headers(headers: dict[str, str]) -> dict[str, str]:
