@@ -22,6 +22,7 @@ import orjson
 
 from luthien_control import metrics
 from luthien_control.chat import StreamAssembler
+from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.exceptions import LuthienError
 from luthien_control.policies.audit_log import redacted_headers
@@ -60,35 +61,48 @@ class Redactor:
     def text(self, value: str) -> str:
         return self._secrets.redact(value)[0]
 
-    def value(self, value: Any) -> Any:
-        """A JSON value with every secret redacted: one regex pass over its serialized
-        text (no secret pattern can span JSON syntax), the value itself when clean."""
+    def document(self, value: Any) -> SerializedJSON:
+        """``value`` as JSON text with every secret redacted: one regex pass over the
+        serialized text (no secret pattern can span JSON syntax; the literal prefilter
+        spares the regex on clean text), the text itself when clean."""
         serialized = orjson.dumps(value).decode()
         redacted = self.text(serialized)
-        if redacted == serialized:
-            return value
+        if redacted is serialized or redacted == serialized:
+            return SerializedJSON(serialized)
         try:
-            return orjson.loads(redacted)
+            orjson.loads(redacted)
         except orjson.JSONDecodeError:  # a redaction swallowed an escape: walk the strings
-            return rewrite_strings(value, self.text)[0]
+            redacted = orjson.dumps(rewrite_strings(value, self.text)[0]).decode()
+        return SerializedJSON(redacted)
 
-    def headers(self, headers: dict[str, str]) -> dict[str, str]:
-        """Credentials headers replaced whole; secrets in any other value redacted."""
-        cleaned: dict[str, str] = self.value(redacted_headers(headers))
-        return cleaned
 
-    def body(self, body: bytes | None) -> Any:
-        """A body as stored: its JSON when it is JSON, else its text; secrets redacted."""
+class _Bodies:
+    """Bodies as stored: their JSON when they are JSON, else their text. Redaction comes
+    later, over the whole serialized document: parsed first, so escapes the client wrote
+    (\\u0073k-...) cannot hide a key. The same bytes object is parsed once (the body
+    the backend got is most often the client's, unchanged)."""
+
+    __slots__ = ("_parsed",)
+
+    def __init__(self, known: tuple[bytes, Any] | None = None) -> None:
+        self._parsed: dict[int, tuple[bytes, Any]] = {}
+        if known is not None and known[1] is not None:
+            self._parsed[id(known[0])] = known
+
+    def value(self, body: bytes | None) -> Any:
         if body is None:
             return None
         if not body:
             return ""
+        seen = self._parsed.get(id(body))
+        if seen is not None and seen[0] is body:
+            return seen[1]
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return self.text(body.decode("utf-8", "replace"))  # not JSON: stored as text
-        # Parsed first, so escapes the client wrote (\u0073k-...) cannot hide a key.
-        return self.value(parsed)
+            parsed = body.decode("utf-8", "replace")  # not JSON: stored as text
+        self._parsed[id(body)] = (body, parsed)
+        return parsed
 
 
 def _at(tx: Transaction, moment: float | None) -> datetime | None:
@@ -98,7 +112,7 @@ def _at(tx: Transaction, moment: float | None) -> datetime | None:
     return datetime.fromtimestamp(timings.received_at + (moment - timings.start), UTC)
 
 
-def _stream(assembler: StreamAssembler | None, redactor: Redactor) -> dict[str, Any] | None:
+def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
     if assembler is None:
         return None
     choices = []
@@ -108,8 +122,7 @@ def _stream(assembler: StreamAssembler | None, redactor: Redactor) -> dict[str, 
             with contextlib.suppress(orjson.JSONDecodeError):  # non-JSON stays text only
                 call["function"]["parsed_arguments"] = orjson.loads(call["function"]["arguments"])
         choices.append({"index": index, "message": message, "finish_reason": state.finish_reason})
-    stream: dict[str, Any] = redactor.value({"chunks": assembler.chunks, "choices": choices})
-    return stream
+    return {"chunks": assembler.chunks, "choices": choices}
 
 
 def _column(value: str | None, size: int) -> str | None:
@@ -124,8 +137,10 @@ def _headers_sent(headers: list[tuple[bytes, bytes]] | None) -> dict[str, str]:
 
 
 def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
-    """The row of one finished transaction (plain values; JSON columns hold dicts)."""
+    """The row of one finished transaction: plain values, and the JSON columns as
+    redacted JSON text (``SerializedJSON``), serialized and scanned once each."""
     trail = tx.trail
+    bodies = _Bodies()
     request = tx.request
     payload = request.payload if isinstance(request.payload, dict) else {}
     model = payload.get("model") if isinstance(payload.get("model"), str) else None
@@ -157,41 +172,44 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         # A stream cut short: whatever usage the backend reported covers only part of it.
         "usage_partial": streamed and tx.outcome == "client_disconnected",
         "chunks_sent": tx.chunks_sent,
-        "request": {
-            "received": {
-                "headers": redactor.headers(request.headers),
-                "query": redactor.text(request.query.decode("latin-1")),
-                "body": redactor.body(trail.request_body),
-            },
-            "sent": None
-            if backend_request is None
-            else {
-                "method": backend_request["method"],
-                "url": redactor.text(backend_request["url"]),
-                "headers": redactor.headers(backend_request["headers"]),
-                "body": redactor.body(backend_request["body"]),
-            },
-        },
-        "response": {
-            "received": None
-            if trail.backend_status is None
-            else {
-                "status": trail.backend_status,
-                "headers": redactor.headers(trail.backend_headers or {}),
-                "body": redactor.body(trail.backend_body),
-                "stream": _stream(trail.stream_received, redactor),
-            },
-            "sent": {
-                "status": tx.status,
-                "headers": redactor.headers(_headers_sent(trail.client_headers)),
-                "body": redactor.body(trail.client_body),
-                "stream": _stream(trail.stream_sent, redactor),
-            },
-        },
-        "decisions": [
-            {"policy": d.policy, "action": d.action, "detail": redactor.text(d.detail)}
-            for d in tx.decisions
-        ],
+        "request": redactor.document(
+            {
+                "received": {
+                    "headers": redacted_headers(request.headers),
+                    "query": request.query.decode("latin-1"),
+                    "body": bodies.value(trail.request_body),
+                },
+                "sent": None
+                if backend_request is None
+                else {
+                    "method": backend_request["method"],
+                    "url": backend_request["url"],
+                    "headers": redacted_headers(backend_request["headers"]),
+                    "body": bodies.value(backend_request["body"]),
+                },
+            }
+        ),
+        "response": redactor.document(
+            {
+                "received": None
+                if trail.backend_status is None
+                else {
+                    "status": trail.backend_status,
+                    "headers": redacted_headers(trail.backend_headers or {}),
+                    "body": bodies.value(trail.backend_body),
+                    "stream": _stream(trail.stream_received),
+                },
+                "sent": {
+                    "status": tx.status,
+                    "headers": redacted_headers(_headers_sent(trail.client_headers)),
+                    "body": bodies.value(trail.client_body),
+                    "stream": _stream(trail.stream_sent),
+                },
+            }
+        ),
+        "decisions": redactor.document(
+            [{"policy": d.policy, "action": d.action, "detail": d.detail} for d in tx.decisions]
+        ),
     }
 
 

@@ -32,7 +32,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from luthien_control.exceptions import ConfigurationError, LuthienError, StorageError
 
 
+class SerializedJSON(str):
+    """JSON text already serialized (and redacted) by its producer: a JSON column stores
+    it as it is instead of serializing it again."""
+
+    __slots__ = ()
+
+
 def _json_dumps(value: Any) -> str:
+    if type(value) is SerializedJSON:
+        return value
     return orjson.dumps(value).decode()
 
 
