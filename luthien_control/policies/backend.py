@@ -71,12 +71,7 @@ class SendBackendRequest(Policy):
             services.backend.open(request.method, url, headers, body)
         )
         tx.timings.backend_first_byte = time.perf_counter()
-        response_headers: dict[str, str] = {}
-        for name, value in response.headers.items():
-            key = name.lower()
-            response_headers[key] = (
-                f"{response_headers[key]}, {value}" if key in response_headers else value
-            )
+        response_headers = dict(response.headers)  # lower-case names, repeats joined
         tx.trail.backend_status = response.status
         tx.trail.backend_headers = response_headers
         if response.is_event_stream and response.status < 400:

@@ -1,4 +1,4 @@
-"""The backend side: one pooled aiohttp session per process."""
+"""The backend side: an HTTP/1.1 client with one keep-alive pool per process."""
 
 from luthien_control.upstream.client import BackendClient, BackendResponse
 

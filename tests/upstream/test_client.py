@@ -1,0 +1,418 @@
+"""The backend client against scripted HTTP servers on loopback ports: the exact bytes it
+sends, keep-alive reuse, and every way an answer can go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from luthien_control.exceptions import BackendBroken, BackendTimeout, BackendUnreachable
+from luthien_control.settings import Limits, Timeouts
+from luthien_control.upstream import BackendClient
+from luthien_control.upstream.client import HIGH_WATER
+
+pytestmark = pytest.mark.anyio
+
+HERE = Path(__file__).parent
+CERT = HERE / "localhost-cert.pem"  # self-signed for localhost and 127.0.0.1, until 2126
+KEY = HERE / "localhost-key.pem"
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Backend:
+    """A scripted HTTP server: ``script`` handles each connection it accepts."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.open_now = 0
+        self.most_open = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    async def request(self, reader: asyncio.StreamReader) -> bytes:
+        """One whole request (head and content-length body), as it came."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        raw = head + await reader.readexactly(length)
+        self.requests.append(raw)
+        return raw
+
+
+@asynccontextmanager
+async def backend(
+    script: Script, *, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[Backend, str]]:
+    server_side = Backend(script)
+    server = await asyncio.start_server(server_side.handle, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "https" if tls else "http"
+    try:
+        yield server_side, f"{scheme}://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def client(
+    *, read: float = 5.0, connect: float = 5.0, pool_size: int = 10
+) -> AsyncIterator[BackendClient]:
+    backend_client = BackendClient(Timeouts(connect=connect, read=read), Limits(pool_size))
+    await backend_client.start()
+    try:
+        yield backend_client
+    finally:
+        await backend_client.close()
+
+
+def answer(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+async def keep_answering(
+    backend_side: Backend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    while True:
+        try:
+            await backend_side.request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(answer(b'{"ok":true}', "content-type: application/json"))
+        await writer.drain()
+
+
+async def test_the_request_goes_out_as_exact_bytes() -> None:
+    box: list[Backend] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await keep_answering(box[0], reader, writer)
+
+    async with backend(script) as (side, url), client() as c:
+        box.append(side)
+        headers = {"content-type": "application/json", "x-mock-words": "3", "host": "ignored"}
+        async with c.open("POST", f"{url}/v1/chat/completions?a=1#frag", headers, b'{"m":1}') as r:
+            assert (r.status, await r.read()) == (200, b'{"ok":true}')
+            assert r.headers == {"content-length": "11", "content-type": "application/json"}
+        async with c.open("GET", f"{url}/v1/models", {}, None) as r:
+            assert await r.read() == b'{"ok":true}'
+    host = url.removeprefix("http://")
+    assert side.requests == [
+        f"POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: {host}\r\n"
+        "content-type: application/json\r\nx-mock-words: 3\r\ncontent-length: 7\r\n\r\n"
+        '{"m":1}'.encode(),
+        f"GET /v1/models HTTP/1.1\r\nhost: {host}\r\n\r\n".encode(),
+    ]
+    assert side.connections == 1  # the second request reused the first connection
+
+
+async def test_credentials_in_the_url_become_basic_auth() -> None:
+    box: list[Backend] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await keep_answering(box[0], reader, writer)
+
+    async with backend(script) as (side, url), client() as c:
+        box.append(side)
+        authed = url.replace("http://", "http://user%40x:p%3Ass@")
+        async with c.open("POST", f"{authed}/v1/x", {}, None) as r:
+            await r.read()
+    # base64("user@x:p:ss")
+    assert b"authorization: Basic dXNlckB4OnA6c3M=\r\ncontent-length: 0\r\n" in side.requests[0]
+
+
+async def test_repeated_headers_are_joined_and_names_lower_cased() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"x", "X-Thing: a", "x-thing: b", "Content-Type: text/plain"))
+
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        assert r.headers == {"content-length": "1", "x-thing": "a, b", "content-type": "text/plain"}
+        assert await r.read() == b"x"
+
+
+async def test_a_chunked_body_comes_piece_by_piece_as_it_arrives() -> None:
+    pieces = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
+    gate = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await gate.wait()  # the next piece only once the client has read this one
+            gate.clear()
+        writer.write(b"0\r\n\r\n")
+
+    received = []
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        assert r.is_event_stream
+        async for data in r.iter_bytes():
+            received.append(data)
+            gate.set()
+    assert received == pieces
+
+
+async def test_an_idle_connection_the_backend_closed_is_replaced() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"ok"))  # keep-alive by HTTP/1.1 default, then closes anyway
+        await writer.drain()
+
+    async with backend(script) as (side, url), client() as c:
+        for _ in range(3):
+            async with c.open("GET", url, {}, None) as r:
+                assert await r.read() == b"ok"
+            await asyncio.sleep(0.05)  # the close may or may not have reached the pool
+    assert side.connections == 3
+
+
+async def test_a_close_racing_the_reuse_is_retried_once_on_a_new_connection() -> None:
+    count = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer(b"first"))
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the second request comes on this one...
+            return  # ...and the connection closes without an answer
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"second"))
+
+    async with backend(script) as (side, url), client() as c:
+        async with c.open("GET", url, {}, None) as r:
+            assert await r.read() == b"first"
+        async with c.open("GET", url, {}, None) as r:
+            assert await r.read() == b"second"
+    assert side.connections == 2
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+
+    async with backend(script) as (side, url), client() as c:
+        with pytest.raises(BackendBroken, match=r"the backend closed the connection \(http://"):
+            async with c.open("GET", url, {}, None):
+                pass
+    assert side.connections == 1  # not retried: the request may have been acted on
+
+
+async def test_a_body_cut_short_is_an_error_after_what_came() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        assert await r.iter_bytes().__anext__() == b"0123456789"
+        with pytest.raises(BackendBroken, match=r"the backend's response was cut short"):
+            await r.read()
+
+
+async def test_a_body_that_ends_with_the_connection_is_complete() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+
+    async with backend(script) as (side, url), client() as c:
+        for _ in range(2):
+            async with c.open("GET", url, {}, None) as r:
+                assert await r.read() == b"all of it"
+    assert side.connections == 2  # such a connection is never reused
+
+
+async def test_garbage_instead_of_http_is_an_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x00\x01garbage that is not HTTP\r\n\r\n")
+        await asyncio.sleep(1)
+
+    async with backend(script) as (_, url), client() as c:
+        with pytest.raises(BackendBroken, match=r"invalid HTTP answer"):
+            async with c.open("GET", url, {}, None):
+                pass
+
+
+async def test_informational_answers_are_skipped() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"final", status="201 Created"))
+
+    async with backend(script) as (_, url), client() as c, c.open("POST", url, {}, b"x") as r:
+        assert (r.status, await r.read()) == (201, b"final")
+
+
+async def test_a_head_answer_has_no_body() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        await asyncio.sleep(1)
+
+    async with backend(script) as (_, url), client() as c, c.open("HEAD", url, {}, None) as r:
+        assert (r.status, r.headers["content-length"], await r.read()) == (200, "5", b"")
+
+
+async def test_a_silent_backend_times_out_between_reads() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with (
+        backend(script) as (_, url),
+        client(read=0.3) as c,
+        c.open("GET", url, {}, None) as r,
+    ):
+        assert await r.iter_bytes().__anext__() == b"01234"
+        with pytest.raises(BackendTimeout, match=r"did not answer in time \(http://"):
+            await r.read()
+    async with backend(keep_answering_never) as (_, url), client(read=0.3) as c:
+        with pytest.raises(BackendTimeout, match=r"did not answer in time"):
+            async with c.open("GET", url, {}, None):
+                pass  # no answer at all: the same
+
+
+async def test_nothing_listening_is_unreachable() -> None:
+    async with backend(keep_answering_never) as (_, url):
+        pass  # closed again: the port is free now
+    async with client() as c:
+        with pytest.raises(BackendUnreachable, match=r"cannot connect to the backend at http://"):
+            async with c.open("GET", f"{url}/v1/models", {}, None):
+                pass
+
+
+async def keep_answering_never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(10)
+
+
+@pytest.mark.parametrize("url", ["ftp://x/v1", "http:///v1", "http://host:port/v1", "nonsense"])
+async def test_an_invalid_url_is_unreachable(url: str) -> None:
+    async with client() as c:
+        with pytest.raises(BackendUnreachable, match="invalid backend URL"):
+            async with c.open("GET", url, {}, None):
+                pass
+
+
+@pytest.mark.parametrize(
+    "headers", [{"x-a": "1\r\nx-injected: 1"}, {"x-a\r\nx-b": "1"}, {"x-a:b": "1"}]
+)
+async def test_a_header_that_would_split_the_request_is_refused(headers: dict[str, str]) -> None:
+    async with client() as c:
+        with pytest.raises(BackendBroken, match="cannot send header"):
+            async with c.open("GET", "http://127.0.0.1:9/v1", headers, None):
+                pass
+
+
+async def test_a_response_left_unread_closes_its_connection() -> None:
+    eof = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()  # returns b"" once the client has closed the connection
+        eof.set()
+
+    async with backend(script) as (_, url), client() as c:
+        async with c.open("GET", url, {}, None) as r:
+            assert await r.iter_bytes().__anext__() == b"first"
+        await asyncio.wait_for(eof.wait(), 5)  # the backend sees the cancellation
+
+
+async def test_the_pool_size_bounds_requests_in_flight() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(answer(b"ok", "connection: close"))
+
+    async def one(c: BackendClient, url: str) -> bytes:
+        async with c.open("GET", url, {}, None) as r:
+            return await r.read()
+
+    async with backend(script) as (side, url), client(pool_size=2) as c:
+        results = await asyncio.gather(*(one(c, url) for _ in range(6)))
+    assert results == [b"ok"] * 6
+    assert (side.connections, side.most_open) == (6, 2)
+
+
+async def test_a_large_body_read_slowly_arrives_whole() -> None:
+    body = bytes(range(256)) * (8 * HIGH_WATER // 256)  # 8 x the buffer that pauses reading
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(body))
+        await writer.drain()
+
+    received = bytearray()
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        async for data in r.iter_bytes():
+            assert len(data) <= HIGH_WATER + 256 * 1024  # paused: never much more than that
+            received += data
+            await asyncio.sleep(0.01)
+    assert received == body
+
+
+def tls_server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(CERT, KEY)
+    return context
+
+
+async def test_https_to_a_trusted_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))  # trusted the way a user would do it
+    box: list[Backend] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await keep_answering(box[0], reader, writer)
+
+    async with backend(script, tls=tls_server_context()) as (side, url), client() as c:
+        box.append(side)
+        for _ in range(2):
+            async with c.open("POST", f"{url}/v1/chat/completions", {}, b"{}") as r:
+                assert (r.status, await r.read()) == (200, b'{"ok":true}')
+    assert side.connections == 1
+
+
+async def test_https_to_an_untrusted_backend_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    async with backend(keep_answering_never, tls=tls_server_context()) as (_, url), client() as c:
+        with pytest.raises(BackendUnreachable, match="certificate verify failed"):
+            async with c.open("GET", url, {}, None):
+                pass
