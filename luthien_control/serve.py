@@ -75,17 +75,53 @@ def start_mock_backend() -> tuple[subprocess.Popen[bytes], str]:
 
 
 async def _prepare_database(settings: Settings, demo_key: str | None) -> None:
+    """Make sure the schema is current, then store the demo key (if any).
+
+    A database already at ``SCHEMA_REVISION`` costs one query. Otherwise the upgrade runs
+    in a child process, ``python -m luthien_control.db.init_db``: Alembic (some 12 MB)
+    is then never loaded into this process, which goes on to serve requests.
+    """
     from luthien_control.db.engine import create_engine
-    from luthien_control.db.init_db import upgrade_database
+    from luthien_control.db.init_db import SCHEMA_REVISION, current_revision
     from luthien_control.db.keys import replace_key
 
-    await upgrade_database(settings.database_url)
-    if demo_key is not None:
-        engine = create_engine(settings.database_url)
-        try:
+    engine = create_engine(settings.database_url)
+    try:
+        if await current_revision(engine) != SCHEMA_REVISION:
+            await engine.dispose()  # hold no connection while the child migrates
+            await _upgrade_in_child_process(settings.database_url)
+        if demo_key is not None:
             await replace_key(engine, DEMO_KEY_NAME, demo_key)
-        finally:
-            await engine.dispose()
+    finally:
+        await engine.dispose()
+
+
+async def _upgrade_in_child_process(database_url: str) -> None:
+    """Run ``python -m luthien_control.db.init_db`` on ``database_url``, in this process's
+    environment and working directory; its error becomes a ``ConfigurationError``."""
+    from luthien_control.db.init_db import PROG
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "luthien_control.db.init_db",
+        env={**os.environ, "DATABASE_URL": database_url},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # "database ready: ...": serve has never printed it
+        stderr=subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    if process.returncode == 0:
+        return
+    lines = stderr.decode(errors="replace").splitlines()
+    prefix = f"{PROG}: error: "
+    for line in reversed(lines):
+        if line.startswith(prefix):
+            raise ConfigurationError(line.removeprefix(prefix))
+    sys.stderr.write("".join(f"{line}\n" for line in lines))  # a traceback: show it
+    raise ConfigurationError(
+        f"the database schema upgrade failed (exit status {process.returncode})"
+    )
 
 
 def demo_banner(proxy_url: str, backend_url: str, key: str) -> str:

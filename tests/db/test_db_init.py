@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.db.engine import create_engine
-from luthien_control.db.init_db import alembic_config, head_revision, upgrade, upgrade_database
+from luthien_control.db.init_db import (
+    SCHEMA_REVISION,
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade,
+    upgrade_database,
+)
 from luthien_control.db.models import Base
+from tests.db.conftest import BACKENDS
 
 
 async def _versions(url: str) -> list[str]:
@@ -41,6 +51,36 @@ def test_the_migrations_form_one_chain_from_the_initial_one() -> None:
     assert script.get_heads() == [head_revision()]
     assert chain[0] == head_revision()
     assert chain[-1] == "0001"
+
+
+def test_schema_revision_is_the_newest_migration() -> None:
+    # serve compares the database with SCHEMA_REVISION without loading Alembic; a new
+    # migration must update it.
+    assert head_revision() == SCHEMA_REVISION
+
+
+@pytest.mark.anyio
+async def test_current_revision_of_a_migrated_database_is_the_schema_revision(
+    db: AsyncEngine,
+) -> None:
+    assert await current_revision(db) == SCHEMA_REVISION
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_current_revision_of_a_fresh_database_is_none(
+    request: pytest.FixtureRequest, backend: str, sqlite_url: str
+) -> None:
+    url = sqlite_url if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    try:
+        assert await current_revision(engine) is None
+        assert await _tables(engine) == set()
+        # Nothing was left half-done: the same engine migrates the database at once.
+        assert await upgrade(engine) == SCHEMA_REVISION
+        assert await current_revision(engine) == SCHEMA_REVISION
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.anyio
@@ -124,6 +164,23 @@ def test_init_db_module_uses_the_default_database_in_the_working_directory(
         f"database ready: sqlite+aiosqlite:///./luthien_control.db (revision {head_revision()})\n"
     )
     assert (tmp_path / "luthien_control.db").is_file()
+
+
+def _set_revision(path: Path, revision: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+
+
+def test_init_db_module_reports_an_unknown_revision_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "luthien.db"
+    assert _run_init_db(tmp_path, f"sqlite:///{path}").returncode == 0
+    _set_revision(path, "0099")  # as a newer version of Luthien Control would leave it
+    result = _run_init_db(tmp_path, f"sqlite:///{path}")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"luthien-control: error: cannot upgrade the database at sqlite+aiosqlite:///{path}: "
+        "Can't locate revision identified by '0099'\n"
+    )
 
 
 @pytest.mark.parametrize(
