@@ -99,9 +99,16 @@ _ROUTES = frozenset(
 )
 
 
+_REQUEST_COUNTERS: dict[tuple[str, str, str], Any] = {}  # bounded: routes, statuses, outcomes
+
+
 def observe(tx: Transaction) -> None:
     """Count a finished transaction."""
-    REQUESTS.labels(route_label(tx.request.path), str(tx.status or 0), tx.outcome).inc()
+    labels = (route_label(tx.request.path), str(tx.status or 0), tx.outcome)
+    counter = _REQUEST_COUNTERS.get(labels)
+    if counter is None:  # labels() takes a lock and validates: once per combination
+        counter = _REQUEST_COUNTERS[labels] = REQUESTS.labels(*labels)
+    counter.inc()
     if tx.chunks_sent:
         CHUNKS.inc(tx.chunks_sent)
     timings = tx.timings

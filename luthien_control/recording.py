@@ -269,8 +269,7 @@ class DatabaseRecorder:
             return
         # The patterns in force when the transaction ran, not when it is written.
         self._queue.append((tx, self.redactor))
-        metrics.RECORDER_BACKLOG.set(len(self._queue))
-        self._wakeup.set()
+        self._wakeup.set()  # the writer updates the backlog gauge, once per batch
 
     @property
     def backlog(self) -> int:
@@ -302,8 +301,11 @@ class DatabaseRecorder:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                if len(self._queue) < BATCH_SIZE:
-                    await asyncio.sleep(BATCH_WAIT)
+            if len(self._queue) < BATCH_SIZE:
+                # Not a full batch: let it fill. Writing whatever came in during the
+                # last write made batches of a few rows under load, each paying for a
+                # whole database transaction.
+                await asyncio.sleep(BATCH_WAIT)
             if await self._write_batch():
                 attempt = 0
             else:
@@ -314,6 +316,7 @@ class DatabaseRecorder:
         """Write up to ``BATCH_SIZE`` queued records; False (records kept) if it failed."""
         from luthien_control.db.transactions import insert_records
 
+        metrics.RECORDER_BACKLOG.set(len(self._queue))
         batch = [self._queue[i] for i in range(min(BATCH_SIZE, len(self._queue)))]
         if not batch:
             return True
