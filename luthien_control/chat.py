@@ -105,31 +105,49 @@ class StreamAssembler:
 
     def feed(self, data: Any) -> None:
         self.chunks += 1
-        if not isinstance(data, dict):
+        if type(data) is not dict:
             return
-        if isinstance(data.get("usage"), dict):
-            self.usage = data["usage"]
-        kind = data.get("type")
-        if isinstance(kind, str) and kind.startswith("response."):
-            self._feed_response_event(kind, data)
+        usage = data.get("usage")
+        if usage is not None and type(usage) is dict:
+            self.usage = usage
+        choices = data.get("choices")
+        if not choices:
+            kind = data.get("type")
+            if isinstance(kind, str) and kind.startswith("response."):
+                self._feed_response_event(kind, data)
             return
-        for choice in data.get("choices") or ():
-            if not isinstance(choice, dict):
+        for choice in choices:  # once per chunk of every stream: kept lean
+            if type(choice) is not dict:
                 continue
-            state = self.choices.setdefault(choice.get("index", 0), ChoiceState())
-            delta = choice.get("delta") or {}
-            content = delta.get("content")
-            if isinstance(content, str):
-                state.content.append(content)
-            for call in delta.get("tool_calls") or ():
-                index = call.get("index", 0)
-                tool = state.tool_calls.setdefault(index, ToolCall(index))
-                tool.id = call.get("id") or tool.id
-                function = call.get("function") or {}
-                tool.name += function.get("name") or ""
-                tool.arguments += function.get("arguments") or ""
-            if choice.get("finish_reason"):
-                state.finish_reason = choice["finish_reason"]
+            index = choice.get("index", 0)
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = ChoiceState()
+            delta = choice.get("delta")
+            if delta and type(delta) is dict:
+                content = delta.get("content")
+                if content is not None and type(content) is str:
+                    state.content.append(content)
+                calls = delta.get("tool_calls")
+                if calls:
+                    self._feed_tool_calls(state, calls)
+            finish_reason = choice.get("finish_reason")
+            if finish_reason:
+                state.finish_reason = finish_reason
+
+    @staticmethod
+    def _feed_tool_calls(state: ChoiceState, calls: Any) -> None:
+        for call in calls:
+            if type(call) is not dict:
+                continue
+            index = call.get("index", 0)
+            tool = state.tool_calls.setdefault(index, ToolCall(index))
+            tool.id = call.get("id") or tool.id
+            function = call.get("function")
+            if type(function) is not dict:
+                continue
+            tool.name += function.get("name") or ""
+            tool.arguments += function.get("arguments") or ""
 
     def _feed_response_event(self, kind: str, data: dict[str, Any]) -> None:
         if isinstance(data.get("sequence_number"), int):

@@ -9,6 +9,7 @@ responses in one place (``responses``). No middleware, and ``receive`` is never 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -113,6 +114,12 @@ class LuthienProxy:
                     logger.error("cannot start: %s", exc.message)
                     await send({"type": "lifespan.startup.failed", "message": exc.message})
                     return
+                # Everything loaded so far (modules, pydantic and SQLAlchemy machinery)
+                # lives as long as the process: out of the collector's sight, a full
+                # collection no longer walks it, which cut the non-streamed latency
+                # p99 from ~85 ms to ~29 ms under load (docs/performance.md).
+                gc.collect()
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.services is not None:
