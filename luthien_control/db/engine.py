@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
-import asyncpg
 import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
@@ -30,6 +29,9 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from luthien_control.exceptions import ConfigurationError, LuthienError, StorageError
+
+if TYPE_CHECKING:
+    import aiosqlite
 
 
 class SerializedJSON(str):
@@ -144,7 +146,7 @@ async def translate_errors(
         raise StorageError(f"database error at {describe_url(engine.url)}: {_reason(exc)}") from exc
     except (ProgrammingError, DataError) as exc:
         raise StorageError(f"database error at {describe_url(engine.url)}: {_reason(exc)}") from exc
-    except (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except _unreachable_errors() as exc:
         raise StorageError(
             f"cannot reach the database at {describe_url(engine.url)}: {_reason(exc)}"
         ) from exc
@@ -162,6 +164,16 @@ async def transaction(
         session.begin(),
     ):
         yield session
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What "cannot reach the database" is made of. The drivers are imported only with
+    the dialect that needs them (a SQLite proxy never loads asyncpg: ~2 MB of RSS), and
+    a driver never imported cannot have raised."""
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return (OSError, SQLAlchemyError)
+    return (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -197,6 +209,8 @@ async def _open_sqlite(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
     # aiosqlite.connect as SQLAlchemy calls it, except when opening fails: aiosqlite then
     # tells its worker thread to stop without waiting for it, and the thread, reporting
     # back to an event loop that may be closed by then, dies with a traceback on stderr.
+    import aiosqlite
+
     connection = aiosqlite.connect(*args, **kwargs)
     worker = connection._thread
     worker.daemon = True  # as SQLAlchemy sets it: a lost connection must not block exit

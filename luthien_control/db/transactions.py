@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.db.engine import transaction, translate_errors
@@ -38,9 +37,18 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
     if not rows:
         return
     # Core, not the ORM: one executemany with no per-row mapper work.
-    table = TransactionRow.__table__
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    # The dialect's own insert (ON CONFLICT), imported only for the database in use: a
+    # SQLite proxy does not load SQLAlchemy's PostgreSQL dialect (~4 MB of RSS).
+    table = cast(Table, TransactionRow.__table__)
+    statement: Any
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    else:
+        from sqlalchemy.dialects import sqlite
+
+        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
     async with translate_errors(engine), engine.begin() as connection:
         await connection.execute(statement, list(rows))
 
