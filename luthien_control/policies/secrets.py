@@ -106,6 +106,11 @@ class SecretPattern:
         )
         self._first = frozenset(literal[0] for literal in literals or ())
         self._any_literal = re.compile("|".join(map(re.escape, literals))) if literals else None
+        self._any_literal_bytes = (
+            re.compile(b"|".join(re.escape(literal.encode()) for literal in literals))
+            if literals
+            else None
+        )
         self._longest = max(map(len, literals or ("",)))
 
     def kind(self, match: Any) -> str:
@@ -115,6 +120,16 @@ class SecretPattern:
     def may_contain(self, text: str) -> bool:
         """False only when ``text`` certainly holds no (complete) secret."""
         return self._any_literal is None or self._any_literal.search(text) is not None
+
+    def may_contain_json(self, body: bytes) -> bool:
+        """False only when no string of the JSON (or text) ``body`` can hold a secret:
+        none of the literals is in its bytes, and no ``\\u`` escape could spell one
+        (the other JSON escapes make no letter, digit, ``-`` or ``_``)."""
+        return (
+            self._any_literal_bytes is None
+            or b"\\u" in body
+            or self._any_literal_bytes.search(body) is not None
+        )
 
     def open_tail(self, text: str, before: str) -> int:
         """How many final characters of ``text`` could start a secret (text that may not
@@ -247,6 +262,8 @@ class LeakedApiKeyDetection(Policy):
         self._check_message(tx, tx.response, where="response")
 
     def _check_message(self, tx: Transaction, message: Any, *, where: str) -> None:
+        if not self.secrets.may_contain_json(message.body):
+            return  # one C search over the bytes instead of a walk over every string
         payload = message.payload
         if payload is None:
             text, changed = self.scan_value(tx, message.body.decode("utf-8", "replace"), where)

@@ -132,6 +132,24 @@ async def test_clean_request_passes_unchanged() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("action", ["block", "redact"])
+async def test_a_key_spelled_with_json_escapes_is_still_found(action: str) -> None:
+    # No literal ("sk-") in the body's bytes: only the \u escapes spell it.
+    escaped = "\\u0073\\u006b-" + OPENAI_KEY.removeprefix("sk-")
+    body = '{"model": "m", "messages": [{"role": "user", "content": "key ' + escaped + '"}]}'
+    tx = Transaction(
+        request=ProxyRequest("POST", "/chat/completions", b"", {}, body.encode()), services=None
+    )
+    assert b"sk-" not in tx.request.body
+    if action == "block":
+        with pytest.raises(PolicyBlocked):
+            await policy().apply(tx)
+    else:
+        await policy(action="redact").apply(tx)
+        assert orjson.loads(tx.request.body)["messages"][0]["content"] == "key [REDACTED]"
+
+
+@pytest.mark.anyio
 async def test_redact_on_the_request_side() -> None:
     tx = transaction({"model": "m", "messages": [{"role": "user", "content": f"a {OPENAI_KEY} b"}]})
     await policy(action="redact").apply(tx)
