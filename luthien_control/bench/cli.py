@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from luthien_control.bench import report
+from luthien_control.bench import report, scan
 from luthien_control.bench.plan import (
     DEFAULT_DURATION,
     DEFAULT_ROUNDS,
@@ -180,6 +180,12 @@ def _run(args: argparse.Namespace, plan: Plan, only: set[str] | None) -> dict[st
         finally:
             bench.stop()
     summary = report.summarize(rounds, scenarios)
+    targets = report.evaluate(summary)
+    leak_scan = None
+    if args.target is None:  # a figure of this project's code, measured in this process
+        bench.progress("leak scan: CPU per chunk of 1 KB streams and of a 1 MB stream")
+        leak_scan = scan.measure()
+        targets.append(report.leak_scan_verdict(leak_scan))
     notes = []
     if load_cores is None:
         notes.append("one core only: the load generator shares it with the servers")
@@ -206,7 +212,8 @@ def _run(args: argparse.Namespace, plan: Plan, only: set[str] | None) -> dict[st
         "peak_rss_mb": _peak(rounds),
         "scenarios": scenarios,
         "summary": summary,
-        "targets": report.evaluate(summary),
+        "targets": targets,
+        "leak_scan": leak_scan,
         "rounds": rounds,
         "notes": notes,
         "wall_s": time.monotonic() - started,

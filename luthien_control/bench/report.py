@@ -196,6 +196,47 @@ def evaluate(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return verdicts
 
 
+def leak_scan_verdict(leak_scan: dict[str, Any]) -> dict[str, Any]:
+    """Issue 4's last target: a 1 MB answer costs no more per chunk than a 1 KB one."""
+    return {
+        "name": "leak_scan_per_chunk_ratio",
+        "scenario": "leak_scan",
+        "metric": "ratio",
+        "target": f"<= {leak_scan['limit']:g}x",
+        "value": leak_scan["ratio"],
+        "errors": 0,
+        "met": leak_scan["met"],
+    }
+
+
+def _leak_scan_rows(leak_scan: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    if leak_scan is None:
+        return []
+    ratio = leak_scan["ratio"]
+    return [
+        (
+            f"leak scan, in the bench process ({leak_scan['delta_chars']}-character deltas, "
+            "LeakedApiKeyDetection and the stream assembler)",
+        ),
+        (
+            "  CPU per chunk, 1 KB streams",
+            "",
+            f"{leak_scan['small_us_per_chunk']:.2f} us",
+            "",
+            "",
+            "",
+        ),
+        (
+            "  CPU per chunk, 1 MB stream",
+            "",
+            f"{leak_scan['large_us_per_chunk']:.2f} us",
+            f"{ratio:.2f}x" if ratio is not None else "n/a",
+            f"<= {leak_scan['limit']:g}x",
+            _met(leak_scan["met"]),
+        ),
+    ]
+
+
 # ---- the table ------------------------------------------------------------------------
 
 
@@ -267,6 +308,7 @@ def render_table(document: dict[str, Any]) -> str:
                 )
             )
     rows += memory_rows  # when no memory scenario ran
+    rows += _leak_scan_rows(document.get("leak_scan"))
     full = [row for row in rows if len(row) > 1]
     widths = [max(len(row[i]) for row in (header, *full)) for i in range(len(header))]
     lines = [_line(header, widths), "-" * (sum(widths) + 2 * (len(widths) - 1))]

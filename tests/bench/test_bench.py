@@ -61,7 +61,17 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert "proxy" in document["summary"]["open_many"]["rss_mb"]
     assert "proxy" in document["summary"]["unpaced_32"]["cpu_ms_per_1000_chunks"]
     names = {target["name"] for target in document["targets"]}
-    assert {"added_ttft_p50_64", "requests_per_s_ratio", "open_many_errors"} <= names
+    assert {
+        "added_ttft_p50_64",
+        "requests_per_s_ratio",
+        "open_many_errors",
+        "leak_scan_per_chunk_ratio",
+    } <= names
+    # The leak scan: CPU per chunk of 1 KB streams and of one 1 MB stream, same chunk count.
+    assert "CPU per chunk, 1 MB stream" in run.stdout
+    leak_scan = document["leak_scan"]
+    assert leak_scan["chunks"] == 65536 and leak_scan["large_stream_bytes"] == 1024 * 1024
+    assert leak_scan["small_us_per_chunk"] > 0 and leak_scan["large_us_per_chunk"] > 0
     for target in document["targets"]:
         assert target["met"] in (True, False, None)
     # Every round measured both sides of every scenario, and the generator reported its CPU.

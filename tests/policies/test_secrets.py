@@ -305,3 +305,52 @@ async def test_a_key_after_an_escape_is_held_and_redacted_when_streamed(before: 
             policy(action="redact"), [*map(chunk, parts), chunk(finish="stop")]
         )
         assert text_of(out) == before + "[REDACTED] end"
+
+
+class CountingSecrets:
+    """The policy's patterns, counting the characters each scan is given."""
+
+    def __init__(self, secrets: Any) -> None:
+        self._secrets = secrets
+        self.scanned = 0
+        self.literals = secrets.literals
+        self.regex = self
+
+    def may_contain(self, text: str) -> bool:
+        self.scanned += len(text)
+        result: bool = self._secrets.may_contain(text)
+        return result
+
+    def finditer(self, text: str, pos: int = 0, **kwargs: Any) -> Any:
+        self.scanned += len(text) - pos
+        return self._secrets.regex.finditer(text, pos, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._secrets, name)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_literal", [False, True], ids=["clean", "prefix-every-chunk"])
+async def test_the_scan_never_goes_over_text_it_already_scanned(with_literal: bool) -> None:
+    """Issue 4: the scan's cost follows the new text only, a long answer costs no more per
+    chunk than a short one (counted in characters given to the scan, not timed)."""
+    per_chunk: list[float] = []
+    for count in (64, 4096):  # 1 KB and 64 KB of 16-character deltas
+        p = policy()
+        counter = CountingSecrets(p.secrets)
+        p.secrets = counter  # type: ignore[assignment]
+        # Every fifth delta ends in "s", which could begin "sk-": held back, then released.
+        deltas = [f"w{n:014d}" + ("s" if n % 5 == 0 else " ") for n in range(count)]
+        if with_literal:  # "sk-" in every chunk: the regex itself runs each time
+            deltas = [
+                f"sk-{n % 1000:03d} too short" + ("s" if n % 5 == 0 else " ") for n in range(count)
+            ]
+        out, _ = await run_stream(p, [chunk(d) for d in deltas])
+        assert text_of(out) == "".join(deltas)
+        per_chunk.append(counter.scanned / count)
+    # Each scan is given the new delta, at most a held tail and three characters of
+    # context; a chunk with a literal in it is scanned twice (the literal prefilter,
+    # then the regex).
+    longest = max(len(d) for d in deltas) + len("-----BEGIN ") + 3
+    assert all(value <= 2 * longest for value in per_chunk), per_chunk
+    assert per_chunk[1] <= per_chunk[0] * 1.01, per_chunk
