@@ -108,14 +108,21 @@ async def keep_answering(
         await writer.drain()
 
 
-async def test_the_request_goes_out_as_exact_bytes() -> None:
-    box: list[Backend] = []
+@asynccontextmanager
+async def answering(*, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[Backend, str]]:
+    """A backend that answers every request ``{"ok":true}`` on a kept-alive connection."""
+    sides: list[Backend] = []
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await keep_answering(box[0], reader, writer)
+        await keep_answering(sides[0], reader, writer)
 
-    async with backend(script) as (side, url), client() as c:
-        box.append(side)
+    async with backend(script, tls=tls) as (side, url):
+        sides.append(side)
+        yield side, url
+
+
+async def test_the_request_goes_out_as_exact_bytes() -> None:
+    async with answering() as (side, url), client() as c:
         headers = {"content-type": "application/json", "x-mock-words": "3", "host": "ignored"}
         async with c.open("POST", f"{url}/v1/chat/completions?a=1#frag", headers, b'{"m":1}') as r:
             assert (r.status, await r.read()) == (200, b'{"ok":true}')
@@ -133,13 +140,7 @@ async def test_the_request_goes_out_as_exact_bytes() -> None:
 
 
 async def test_credentials_in_the_url_become_basic_auth() -> None:
-    box: list[Backend] = []
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await keep_answering(box[0], reader, writer)
-
-    async with backend(script) as (side, url), client() as c:
-        box.append(side)
+    async with answering() as (side, url), client() as c:
         authed = url.replace("http://", "http://user%40x:p%3Ass@")
         async with c.open("POST", f"{authed}/v1/x", {}, None) as r:
             await r.read()
@@ -395,13 +396,7 @@ def tls_server_context() -> ssl.SSLContext:
 
 async def test_https_to_a_trusted_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(CERT))  # trusted the way a user would do it
-    box: list[Backend] = []
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await keep_answering(box[0], reader, writer)
-
-    async with backend(script, tls=tls_server_context()) as (side, url), client() as c:
-        box.append(side)
+    async with answering(tls=tls_server_context()) as (side, url), client() as c:
         for _ in range(2):
             async with c.open("POST", f"{url}/v1/chat/completions", {}, b"{}") as r:
                 assert (r.status, await r.read()) == (200, b'{"ok":true}')
