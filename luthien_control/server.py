@@ -87,6 +87,9 @@ class LuthienProxy:
             path = scope["path"]
             relative = api_path(path)
             if relative is not None:
+                raw = scope.get("raw_path")
+                if raw:  # as the client wrote it: what the policies see, the backend gets
+                    relative = api_path(raw.decode("latin-1")) or relative
                 await self.proxy(scope, receive, send, relative)
             elif path == "/health":
                 await send_json(send, 200, {"status": "ok"}, new_transaction_id())

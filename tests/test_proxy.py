@@ -6,6 +6,7 @@ mock's request records show what the backend really received.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -117,6 +118,25 @@ def test_other_v1_paths_pass_through(client: httpx.Client) -> None:
         "/api/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"}
     )
     assert embeddings.status_code == 200 and embeddings.json()["data"][0]["object"] == "embedding"
+
+
+def test_a_path_cannot_smuggle_a_second_request_to_the_backend(
+    client: httpx.Client, mock_backend: MockBackendServer
+) -> None:
+    # Percent-encoded line ends: the path goes to the backend as the client wrote it,
+    # never decoded into the request line (it would end it, and start a DELETE).
+    smuggled = "/v1/models%20HTTP/1.1%0D%0Ahost:%20x%0D%0A%0D%0ADELETE%20/v1/files/file-abc"
+    request_id = f"smuggle-{uuid.uuid4().hex}"
+    response = client.get(smuggled, headers={"x-mock-request-id": request_id})
+    assert response.status_code == 404  # the backend's own answer for that path
+    record = mock_backend.record(request_id)
+    assert record is not None
+    assert (record["method"], record["path"]) == (
+        "GET",
+        "/v1/models HTTP/1.1\r\nhost: x\r\n\r\nDELETE /v1/files/file-abc",
+    )
+    everything = mock_backend.client.get(f"{mock_backend.url}/_mock/requests").json()
+    assert not [r for r in everything if r["method"] == "DELETE"]
 
 
 def test_unknown_route_is_404_in_openai_shape(client: httpx.Client) -> None:

@@ -9,7 +9,15 @@ request. What it does:
 
 - one request at a time per connection; idle connections are kept per origin (LIFO, at
   most ``IDLE_TIMEOUT`` seconds) and reused; a reused connection that turns out to have
-  been closed by the backend before any byte of the answer came back is replaced once;
+  been closed by the backend before any byte of the answer came back is replaced once,
+  by a new connection, whatever the method: a backend closes an idle connection without
+  reading what came on it (the rare backend that read the request and then closed
+  without a byte of answer gets it twice; the alternative was a 502 whenever a keep-alive
+  timeout crossed a request);
+- a body read to its end gives its connection back to the pool and frees its slot at
+  once; the path goes out as the client wrote it, with anything that could end the
+  request line percent-encoded, and a header that could end a line is refused;
+- host names are resolved at most every ``DNS_TTL`` seconds, each address tried in turn;
 - at most ``pool_size`` requests in flight (``BACKEND_POOL_SIZE``), the rest wait;
 - ``connect`` bounds opening a connection (TLS included), ``read`` the wait for each
   piece of the answer (``BACKEND_CONNECT_TIMEOUT``, ``BACKEND_READ_TIMEOUT``);
@@ -27,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
+import re
 import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import cast
-from urllib.parse import unquote, urlsplit
+from typing import Any, cast
+from urllib.parse import quote, unquote, urlsplit
 
 import httptools
 
@@ -40,15 +50,19 @@ from luthien_control.exceptions import BackendBroken, BackendTimeout, BackendUnr
 from luthien_control.settings import Limits, Timeouts
 
 IDLE_TIMEOUT = 15.0  # seconds an idle keep-alive connection is kept for reuse
+DNS_TTL = 300.0  # seconds a host name's addresses are reused before asking DNS again
 HIGH_WATER = 256 * 1024  # buffered answer bytes at which reading pauses
 _NOT_SENT = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, field names
+_VISIBLE = "".join(map(chr, range(0x21, 0x7F)))
+_TARGET = re.compile(r"/[\x21-\x7e]*")  # a path and query, visible ASCII only
 
 
 class _Origin:
     """Where requests for one ``scheme://host:port`` go."""
 
-    __slots__ = ("authorization", "host", "host_header", "key", "port", "tls")
+    __slots__ = ("address", "authorization", "host", "host_header", "key", "port", "tls")
 
     def __init__(self, url: str) -> None:
         try:
@@ -62,8 +76,21 @@ class _Origin:
         self.host = parts.hostname
         self.port = port or (443 if self.tls else 80)
         netloc = parts.netloc.rpartition("@")[2]
+        if not netloc.isascii():  # an international name goes out as punycode
+            try:
+                netloc = netloc.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise BackendUnreachable(f"invalid backend URL: {url}") from exc
         self.host_header = netloc
         self.key = (self.tls, self.host, self.port)
+        self.address: tuple[int, tuple[Any, ...]] | None = None  # an IP literal: no DNS
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            self.address = (family, (self.host, self.port))
         self.authorization: str | None = None
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -90,6 +117,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: dict[str, str] = {}
         self.head_done = False
+        self.framed = False  # the body's end is known (length or chunked), not the close
         self.received = False  # some byte of the answer has come
         self.done = False  # the answer is complete
         self.keep_alive = False
@@ -120,7 +148,7 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(BackendBroken(f"backend error ({self.url}): invalid HTTP answer: {exc}"))
 
     def eof_received(self) -> bool:
@@ -131,16 +159,21 @@ class _Connection(asyncio.Protocol):
         if not self.url or self.done or self.error is not None:
             self._wake()
             return
-        headers = self.headers
         if not self.head_done:
             self.error = _Closed(self.received)
-        elif "content-length" in headers or "chunked" in headers.get("transfer-encoding", ""):
+        elif self.framed or exc is not None:
             self.error = BackendBroken(f"the backend's response was cut short ({self.url})")
         else:
             self.done = True  # a body that ends with the connection, as HTTP/1.0 allows
         self._wake()
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.done or self.head_done:
+            # More bytes after a complete answer, in the same read: never parse them into
+            # this answer, never pool a parser left in the middle of a message.
+            raise RuntimeError("the backend sent more than one answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
@@ -158,6 +191,9 @@ class _Connection(asyncio.Protocol):
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         self.head_done = True
+        self.framed = "content-length" in headers or (
+            "chunked" in headers.get("transfer-encoding", "").lower()
+        )
         if self.head_only:
             self.done = True  # llhttp would wait for the body a HEAD answer never has
         self._wake()
@@ -252,12 +288,17 @@ class _Closed(Exception):
 
 
 class BackendResponse:
-    """An open backend response: status and headers now, the body as it arrives."""
+    """An open backend response: status and headers now, the body as it arrives.
 
-    __slots__ = ("_connection", "headers", "status")
+    Once the body has been read to its end, the connection goes back to the pool and the
+    slot is free at once (not when the block exits: the rest of the policy tree and the
+    client's answer may take a while); reading again then gives ``b""``.
+    """
 
-    def __init__(self, connection: _Connection) -> None:
-        self._connection = connection
+    __slots__ = ("_exchange", "headers", "status")
+
+    def __init__(self, exchange: _Exchange, connection: _Connection) -> None:
+        self._exchange = exchange
         self.status = connection.status
         # Names in lower case; a repeated header's values joined with ", ".
         self.headers: dict[str, str] = connection.headers
@@ -268,19 +309,29 @@ class BackendResponse:
 
     async def read(self) -> bytes:
         parts = []
-        while data := await self._connection.read_chunk():
+        while data := await self._read_chunk():
             parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive from the network (never waits to fill a buffer)."""
-        connection = self._connection
-        while data := await connection.read_chunk():
+        while data := await self._read_chunk():
             yield data
+
+    async def _read_chunk(self) -> bytes:
+        connection = self._exchange.connection
+        if connection is None:
+            return b""  # read to its end already, or closed
+        data = await connection.read_chunk()
+        if not data:
+            self._exchange.finish()
+        return data
 
     def close(self) -> None:
         """Drop the connection: the backend sees the request cancelled."""
-        self._connection.close()
+        connection = self._exchange.connection
+        if connection is not None:
+            connection.close()
 
 
 class BackendClient:
@@ -293,6 +344,7 @@ class BackendClient:
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._tls: ssl.SSLContext | None = None
+        self._resolved: dict[tuple[bool, str, int], tuple[float, list[Any]]] = {}
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self._limits.pool_size)
@@ -310,6 +362,21 @@ class BackendClient:
         to the end (a client disconnect, an error, a policy that blocked mid-stream) is
         closed, which cancels it at the backend."""
         return _Exchange(self, method, url, headers, body)
+
+    async def _acquire(self, slots: asyncio.Semaphore, url: str) -> None:
+        """A slot for one request in flight; waiting for one is bounded by the connect
+        timeout, as waiting for a connection would be."""
+        if not slots.locked():
+            await slots.acquire()  # free: no timer to set up
+            return
+        try:
+            async with asyncio.timeout(self._timeouts.connect):
+                await slots.acquire()
+        except TimeoutError as exc:
+            raise BackendTimeout(
+                f"no free backend connection within {self._timeouts.connect:g} s: "
+                f"{self._limits.pool_size} requests in flight (BACKEND_POOL_SIZE) ({url})"
+            ) from exc
 
     def _split(self, url: str) -> tuple[_Origin, str]:
         """The origin of ``url`` (parsed once per origin) and the request target."""
@@ -332,7 +399,9 @@ class BackendClient:
         self, origin: _Origin, request: bytes, url: str, *, head_only: bool
     ) -> _Connection:
         for attempt in (1, 2):
-            connection = self._take_idle(origin)
+            # The second attempt always opens a new connection: another pooled one may be
+            # just as stale.
+            connection = self._take_idle(origin) if attempt == 1 else None
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(origin, url)
@@ -359,7 +428,14 @@ class BackendClient:
         now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
-            if not connection.lost and now - connection.idle_since < IDLE_TIMEOUT:
+            transport = connection.transport
+            if (
+                not connection.lost
+                and connection.error is None
+                and transport is not None
+                and not transport.is_closing()
+                and now - connection.idle_since < IDLE_TIMEOUT
+            ):
                 return connection
             connection.close()
         return None
@@ -377,23 +453,53 @@ class BackendClient:
         idle.append(connection)
 
     async def _connect(self, origin: _Origin, url: str) -> _Connection:
+        """A new connection: each address of the host in turn (resolved at most every
+        ``DNS_TTL`` seconds), the whole within the connect timeout."""
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if origin.tls else None
         try:
             async with asyncio.timeout(self._timeouts.connect):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(origin, self._timeouts.read),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls is not None else None,
-                )
+                addresses = await self._addresses(origin)
+                for number, (family, address) in enumerate(addresses, 1):
+                    try:
+                        _, connection = await loop.create_connection(
+                            lambda: _Connection(origin, self._timeouts.read),
+                            address[0],
+                            address[1],
+                            family=family,
+                            ssl=tls,
+                            server_hostname=origin.host if tls is not None else None,
+                        )
+                    except OSError:
+                        if number == len(addresses):
+                            self._resolved.pop(origin.key, None)  # ask DNS again next time
+                            raise
+                        continue
+                    return connection
         except TimeoutError as exc:
             raise BackendTimeout(f"the backend did not answer in time ({url})") from exc
-        except OSError as exc:  # refused, unknown host, TLS failure, ...
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        except (OSError, UnicodeError) as exc:  # refused, unknown host, TLS, bad name, ...
+            reason = (isinstance(exc, OSError) and exc.strerror) or str(exc) or type(exc).__name__
             raise BackendUnreachable(f"cannot connect to the backend at {url}: {reason}") from exc
-        return connection
+        raise AssertionError("unreachable")  # getaddrinfo gives at least one address
+
+    async def _addresses(self, origin: _Origin) -> list[tuple[int, tuple[Any, ...]]]:
+        """The host's addresses: an IP literal as it is; a name from the cache, or from
+        ``getaddrinfo`` (in a thread) once the cached answer is ``DNS_TTL`` seconds old."""
+        if origin.address is not None:
+            return [origin.address]
+        loop = asyncio.get_running_loop()
+        cached = self._resolved.get(origin.key)
+        if cached is not None and loop.time() < cached[0]:
+            return cached[1]
+        infos = await loop.getaddrinfo(
+            origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        addresses: list[tuple[int, tuple[Any, ...]]] = [
+            (family, address) for family, _, _, _, address in infos
+        ]
+        self._resolved[origin.key] = (loop.time() + DNS_TTL, addresses)
+        return addresses
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -405,7 +511,7 @@ class _Exchange:
     """One request and its answer, as an async context manager (cheaper than a
     generator-based one, and this is once per request)."""
 
-    __slots__ = ("_body", "_client", "_connection", "_headers", "_method", "_slots", "_url")
+    __slots__ = ("_body", "_client", "_headers", "_method", "_slots", "_url", "connection")
 
     def __init__(
         self,
@@ -420,7 +526,7 @@ class _Exchange:
         self._url = url
         self._headers = headers
         self._body = body
-        self._connection: _Connection | None = None
+        self.connection: _Connection | None = None
         self._slots: asyncio.Semaphore | None = None
 
     async def __aenter__(self) -> BackendResponse:
@@ -431,23 +537,28 @@ class _Exchange:
         url = self._url
         origin, target = client._split(url)
         request = _request_bytes(self._method, target, origin, self._headers, self._body, url)
-        await slots.acquire()
+        await client._acquire(slots, url)
         try:
             connection = await client._send(origin, request, url, head_only=self._method == "HEAD")
         except BaseException:
             slots.release()
             raise
         self._slots = slots
-        self._connection = connection
-        return BackendResponse(connection)
+        self.connection = connection
+        return BackendResponse(self, connection)
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def finish(self) -> None:
+        """The slot back, and the connection to the pool (read to its end) or closed;
+        once, whichever comes first: the end of the body or the end of the block."""
         if self._slots is not None:
             self._slots.release()
             self._slots = None
-        if self._connection is not None:
-            self._client._finish(self._connection)
-            self._connection = None
+        if self.connection is not None:
+            self._client._finish(self.connection)
+            self.connection = None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.finish()
 
 
 def _request_bytes(
@@ -458,27 +569,36 @@ def _request_bytes(
     body: bytes | None,
     url: str,
 ) -> bytes:
-    """The request head and body, as one write."""
-    lines = [f"{method} {target} HTTP/1.1\r\nhost: {origin.host_header}\r\n"]
+    """The request head and body, as one write. Nothing that could end a line or the
+    request line goes out: such characters in the path are percent-encoded, and a
+    header that holds one is refused."""
+    if not _TOKEN.fullmatch(method):
+        raise BackendBroken(f"cannot send the method {method!r} to the backend ({url})")
+    if not _TARGET.fullmatch(target):
+        # Spaces, line ends, controls and non-ASCII characters are percent-encoded, as
+        # every HTTP client does: none of them can end the request line.
+        target = quote(target, safe=_VISIBLE, encoding="utf-8")
+    parts = [f"{method} {target} HTTP/1.1\r\nhost: {origin.host_header}\r\n".encode("ascii")]
     for name, value in headers.items():
         if name in _NOT_SENT:
             continue
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+        if not _TOKEN.fullmatch(name) or "\n" in value or "\r" in value or "\0" in value:
             raise BackendBroken(f"cannot send header {name!r} to the backend ({url})")
-        lines.append(f"{name}: {value}\r\n")
+        try:
+            encoded = value.encode("latin-1")  # as the client's headers were decoded
+        except UnicodeEncodeError:
+            encoded = value.encode()  # set by a policy: UTF-8
+        parts.append(name.encode("ascii") + b": " + encoded + b"\r\n")
     if origin.authorization is not None and "authorization" not in headers:
-        lines.append(f"authorization: {origin.authorization}\r\n")
+        parts.append(f"authorization: {origin.authorization}\r\n".encode("ascii"))
     if body is not None:
-        lines.append(f"content-length: {len(body)}\r\n")
+        parts.append(b"content-length: %d\r\n" % len(body))
     elif method in _BODY_METHODS:
-        lines.append("content-length: 0\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    try:
-        head = text.encode("latin-1")
-    except UnicodeEncodeError:
-        head = text.encode()
-    return head + body if body else head
+        parts.append(b"content-length: 0\r\n")
+    parts.append(b"\r\n")
+    if body:
+        parts.append(body)
+    return b"".join(parts)
 
 
 __all__ = ["BackendClient", "BackendResponse"]

@@ -4,10 +4,13 @@ sends, keep-alive reuse, and every way an answer can go wrong."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -411,3 +414,156 @@ async def test_https_to_an_untrusted_backend_is_unreachable(
         with pytest.raises(BackendUnreachable, match="certificate verify failed"):
             async with c.open("GET", url, {}, None):
                 pass
+
+
+async def test_a_body_read_to_its_end_frees_its_slot_at_once() -> None:
+    async with (
+        answering() as (side, url),
+        client(pool_size=1, connect=0.5) as c,
+        c.open("GET", url, {}, None) as first,
+    ):
+        assert await first.read() == b'{"ok":true}'
+        # Still inside the first block (the proxy keeps it open until the client has
+        # its answer): the one slot and the connection are free again already.
+        async with c.open("GET", url, {}, None) as second:
+            assert await second.read() == b'{"ok":true}'
+        assert await first.read() == b""  # read to its end: nothing more
+    assert side.connections == 1
+
+
+async def test_waiting_for_a_free_slot_is_bounded() -> None:
+    async with (
+        answering() as (_, url),
+        client(pool_size=1, connect=0.3) as c,
+        c.open("GET", url, {}, None),  # holds the only slot, body unread
+    ):
+        with pytest.raises(BackendTimeout, match=r"no free backend connection within 0.3 s"):
+            async with c.open("GET", url, {}, None):
+                pass
+
+
+async def test_bytes_after_a_complete_answer_are_never_taken_for_it() -> None:
+    count = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        count += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if count == 1:  # a second answer nobody asked for, in the same segment
+            writer.write(answer(b"ok", "x-a: 1") + answer(b"EVIL", "x-a: 2", status="500 No"))
+        else:
+            writer.write(answer(b"fresh"))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with backend(script) as (side, url), client() as c:
+        async with c.open("GET", url, {}, None) as r:
+            assert (r.status, r.headers, await r.read()) == (
+                200,
+                {"content-length": "2", "x-a": "1"},
+                b"ok",
+            )
+        async with c.open("GET", url, {}, None) as r:
+            assert await r.read() == b"fresh"
+    assert side.connections == 2  # the first connection was not reused
+
+
+async def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (RST), not an orderly end."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_a_body_ended_by_the_connection_but_reset_is_cut_short() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\npart of the bo")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        await reset(writer)
+
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        with pytest.raises(BackendBroken, match="cut short"):
+            await r.read()
+
+
+async def test_a_chunked_body_cut_short_is_an_error_whatever_the_case_of_the_header() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        with pytest.raises(BackendBroken, match="cut short"):
+            await r.read()
+
+
+async def test_an_upgrade_answer_is_an_error() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"
+        )
+        await asyncio.sleep(1)
+
+    async with backend(script) as (_, url), client() as c:
+        with pytest.raises(BackendBroken, match="invalid HTTP answer"):
+            async with c.open("GET", url, {}, None):
+                pass
+
+
+async def test_line_ends_and_spaces_in_the_path_are_percent_encoded() -> None:
+    async with (
+        answering() as (side, url),
+        client() as c,
+        c.open("GET", f"{url}/v1/a b\r\nDELETE /x?q=é", {}, None) as r,
+    ):
+        await r.read()
+    assert side.requests[0].startswith(b"GET /v1/a%20b%0D%0ADELETE%20/x?q=%C3%A9 HTTP/1.1\r\n")
+    assert len(side.requests) == 1
+
+
+async def test_a_header_with_a_nul_is_refused_and_a_latin1_value_goes_as_it_came() -> None:
+    async with client() as c:
+        with pytest.raises(BackendBroken, match="cannot send header"):
+            async with c.open("GET", "http://127.0.0.1:9/v1", {"x-a": "1\x002"}, None):
+                pass
+    async with (
+        answering() as (side, url),
+        client() as c,
+        c.open("GET", url, {"x-latin": "café", "x-emoji": "☕"}, None) as r,
+    ):
+        await r.read()
+    assert b"x-latin: caf\xe9\r\nx-emoji: \xe2\x98\x95\r\n" in side.requests[0]
+
+
+async def test_a_host_name_that_cannot_be_encoded_is_unreachable() -> None:
+    async with client() as c:
+        with pytest.raises(BackendUnreachable):
+            async with c.open("GET", f"http://{'a' * 64}.example/v1", {}, None):
+                pass
+
+
+async def test_a_host_name_is_resolved_once_for_many_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"ok", "connection: close"))  # every request: a new connection
+
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+    resolve = loop.getaddrinfo
+
+    async def counting(host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return await resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    async with backend(script) as (side, url), client() as c:
+        named = url.replace("127.0.0.1", "localhost")
+        for _ in range(3):
+            async with c.open("GET", named, {}, None) as r:
+                assert await r.read() == b"ok"
+    assert (asked, side.connections) == (["localhost"], 3)
