@@ -55,6 +55,8 @@ HIGH_WATER = 256 * 1024  # buffered answer bytes at which reading pauses
 _NOT_SENT = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, field names
+_HEADER_LINE = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\r\n\x00]*\r\n"
+_HEADER_BLOCK = re.compile(f"(?:{_HEADER_LINE})*")
 _VISIBLE = "".join(map(chr, range(0x21, 0x7F)))
 _TARGET = re.compile(r"/[\x21-\x7e]*")  # a path and query, visible ASCII only
 
@@ -578,27 +580,37 @@ def _request_bytes(
         # Spaces, line ends, controls and non-ASCII characters are percent-encoded, as
         # every HTTP client does: none of them can end the request line.
         target = quote(target, safe=_VISIBLE, encoding="utf-8")
-    parts = [f"{method} {target} HTTP/1.1\r\nhost: {origin.host_header}\r\n".encode("ascii")]
-    for name, value in headers.items():
-        if name in _NOT_SENT:
-            continue
-        if not _TOKEN.fullmatch(name) or "\n" in value or "\r" in value or "\0" in value:
-            raise BackendBroken(f"cannot send header {name!r} to the backend ({url})")
-        try:
-            encoded = value.encode("latin-1")  # as the client's headers were decoded
-        except UnicodeEncodeError:
-            encoded = value.encode()  # set by a policy: UTF-8
-        parts.append(name.encode("ascii") + b": " + encoded + b"\r\n")
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items() if name not in _NOT_SENT]
+    block = "".join(lines)
+    # One C pass instead of checks per header; a value holding a line end would make
+    # more lines than headers.
+    if not _HEADER_BLOCK.fullmatch(block) or block.count("\n") != len(lines):
+        for line in lines:
+            if not _HEADER_BLOCK.fullmatch(line) or line.count("\n") != 1:
+                name = line.partition(":")[0]
+                raise BackendBroken(f"cannot send header {name!r} to the backend ({url})")
     if origin.authorization is not None and "authorization" not in headers:
-        parts.append(f"authorization: {origin.authorization}\r\n".encode("ascii"))
+        block += f"authorization: {origin.authorization}\r\n"
     if body is not None:
-        parts.append(b"content-length: %d\r\n" % len(body))
+        block += f"content-length: {len(body)}\r\n"
     elif method in _BODY_METHODS:
-        parts.append(b"content-length: 0\r\n")
-    parts.append(b"\r\n")
-    if body:
-        parts.append(body)
-    return b"".join(parts)
+        block += "content-length: 0\r\n"
+    head = f"{method} {target} HTTP/1.1\r\nhost: {origin.host_header}\r\n{block}\r\n"
+    try:
+        encoded = head.encode("latin-1")  # as the client's headers were decoded
+    except UnicodeEncodeError:  # a value set by a policy: that value in UTF-8
+        encoded = b"".join(
+            line.encode("latin-1") if line.isascii() else _encode_line(line)
+            for line in head.splitlines(keepends=True)
+        )
+    return encoded + body if body else encoded
+
+
+def _encode_line(line: str) -> bytes:
+    try:
+        return line.encode("latin-1")
+    except UnicodeEncodeError:
+        return line.encode()
 
 
 __all__ = ["BackendClient", "BackendResponse"]
