@@ -111,6 +111,20 @@ async def keep_answering(
         await writer.drain()
 
 
+async def open_fails(
+    c: BackendClient,
+    url: str,
+    error: type[Exception],
+    match: str,
+    *,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """A GET to ``url`` fails with ``error`` (its message matching ``match``)."""
+    with pytest.raises(error, match=match):
+        async with c.open("GET", url, headers or {}, None):
+            pass
+
+
 @asynccontextmanager
 async def answering(*, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[Backend, str]]:
     """A backend that answers every request ``{"ok":true}`` on a kept-alive connection."""
@@ -229,9 +243,7 @@ async def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:
         await reader.readuntil(b"\r\n\r\n")
 
     async with backend(script) as (side, url), client() as c:
-        with pytest.raises(BackendBroken, match=r"the backend closed the connection \(http://"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendBroken, r"the backend closed the connection \(http://")
     assert side.connections == 1  # not retried: the request may have been acted on
 
 
@@ -266,9 +278,7 @@ async def test_garbage_instead_of_http_is_an_error() -> None:
         await asyncio.sleep(1)
 
     async with backend(script) as (_, url), client() as c:
-        with pytest.raises(BackendBroken, match=r"invalid HTTP answer"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendBroken, r"invalid HTTP answer")
 
 
 async def test_informational_answers_are_skipped() -> None:
@@ -315,9 +325,9 @@ async def test_nothing_listening_is_unreachable() -> None:
     async with backend(keep_answering_never) as (_, url):
         pass  # closed again: the port is free now
     async with client() as c:
-        with pytest.raises(BackendUnreachable, match=r"cannot connect to the backend at http://"):
-            async with c.open("GET", f"{url}/v1/models", {}, None):
-                pass
+        await open_fails(
+            c, f"{url}/v1/models", BackendUnreachable, r"cannot connect to the backend at http://"
+        )
 
 
 async def keep_answering_never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -327,9 +337,7 @@ async def keep_answering_never(reader: asyncio.StreamReader, writer: asyncio.Str
 @pytest.mark.parametrize("url", ["ftp://x/v1", "http:///v1", "http://host:port/v1", "nonsense"])
 async def test_an_invalid_url_is_unreachable(url: str) -> None:
     async with client() as c:
-        with pytest.raises(BackendUnreachable, match="invalid backend URL"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendUnreachable, "invalid backend URL")
 
 
 @pytest.mark.parametrize(
@@ -411,9 +419,7 @@ async def test_https_to_an_untrusted_backend_is_unreachable(
 ) -> None:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     async with backend(keep_answering_never, tls=tls_server_context()) as (_, url), client() as c:
-        with pytest.raises(BackendUnreachable, match="certificate verify failed"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendUnreachable, "certificate verify failed")
 
 
 async def test_a_body_read_to_its_end_frees_its_slot_at_once() -> None:
@@ -437,9 +443,7 @@ async def test_waiting_for_a_free_slot_is_bounded() -> None:
         client(pool_size=1, connect=0.3) as c,
         c.open("GET", url, {}, None),  # holds the only slot, body unread
     ):
-        with pytest.raises(BackendTimeout, match=r"no free backend connection within 0.3 s"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendTimeout, r"no free backend connection within 0.3 s")
 
 
 async def test_bytes_after_a_complete_answer_are_never_taken_for_it() -> None:
@@ -508,9 +512,7 @@ async def test_an_upgrade_answer_is_an_error() -> None:
         await asyncio.sleep(1)
 
     async with backend(script) as (_, url), client() as c:
-        with pytest.raises(BackendBroken, match="invalid HTTP answer"):
-            async with c.open("GET", url, {}, None):
-                pass
+        await open_fails(c, url, BackendBroken, "invalid HTTP answer")
 
 
 async def test_line_ends_and_spaces_in_the_path_are_percent_encoded() -> None:
@@ -526,9 +528,13 @@ async def test_line_ends_and_spaces_in_the_path_are_percent_encoded() -> None:
 
 async def test_a_header_with_a_nul_is_refused_and_a_latin1_value_goes_as_it_came() -> None:
     async with client() as c:
-        with pytest.raises(BackendBroken, match="cannot send header"):
-            async with c.open("GET", "http://127.0.0.1:9/v1", {"x-a": "1\x002"}, None):
-                pass
+        await open_fails(
+            c,
+            "http://127.0.0.1:9/v1",
+            BackendBroken,
+            "cannot send header",
+            headers={"x-a": "1\x002"},
+        )
     async with (
         answering() as (side, url),
         client() as c,
