@@ -578,8 +578,13 @@ def _request_bytes(
         raise BackendBroken(f"cannot send the method {method!r} to the backend ({url})")
     if not _TARGET.fullmatch(target):
         # Spaces, line ends, controls and non-ASCII characters are percent-encoded, as
-        # every HTTP client does: none of them can end the request line.
-        target = quote(target, safe=_VISIBLE, encoding="utf-8")
+        # every HTTP client does: none of them can end the request line. Paths are
+        # latin-1 text here (the client's raw bytes, one character each), so latin-1
+        # gives the bytes back; a character beyond it can only come from a policy.
+        try:
+            target = quote(target, safe=_VISIBLE, encoding="latin-1")
+        except UnicodeEncodeError:
+            target = quote(target, safe=_VISIBLE, encoding="utf-8")
     lines = [f"{name}: {value}\r\n" for name, value in headers.items() if name not in _NOT_SENT]
     block = "".join(lines)
     # One C pass instead of checks per header; a value holding a line end would make

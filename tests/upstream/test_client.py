@@ -519,11 +519,15 @@ async def test_line_ends_and_spaces_in_the_path_are_percent_encoded() -> None:
     async with (
         answering() as (side, url),
         client() as c,
-        c.open("GET", f"{url}/v1/a b\r\nDELETE /x?q=é", {}, None) as r,
+        c.open("GET", f"{url}/v1/a b\r\nDELETE /x?q=caf\xc3\xa9", {}, None) as r,
     ):
         await r.read()
-    assert side.requests[0].startswith(b"GET /v1/a%20b%0D%0ADELETE%20/x?q=%C3%A9 HTTP/1.1\r\n")
+    # The path is the client's bytes as latin-1 text: they go out as those bytes.
+    assert side.requests[0].startswith(b"GET /v1/a%20b%0D%0ADELETE%20/x?q=caf%C3%A9 HTTP/1.1\r\n")
     assert len(side.requests) == 1
+    async with answering() as (side, url), client() as c, c.open("GET", f"{url}/☕", {}, None) as r:
+        await r.read()  # beyond latin-1: only a policy can write that, in UTF-8
+    assert side.requests[0].startswith(b"GET /%E2%98%95 HTTP/1.1\r\n")
 
 
 async def test_a_header_with_a_nul_is_refused_and_a_latin1_value_goes_as_it_came() -> None:
