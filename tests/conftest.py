@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -321,3 +322,22 @@ def blocking_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -
 def dropping_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
     """A proxy whose ToolCallPolicy drops forbidden calls."""
     return start_proxy(policy=tool_call_policy(mock_backend.api_base, action="drop_call"))
+
+
+def scripted(
+    *calls: dict[str, Any], chunk_size: int = 5, content: str | None = None
+) -> dict[str, str]:
+    """The mock's directives for a reply with these tool calls (and text before them)."""
+    headers = {
+        "x-mock-tool-calls": quote(json.dumps(list(calls)), safe=""),
+        "x-mock-chunk-size": str(chunk_size),
+        "x-mock-request-id": uuid.uuid4().hex,
+    }
+    if content is not None:
+        headers["x-mock-content"] = quote(content, safe="")
+    return headers
+
+
+def compact(arguments: dict[str, Any]) -> str:
+    """The arguments as the mock writes them."""
+    return json.dumps(arguments, separators=(",", ":"))

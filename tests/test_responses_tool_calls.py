@@ -10,14 +10,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, compact, scripted
 
 MODEL = "gpt-4o-mini"
 SECRET_PATH = "/srv/payroll/secret-ledger.db"  # only ever in the denied call's arguments
@@ -41,25 +40,6 @@ def blocking_sdk(blocking_proxy: ProxyServer) -> Iterator[OpenAI]:
 def dropping_sdk(dropping_proxy: ProxyServer) -> Iterator[OpenAI]:
     with sdk(dropping_proxy) as client:
         yield client
-
-
-def scripted(
-    *calls: dict[str, Any], chunk_size: int = 5, content: str | None = None
-) -> dict[str, str]:
-    """The mock's directives for a reply with these tool calls (and text before them)."""
-    headers = {
-        "x-mock-tool-calls": quote(json.dumps(list(calls)), safe=""),
-        "x-mock-chunk-size": str(chunk_size),
-        "x-mock-request-id": uuid.uuid4().hex,
-    }
-    if content is not None:
-        headers["x-mock-content"] = quote(content, safe="")
-    return headers
-
-
-def compact(arguments: dict[str, Any]) -> str:
-    """The arguments as the mock writes them."""
-    return json.dumps(arguments, separators=(",", ":"))
 
 
 class Received:

@@ -9,14 +9,13 @@ import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, compact, scripted
 
 MODEL = "gpt-4o-mini"
 SECRET_PATH = "/srv/payroll/secret-ledger.db"  # only ever in the denied call's arguments
@@ -39,25 +38,6 @@ def dropping_sdk(dropping_proxy: ProxyServer) -> Iterator[OpenAI]:
         base_url=dropping_proxy.api_base, api_key=dropping_proxy.key, max_retries=0, timeout=30
     ) as client:
         yield client
-
-
-def scripted(
-    *calls: dict[str, Any], chunk_size: int = 5, content: str | None = None
-) -> dict[str, str]:
-    """The mock's directives for a reply with these tool calls (and text before them)."""
-    headers = {
-        "x-mock-tool-calls": quote(json.dumps(list(calls)), safe=""),
-        "x-mock-chunk-size": str(chunk_size),
-        "x-mock-request-id": uuid.uuid4().hex,
-    }
-    if content is not None:
-        headers["x-mock-content"] = quote(content, safe="")
-    return headers
-
-
-def compact(arguments: dict[str, Any]) -> str:
-    """The arguments as the mock writes them."""
-    return json.dumps(arguments, separators=(",", ":"))
 
 
 class Accumulated:

@@ -10,11 +10,9 @@ import os
 import time
 from typing import Any
 
-from pydantic import field_validator
-
 from luthien_control.chat import client_wants_usage
 from luthien_control.exceptions import ConfigurationError, PolicyError
-from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.responses import HOP_BY_HOP
 from luthien_control.transaction import ProxyResponse, ResponseStream, Transaction
 
@@ -122,14 +120,7 @@ class SetBackendPolicy(Policy):
     type_name = "SetBackendPolicy"
 
     class Config(PolicyConfig):
-        backend_url: str
-
-        @field_validator("backend_url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            if not value.startswith(("http://", "https://")):
-                raise ValueError("must be an http:// or https:// URL")
-            return value
+        backend_url: HttpUrl
 
     def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
         super().__init__(config, raw_config)

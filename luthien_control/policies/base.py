@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+import regex
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from luthien_control.transaction import StreamTransform, Transaction
+
+
+def _check_pattern(pattern: str) -> str:
+    try:
+        regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from exc
+    return pattern
+
+
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+# Config value types more than one policy takes.
+RegexPattern = Annotated[str, AfterValidator(_check_pattern)]
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 
 
 class PolicyConfig(BaseModel):

@@ -16,7 +16,13 @@ from typing import Any
 from luthien_control.exceptions import PolicyConfigError
 from luthien_control.policies.base import Policy, PolicyConfig
 from luthien_control.policies.conditions import Condition, load_condition
-from luthien_control.policies.loader import build_member, join_path, key_path, type_label
+from luthien_control.policies.loader import (
+    build_member,
+    check_keys,
+    join_path,
+    key_path,
+    type_label,
+)
 from luthien_control.transaction import Transaction
 
 _MAP = "cond_to_policy_map"
@@ -77,15 +83,7 @@ def _load_entry(entry: Any, path: str) -> tuple[Condition, Policy]:
             f"an entry must be a mapping with 'condition' and 'policy', got {type_label(entry)}",
             path=path,
         )
-    for key in entry:
-        if key not in _ENTRY_KEYS:
-            raise PolicyConfigError(
-                f"unknown key {key!r}: an entry has only 'condition' and 'policy'",
-                path=join_path(path, str(key)),
-            )
-    for key in _ENTRY_KEYS:
-        if key not in entry:
-            raise PolicyConfigError(f"missing {key!r}", path=join_path(path, key))
+    check_keys(entry, _ENTRY_KEYS, "an entry", path)
     condition = load_condition(entry["condition"], join_path(path, "condition"))
     return condition, build_member(entry["policy"], join_path(path, "policy"))
 

@@ -44,7 +44,7 @@ import orjson
 from pydantic import Field, ValidationInfo, field_validator
 
 from luthien_control.exceptions import BackendError, PolicyBlocked
-from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.sse import Chunk
 from luthien_control.transaction import StreamTransform, Transaction
 
@@ -279,7 +279,7 @@ class LLMJudgePolicy(Policy):
     type_name = "LLMJudgePolicy"
 
     class Config(PolicyConfig):
-        backend_url: str
+        backend_url: HttpUrl
         api_key_env_var_name: str | None = Field(default=None, min_length=1)
         model: str = Field(min_length=1)
         instructions: str = Field(min_length=1)
@@ -290,13 +290,6 @@ class LLMJudgePolicy(Policy):
         on_error: Literal["allow", "block"] = "block"
         action: Literal["block", "flag"] = "block"
         extra_headers: dict[str, str] = {}
-
-        @field_validator("backend_url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            if not value.startswith(("http://", "https://")):
-                raise ValueError("must be an http:// or https:// URL")
-            return value
 
         @field_validator("overlap_chars")
         @classmethod

@@ -77,6 +77,20 @@ def type_label(value: Any) -> str:
     return type(value).__name__
 
 
+def check_keys(data: Mapping[str, Any], keys: tuple[str, str], what: str, path: str) -> None:
+    """``data`` has exactly the two ``keys``: an unknown or a missing one is an error at
+    its own path (``what``: "a policy", "an entry")."""
+    for key in data:
+        if key not in keys:
+            raise PolicyConfigError(
+                f"unknown key {key!r}: {what} has only {keys[0]!r} and {keys[1]!r}",
+                path=join_path(path, str(key)),
+            )
+    for key in keys:
+        if key not in data:
+            raise PolicyConfigError(f"missing {key!r}", path=join_path(path, key))
+
+
 def load_policy(data: Any, path: str = "") -> Policy:
     """Build the policy (and its members) that ``data`` defines; ``path`` is its place."""
     if not isinstance(data, Mapping):
@@ -84,15 +98,7 @@ def load_policy(data: Any, path: str = "") -> Policy:
             f"a policy must be a mapping with 'type' and 'config', got {type_label(data)}",
             path=path,
         )
-    for key in data:
-        if key not in _POLICY_KEYS:
-            raise PolicyConfigError(
-                f"unknown key {key!r}: a policy has only 'type' and 'config'",
-                path=join_path(path, str(key)),
-            )
-    for key in _POLICY_KEYS:
-        if key not in data:
-            raise PolicyConfigError(f"missing {key!r}", path=join_path(path, key))
+    check_keys(data, _POLICY_KEYS, "a policy", path)
 
     type_name = data["type"]
     if not isinstance(type_name, str):

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import regex
-from pydantic import AfterValidator
 
 from luthien_control.exceptions import PolicyBlocked
-from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
 from luthien_control.policies.text import (
     RESPONSES_DELTAS,
     ChatTextStream,
@@ -71,14 +70,6 @@ DEFAULT_LITERALS = (
 
 def default_secrets() -> SecretPattern:
     return SecretPattern(DEFAULT_PATTERNS, DEFAULT_LITERALS)
-
-
-def _check_pattern(pattern: str) -> str:
-    try:
-        regex.compile(pattern)
-    except regex.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from exc
-    return pattern
 
 
 def _key_may_start(preceding: str) -> bool:
@@ -228,7 +219,7 @@ class LeakedApiKeyDetection(Policy):
     type_name = "LeakedApiKeyDetection"
 
     class Config(PolicyConfig):
-        patterns: list[Annotated[str, AfterValidator(_check_pattern)]] | None = None
+        patterns: list[RegexPattern] | None = None
         action: Literal["block", "redact"] = "block"
 
     def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
 import regex
-from pydantic import AfterValidator
 
 from luthien_control.chat import RESPONSES_TERMINAL
 from luthien_control.exceptions import PolicyBlocked
-from luthien_control.policies.base import Policy, PolicyConfig
+from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
 from luthien_control.policies.text import iter_strings
 from luthien_control.sse import Chunk
 from luthien_control.transaction import StreamTransform, Transaction
@@ -39,14 +38,6 @@ _EMPTY: tuple[Any, ...] = (None, "", [], {})
 # Responses API output items that are tool calls, with the field holding their arguments.
 _CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
 _CALL_RESULTS = {"function_call_output", "custom_tool_call_output"}
-
-
-def _check_pattern(pattern: str) -> str:
-    try:
-        regex.compile(pattern)
-    except regex.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from exc
-    return pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +67,7 @@ class ToolCallPolicy(Policy):
     class Config(PolicyConfig):
         allowed_tools: list[str] | None = None
         denied_tools: list[str] = []
-        argument_patterns: list[Annotated[str, AfterValidator(_check_pattern)]] = []
+        argument_patterns: list[RegexPattern] = []
         action: Literal["block", "drop_call"] = "block"
 
     def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:

@@ -310,24 +310,18 @@ class BackendResponse:
         return self.headers.get("content-type", "").startswith("text/event-stream")
 
     async def read(self) -> bytes:
-        parts = []
-        while data := await self._read_chunk():
-            parts.append(data)
+        parts = [data async for data in self.iter_bytes()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive from the network (never waits to fill a buffer)."""
-        while data := await self._read_chunk():
-            yield data
-
-    async def _read_chunk(self) -> bytes:
-        connection = self._exchange.connection
+        exchange = self._exchange
+        connection = exchange.connection
         if connection is None:
-            return b""  # read to its end already, or closed
-        data = await connection.read_chunk()
-        if not data:
-            self._exchange.finish()
-        return data
+            return  # read to its end already, or closed
+        while data := await connection.read_chunk():  # once per network read: kept direct
+            yield data
+        exchange.finish()
 
     def close(self) -> None:
         """Drop the connection: the backend sees the request cancelled."""

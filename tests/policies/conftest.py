@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from luthien_control.transaction import ProxyRequest, Transaction
+from luthien_control.sse import Chunk
+from luthien_control.transaction import ProxyRequest, StreamTransform, Transaction
 
 # Policies for the tests, importable by path as ``luthien_test_policies:<Class>``.
 POLICY_MODULE = "luthien_test_policies"
@@ -94,3 +95,26 @@ def tx() -> Transaction:
             "messages": [{"role": "user", "content": "Hello there"}],
         }
     )
+
+
+def chunk(content: str | None = None, *, finish: str | None = None, **delta: Any) -> Chunk:
+    """A chat-completion chunk with ``delta`` (and ``content``) in its only choice."""
+    if content is not None:
+        delta["content"] = content
+    data = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return Chunk(b"data: " + orjson.dumps(data) + b"\n\n")
+
+
+async def through(transform: StreamTransform, chunks: list[Chunk]) -> list[Chunk]:
+    """What a stream transform lets out of ``chunks``, its end included."""
+    out: list[Chunk] = []
+    for c in chunks:
+        out.extend(await transform.on_chunk(c))
+    out.extend(await transform.on_end())
+    return out

@@ -38,6 +38,7 @@ from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
 from luthien_control.upstream.client import BackendClient
 from tests.conftest import MockBackendServer, free_port
+from tests.policies.conftest import chunk
 
 INSTRUCTIONS = "Never discuss weapons."
 FORBIDDEN = "FORBIDDEN"
@@ -175,19 +176,6 @@ def with_answer(tx: Transaction, content: str, **message: Any) -> Transaction:
     }
     tx.response = ProxyResponse(200, {"content-type": "application/json"}, orjson.dumps(payload))
     return tx
-
-
-def chunk(content: str | None = None, *, finish: str | None = None, **delta: Any) -> Chunk:
-    if content is not None:
-        delta["content"] = content
-    data = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    return Chunk(b"data: " + orjson.dumps(data) + b"\n\n")
 
 
 def stream_of(text: str, size: int) -> list[Chunk]:

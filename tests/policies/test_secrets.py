@@ -11,6 +11,7 @@ from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.secrets import DEFAULT_PATTERNS, LeakedApiKeyDetection
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
+from tests.policies.conftest import chunk, through
 
 OPENAI_KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
 SECRETS = {
@@ -37,29 +38,11 @@ def transaction(payload: Any) -> Transaction:
     )
 
 
-def chunk(content: str | None = None, *, finish: str | None = None, **delta: Any) -> Chunk:
-    if content is not None:
-        delta["content"] = content
-    data = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "m",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    return Chunk(b"data: " + orjson.dumps(data) + b"\n\n")
-
-
 async def run_stream(
     p: LeakedApiKeyDetection, chunks: list[Chunk]
 ) -> tuple[list[Chunk], Transaction]:
     tx = transaction({})
-    transform = p.stream_transform(tx)
-    out: list[Chunk] = []
-    for c in chunks:
-        out.extend(await transform.on_chunk(c))
-    out.extend(await transform.on_end())
-    return out, tx
+    return await through(p.stream_transform(tx), chunks), tx
 
 
 def text_of(chunks: list[Chunk]) -> str:

@@ -20,6 +20,7 @@ from luthien_control.policies.loader import load_policy
 from luthien_control.policies.tools import ToolCall, ToolCallPolicy
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
+from tests.policies.conftest import through
 
 READ_ARGS = '{"path": "/tmp/notes.txt", "lines": 10}'
 SHELL_ARGS = '{"command": "rm -rf /srv/data"}'
@@ -93,12 +94,7 @@ async def run(
     p: ToolCallPolicy, chunks: list[Chunk], tx: Transaction | None = None
 ) -> tuple[list[Chunk], Transaction]:
     tx = tx or transaction()
-    transform = p.stream_transform(tx)
-    out: list[Chunk] = []
-    for c in chunks:
-        out.extend(await transform.on_chunk(c))
-    out.extend(await transform.on_end())
-    return out, tx
+    return await through(p.stream_transform(tx), chunks), tx
 
 
 async def run_until_blocked(
