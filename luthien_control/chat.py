@@ -103,6 +103,28 @@ class StreamAssembler:
     sequence_number: int = -1
     terminal: str | None = None
 
+    def copy(self) -> StreamAssembler:
+        """An independent copy (the relay's "as sent" assembler, split from "as received"
+        at the first chunk a policy changes)."""
+        return StreamAssembler(
+            choices={
+                index: ChoiceState(
+                    list(state.content),
+                    {
+                        key: ToolCall(call.index, call.id, call.name, call.arguments)
+                        for key, call in state.tool_calls.items()
+                    },
+                    state.finish_reason,
+                )
+                for index, state in self.choices.items()
+            },
+            chunks=self.chunks,
+            usage=self.usage,
+            response=self.response,
+            sequence_number=self.sequence_number,
+            terminal=self.terminal,
+        )
+
     def feed(self, data: Any) -> None:
         self.chunks += 1
         if type(data) is not dict:

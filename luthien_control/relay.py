@@ -97,17 +97,17 @@ class _UsageBook:
         self.tx = tx
         self.hide = tx.usage_injected
 
-    def see(self, chunk: Chunk) -> Chunk | None:
-        raw = chunk.raw
-        if b'"usage"' not in raw:
-            return chunk
-        if self.hide and _INJECTED_USAGE in raw:
-            data = chunk.data
-            if isinstance(data, dict):
-                data.pop("usage", None)
-            chunk = Chunk(raw.replace(_INJECTED_USAGE, b""), data)
-            if b'"usage"' not in chunk.raw:
-                return chunk
+    def see(self, chunk: Chunk, raw: bytes) -> Chunk | None:
+        """``raw``: the chunk's bytes, which the caller found to hold ``"usage"``."""
+        if self.hide:
+            stripped = raw.replace(_INJECTED_USAGE, b"")
+            if len(stripped) != len(raw):
+                data = chunk.data  # parsed from the bytes as they came
+                if type(data) is dict and data.get("usage", 0) is None:
+                    del data["usage"]
+                chunk.replace_raw(stripped)  # the same event, as the client asked for it
+                if b'"usage"' not in stripped:
+                    return chunk
         data = chunk.data
         if not isinstance(data, dict) or "usage" not in data:
             return chunk
@@ -129,8 +129,12 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     transforms = stream.transforms
     usage = _UsageBook(tx)
     decoder = SSEDecoder()
-    received = tx.trail.stream_received = StreamAssembler()
-    sent = tx.trail.stream_sent = StreamAssembler()
+    # The stream as received, and as sent. They are one assembler for as long as every
+    # event goes out as it came in (the usual case: one fold per chunk, not two); the
+    # first event a policy changes, drops or adds splits them.
+    received = tx.trail.stream_received = tx.trail.stream_sent = StreamAssembler()
+    feed_received = received.feed
+    sent: StreamAssembler | None = None  # None: still the same as ``received``
     started = False
 
     async def emit(chunks: list[Chunk], *, last: bytes | None = None) -> None:
@@ -151,11 +155,14 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             started = True
             tx.timings.client_first_byte = time.perf_counter()
         tx.chunks_sent += len(chunks)
-        for chunk in chunks:
-            sent.feed(chunk.data)
         if last is not None:
             tx.response_complete = True
         await send({"type": "http.response.body", "body": body, "more_body": last is None})
+
+    def split() -> StreamAssembler:
+        nonlocal sent
+        sent = tx.trail.stream_sent = received.copy()
+        return sent
 
     done = False
     metrics.ACTIVE_STREAMS.inc()
@@ -164,20 +171,44 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             if tx.timings.backend_ready is None:
                 tx.timings.backend_ready = time.perf_counter()
             ready: list[Chunk] = []
+            unfed: bytes | None = None  # an event's bytes, until "received" has it
             try:
                 for event in decoder.feed(data):
-                    if event.is_done:
+                    raw = unfed = event.raw
+                    if b"[DONE]" in raw and event.is_done:
+                        unfed = None
                         done = True
                         break
-                    received.feed(event.data)
-                    seen = usage.see(event)
-                    if seen is None:
+                    payload = event.data
+                    seen = usage.see(event, raw) if b'"usage"' in raw else event
+                    if seen is None:  # the usage the client did not ask for
+                        if sent is None:
+                            split()
+                        unfed = None
+                        feed_received(payload)
                         continue
                     chunks = [seen]
                     for transform in transforms:
-                        chunks = await _through(transform, chunks)
+                        if len(chunks) == 1:
+                            chunks = await transform.on_chunk(chunks[0])
+                        else:
+                            chunks = await _through(transform, chunks)
+                    unfed = None
+                    if len(chunks) == 1 and chunks[0] is event and not event.changed:
+                        feed_received(payload)  # went out as it came in
+                        if sent is not None:
+                            sent.feed(payload)
+                    else:
+                        out = sent if sent is not None else split()
+                        feed_received(_parsed(raw))  # as it came, before any policy
+                        for chunk in chunks:
+                            out.feed(chunk.data)
                     ready.extend(chunks)
             except Exception:
+                if unfed is not None:  # a policy failed on it: received, never sent
+                    if sent is None:
+                        split()
+                    feed_received(_parsed(unfed))
                 await emit(ready)  # what passed every policy before the failure goes out
                 raise
             await emit(ready)
@@ -194,6 +225,10 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         for transform in transforms:
             tail = await _through(transform, tail)
             tail.extend(await transform.on_end())
+        if tail:
+            out = sent if sent is not None else split()
+            for chunk in tail:
+                out.feed(chunk.data)
         await emit(tail, last=DONE_EVENT if done else b"")
     except Exception as exc:
         if not started:
@@ -208,6 +243,11 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         await send({"type": "http.response.body", "body": last, "more_body": False})
     finally:
         metrics.ACTIVE_STREAMS.dec()
+
+
+def _parsed(raw: bytes) -> Any:
+    """An event's JSON as its bytes spell it (a policy may have changed the parsed one)."""
+    return Chunk(raw).data
 
 
 def response_failed_event(

@@ -72,12 +72,21 @@ class Chunk:
     @property
     def data(self) -> Any:
         """The parsed JSON of the data field; ``None`` when it is not JSON (or empty)."""
-        if self._data is _NOT_PARSED:
+        data = self._data
+        if data is _NOT_PARSED:
+            payload = self.payload
             try:
-                self._data = orjson.loads(self.payload) if self.payload else None
+                data = orjson.loads(payload) if payload else None
             except orjson.JSONDecodeError:
-                self._data = None
-        return self._data
+                data = None
+            self._data = data
+        return data
+
+    def replace_raw(self, raw: bytes) -> None:
+        """New bytes for the same event; ``data``, if parsed, must already match them."""
+        self._raw = raw
+        self._payload = None
+        self.changed = False
 
     def set_data(self, data: Any) -> None:
         """Replace the event's JSON; it is serialized again when the event is sent."""
@@ -125,17 +134,22 @@ class SSEDecoder:
         events: list[Chunk] = []
         start = 0
         if b"\r" not in data:
-            while (end := data.find(b"\n\n", start)) >= 0:
-                events.append(Chunk(data[start : end + 2]))
+            find = data.find
+            while (end := find(b"\n\n", start)) >= 0:
+                piece = data[start : end + 2]
+                if piece[0] > 32 or piece.strip():  # not a blank line
+                    events.append(Chunk(piece))
                 start = end + 2
         else:
             for match in _BLANK_LINE.finditer(data):
                 if match.end() == len(data) and data.endswith(b"\r"):
                     break  # a CR at the very end may be the first half of CRLF
-                events.append(Chunk(data[start : match.end()]))
+                piece = data[start : match.end()]
+                if piece.strip():
+                    events.append(Chunk(piece))
                 start = match.end()
         self._buffer = data[start:]
-        return [event for event in events if event.raw.strip()]
+        return events
 
     @property
     def pending(self) -> bytes:

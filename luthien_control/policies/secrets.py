@@ -103,6 +103,18 @@ class SecretPattern:
             else None
         )
         self._longest = max(map(len, literals or ("",)))
+        # Text in which this finds nothing holds no literal and ends in no prefix of one:
+        # it can neither hold a secret nor start one, and goes out as it is.
+        self.quiet = (
+            re.compile(
+                "|".join(map(re.escape, literals))
+                + "|(?:"
+                + "|".join(map(re.escape, sorted(self._prefixes, key=len, reverse=True)))
+                + r")\Z"
+            )
+            if literals
+            else None
+        )
 
     def kind(self, match: Any) -> str:
         group = match.lastgroup
@@ -159,17 +171,26 @@ class SecretPattern:
 class SecretScanner:
     """One text channel of a stream: releases text only once it cannot start a secret."""
 
-    __slots__ = ("_before", "_held", "_policy", "_secrets", "_tx")
+    __slots__ = ("_before", "_held", "_policy", "_quiet", "_secrets", "_tx")
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
         self._policy = policy
         self._secrets = policy.secrets
+        self._quiet = policy.secrets.quiet
         self._tx = tx
         self._held = ""
         self._before = ""  # the last characters released: what a key may not follow
 
     def feed(self, text: str) -> str:
-        return self._scan(self._held + text if self._held else text, final=False)
+        if self._held:
+            text = self._held + text
+            self._held = ""
+        quiet = self._quiet
+        if quiet is not None and quiet.search(text) is None:  # the usual piece: out
+            if text:
+                self._before = text[-3:] if len(text) >= 3 else (self._before + text)[-3:]
+            return text
+        return self._scan(text, final=False)
 
     def flush(self) -> str:
         held, self._held = self._held, ""
@@ -298,11 +319,11 @@ class _SecretStream(ChatTextStream):
         data = chunk.data
         if not isinstance(data, dict):
             return [chunk]
-        if isinstance(data.get("choices"), list) or data.get("type") in RESPONSES_DELTAS:
-            return await super().on_chunk(chunk)
+        if type(data.get("choices")) is list or data.get("type") in RESPONSES_DELTAS:
+            return self.on_data(chunk, data)
         # Any other event (Responses API items and results, errors) is scanned whole,
         # after the text its deltas held back has been released.
-        out = await super().on_chunk(chunk)
+        out = self.on_data(chunk, data)
         if self._policy.scan_value(self._tx, data, "response")[1]:
             chunk.mark_changed()
         return out

@@ -107,6 +107,10 @@ class ChatTextStream:
         data = chunk.data
         if not isinstance(data, dict):
             return [chunk]
+        return self.on_data(chunk, data)
+
+    def on_data(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
+        """``on_chunk`` for a chunk whose JSON is an object (``data``)."""
         choices = data.get("choices")
         if not choices or not isinstance(choices, list):
             kind = data.get("type")
@@ -203,10 +207,21 @@ class ChatTextStream:
 
     def _rewrite_delta(self, index: int, delta: dict[str, Any]) -> bool:
         changed = False
-        for field, value in delta.items():
-            if isinstance(value, str) and field not in _NOT_TEXT and self._wants(field):
-                changed |= self._rewrite_field(delta, field, (index, field, -1))
-        if not self._wants("arguments"):
+        fields = self._fields
+        channels = self._channels
+        for field, value in delta.items():  # once per chunk of every stream: kept lean
+            if type(value) is str and field not in _NOT_TEXT:
+                if fields is not None and field not in fields:
+                    continue
+                key = (index, field, -1)
+                rewriter = channels.get(key)
+                if rewriter is None:
+                    rewriter = channels[key] = self._make()
+                out = rewriter.feed(value)
+                if out != value:
+                    delta[field] = out
+                    changed = True
+        if "tool_calls" not in delta or not self._wants("arguments"):
             return changed
         for call in delta.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None

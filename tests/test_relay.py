@@ -1,0 +1,160 @@
+"""The relay's record of a stream: as the backend sent it, and as the client got it.
+
+The two are one assembler while every event goes out as it came in, and split at the
+first event a policy changes, drops or adds; these tests hold the split to that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from luthien_control.exceptions import PolicyBlocked
+from luthien_control.relay import relay_stream
+from luthien_control.sse import Chunk
+from luthien_control.transaction import ProxyRequest, ProxyResponse, ResponseStream, Transaction
+
+BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def event(content: str | None = None, *, finish: str | None = None, usage: Any = ...) -> bytes:
+    data: dict[str, Any] = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {} if content is None else {"content": content},
+                "finish_reason": finish,
+            }
+        ],
+    }
+    if usage is not ...:
+        data["usage"] = usage
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+USAGE_ONLY = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":1,"total_tokens":3}}\n\n'
+
+
+class Upper:
+    """Upper-cases the content of the events whose content is in ``targets``; drops
+    those in ``dropped``; raises on ``fail``."""
+
+    def __init__(
+        self,
+        targets: frozenset[str] = frozenset(),
+        dropped: frozenset[str] = frozenset(),
+        fail: str = "",
+    ) -> None:
+        self.targets, self.dropped, self.fail = targets, dropped, fail
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        delta = chunk.data["choices"][0]["delta"] if chunk.data.get("choices") else {}
+        content = delta.get("content")
+        if content == self.fail:
+            raise PolicyBlocked("no", policy="Upper")
+        if content in self.dropped:
+            return []
+        if content in self.targets:
+            delta["content"] = content.upper()
+            chunk.mark_changed()
+        return [chunk]
+
+    async def on_end(self) -> list[Chunk]:
+        return []
+
+
+async def relay(
+    events: list[bytes], transform: Upper | None = None, *, hide_usage: bool = False
+) -> tuple[Transaction, bytes]:
+    async def source() -> AsyncIterator[bytes]:
+        for piece in events:
+            yield piece
+
+    sent = bytearray()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.extend(message.get("body", b""))
+
+    tx = Transaction(ProxyRequest("POST", "/chat/completions", b"", {}, BODY), services=None)
+    tx.usage_injected = hide_usage
+    stream = ResponseStream(source())
+    if transform is not None:
+        stream.transforms.append(transform)
+    tx.response = ProxyResponse(200, {"content-type": "text/event-stream"}, stream=stream)
+    await relay_stream(tx, send, dev=False)
+    return tx, bytes(sent)
+
+
+def summary(tx: Transaction) -> tuple[tuple[int, str], tuple[int, str]]:
+    received, sent = tx.trail.stream_received, tx.trail.stream_sent
+    assert received is not None and sent is not None
+    return (
+        (received.chunks, received.choices[0].text),
+        (sent.chunks, sent.choices[0].text),
+    )
+
+
+STREAM = [event("one "), event("two "), event("three"), event(finish="stop"), b"data: [DONE]\n\n"]
+
+
+@pytest.mark.anyio
+async def test_a_stream_no_policy_changed_is_one_record_of_both_sides() -> None:
+    tx, wire = await relay(STREAM, Upper())
+    assert wire == b"".join(STREAM)
+    assert tx.trail.stream_sent is tx.trail.stream_received
+    assert summary(tx) == ((4, "one two three"), (4, "one two three"))
+
+
+@pytest.mark.anyio
+async def test_a_changed_event_splits_the_two_sides_from_that_event_on() -> None:
+    tx, wire = await relay(STREAM, Upper(targets=frozenset({"two "})))
+    assert b'"TWO "' in wire and b'"two "' not in wire
+    assert summary(tx) == ((4, "one two three"), (4, "one TWO three"))
+
+
+@pytest.mark.anyio
+async def test_a_dropped_event_is_received_but_not_sent() -> None:
+    tx, _ = await relay(STREAM, Upper(dropped=frozenset({"one "})))
+    assert summary(tx) == ((4, "one two three"), (3, "two three"))
+
+
+@pytest.mark.anyio
+async def test_a_split_inside_one_network_read_keeps_the_events_before_it() -> None:
+    tx, _ = await relay([b"".join(STREAM)], Upper(targets=frozenset({"three"})))
+    assert summary(tx) == ((4, "one two three"), (4, "one two THREE"))
+
+
+@pytest.mark.anyio
+async def test_the_usage_the_client_did_not_ask_for_is_received_only() -> None:
+    with_usage = [
+        event("one ", usage=None),
+        event("two", usage=None),
+        event(finish="stop", usage=None),
+        USAGE_ONLY,
+        b"data: [DONE]\n\n",
+    ]
+    tx, wire = await relay(with_usage, Upper(), hide_usage=True)
+    assert b"usage" not in wire
+    received, sent = tx.trail.stream_received, tx.trail.stream_sent
+    assert received is not None and sent is not None
+    assert (received.chunks, received.usage) == (4, {"prompt_tokens": 1, "total_tokens": 3})
+    assert (sent.chunks, sent.usage, sent.choices[0].text) == (3, None, "one two")
+    assert tx.usage is not None and tx.usage.total_tokens == 3
+
+
+@pytest.mark.anyio
+async def test_the_event_a_policy_failed_on_is_received_and_not_sent() -> None:
+    tx, wire = await relay(STREAM, Upper(fail="three"))
+    assert wire.endswith(b"\n\n") and b"policy_blocked" in wire and b"[DONE]" not in wire
+    assert tx.outcome == "blocked"
+    assert summary(tx) == ((3, "one two three"), (2, "one two "))
