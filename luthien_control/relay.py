@@ -243,6 +243,9 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         await send({"type": "http.response.body", "body": last, "more_body": False})
     finally:
         metrics.ACTIVE_STREAMS.dec()
+        # A transform that keeps the transaction (to record what it did) makes a cycle
+        # through it; broken here, the transaction is freed without the collector.
+        transforms.clear()
 
 
 def _parsed(raw: bytes) -> Any:

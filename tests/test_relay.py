@@ -158,3 +158,13 @@ async def test_the_event_a_policy_failed_on_is_received_and_not_sent() -> None:
     assert wire.endswith(b"\n\n") and b"policy_blocked" in wire and b"[DONE]" not in wire
     assert tx.outcome == "blocked"
     assert summary(tx) == ((3, "one two three"), (2, "one two "))
+
+
+@pytest.mark.anyio
+async def test_the_relay_lets_go_of_its_transforms_when_the_stream_ends() -> None:
+    # A transform that keeps the transaction (as every recording one does) would make a
+    # reference cycle through it: the transaction could then be freed only by the
+    # collector, which the proxy runs rarely.
+    tx, _ = await relay(STREAM, Upper())
+    assert tx.response is not None and tx.response.stream is not None
+    assert tx.response.stream.transforms == []
