@@ -49,7 +49,8 @@ class Chunk:
             _ = self.raw  # serialize the changed data first
         if self._payload is None:
             raw = self._raw
-            if raw.startswith(b"data: ") and raw.count(b"\n") == 2 and raw.endswith(b"\n\n"):
+            # One "data: " line: its only newlines are the two that end the event.
+            if raw.startswith(b"data: ") and raw.find(b"\n") == len(raw) - 2 and raw[-1] == 10:
                 self._payload = raw[6:-2]
             else:
                 self._payload = _parse_data_field(raw)

@@ -103,12 +103,11 @@ class SecretPattern:
             else None
         )
         self._longest = max(map(len, literals or ("",)))
-        # Text in which this finds nothing holds no literal and ends in no prefix of one:
-        # it can neither hold a secret nor start one, and goes out as it is.
-        self.quiet = (
+        # A prefix of a literal at the very end of a text: the start of a secret that the
+        # next piece could complete (searched only over the last characters).
+        self._tail = (
             re.compile(
-                "|".join(map(re.escape, literals))
-                + "|(?:"
+                "(?:"
                 + "|".join(map(re.escape, sorted(self._prefixes, key=len, reverse=True)))
                 + r")\Z"
             )
@@ -119,6 +118,17 @@ class SecretPattern:
     def kind(self, match: Any) -> str:
         group = match.lastgroup
         return self.names[int(group[1:])] if group else "secret"
+
+    def is_quiet(self, text: str) -> bool:
+        """True only when ``text`` holds no literal and does not end in the start of one:
+        it can neither hold a secret nor begin one (two C searches, the second over the
+        last few characters only)."""
+        return (
+            self._any_literal is not None
+            and self._tail is not None
+            and self._any_literal.search(text) is None
+            and self._tail.search(text, max(0, len(text) - self._longest + 1)) is None
+        )
 
     def may_contain(self, text: str) -> bool:
         """False only when ``text`` certainly holds no (complete) secret."""
@@ -171,12 +181,11 @@ class SecretPattern:
 class SecretScanner:
     """One text channel of a stream: releases text only once it cannot start a secret."""
 
-    __slots__ = ("_before", "_held", "_policy", "_quiet", "_secrets", "_tx")
+    __slots__ = ("_before", "_held", "_policy", "_secrets", "_tx")
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
         self._policy = policy
         self._secrets = policy.secrets
-        self._quiet = policy.secrets.quiet
         self._tx = tx
         self._held = ""
         self._before = ""  # the last characters released: what a key may not follow
@@ -185,8 +194,7 @@ class SecretScanner:
         if self._held:
             text = self._held + text
             self._held = ""
-        quiet = self._quiet
-        if quiet is not None and quiet.search(text) is None:  # the usual piece: out
+        if self._secrets.is_quiet(text):  # the usual piece: out as it came
             if text:
                 self._before = text[-3:] if len(text) >= 3 else (self._before + text)[-3:]
             return text

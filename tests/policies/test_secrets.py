@@ -223,6 +223,23 @@ async def test_words_that_end_like_a_key_begins_pass_untouched() -> None:
     assert await transform.on_end() == []
 
 
+@pytest.mark.parametrize(
+    ("text", "quiet"),
+    [
+        ("plain words and digits 42", True),
+        ("", True),
+        ("the key sk-", False),  # holds a literal
+        ("then s", False),  # ends in what could begin "sk-"
+        ("ends in gh", False),
+        ("a rule -", False),  # could begin "-----BEGIN "
+        ("Thanks", False),  # the slow path decides: no key starts mid-word
+    ],
+)
+def test_only_text_that_cannot_hold_or_begin_a_secret_is_quiet(text: str, quiet: bool) -> None:
+    assert policy().secrets.is_quiet(text) is quiet
+    assert policy(patterns=["secret-[0-9]+"]).secrets.is_quiet(text) is False  # no literals
+
+
 @pytest.mark.anyio
 async def test_unchanged_chunks_are_forwarded_as_the_same_bytes() -> None:
     original = chunk("nothing secret here.")
