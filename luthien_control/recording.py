@@ -148,6 +148,13 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     backend_request = trail.backend_request
     streamed = trail.stream_sent is not None
     usage = tx.usage
+    received_stream = _stream(trail.stream_received)
+    # One assembler for both sides when no policy changed the stream (relay.py).
+    sent_stream = (
+        received_stream
+        if trail.stream_sent is trail.stream_received
+        else _stream(trail.stream_sent)
+    )
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -197,13 +204,13 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     "status": trail.backend_status,
                     "headers": redacted_headers(trail.backend_headers or {}),
                     "body": bodies.value(trail.backend_body),
-                    "stream": _stream(trail.stream_received),
+                    "stream": received_stream,
                 },
                 "sent": {
                     "status": tx.status,
                     "headers": redacted_headers(_headers_sent(trail.client_headers)),
                     "body": bodies.value(trail.client_body),
-                    "stream": _stream(trail.stream_sent),
+                    "stream": sent_stream,
                 },
             }
         ),
