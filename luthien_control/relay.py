@@ -187,6 +187,7 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                         unfed = None
                         feed_received(payload)
                         continue
+                    seen_raw = seen.raw  # to tell a changed event once it is serialized
                     chunks = [seen]
                     for transform in transforms:
                         if len(chunks) == 1:
@@ -194,7 +195,12 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                         else:
                             chunks = await _through(transform, chunks)
                     unfed = None
-                    if len(chunks) == 1 and chunks[0] is event and not event.changed:
+                    if (
+                        len(chunks) == 1
+                        and chunks[0] is event
+                        and not event.changed
+                        and event.raw is seen_raw
+                    ):
                         feed_received(payload)  # went out as it came in
                         if sent is not None:
                             sent.feed(payload)

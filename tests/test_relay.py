@@ -67,6 +67,7 @@ class Upper:
         if content in self.targets:
             delta["content"] = content.upper()
             chunk.mark_changed()
+            _ = chunk.raw  # serialized already: the relay still sees the change
         return [chunk]
 
     async def on_end(self) -> list[Chunk]:
