@@ -131,9 +131,10 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     decoder = SSEDecoder()
     # The stream as received, and as sent. They are one assembler for as long as every
     # event goes out as it came in (the usual case: one fold per chunk, not two); the
-    # first event a policy changes, drops or adds splits them.
+    # first network read with an event a policy changed, dropped or added splits them.
+    # Each read's events are folded in once its fate is known: sent, failed on, or cut
+    # off by a disconnect.
     received = tx.trail.stream_received = tx.trail.stream_sent = StreamAssembler()
-    feed_received = received.feed
     sent: StreamAssembler | None = None  # None: still the same as ``received``
     started = False
 
@@ -159,10 +160,17 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             tx.response_complete = True
         await send({"type": "http.response.body", "body": body, "more_body": last is None})
 
-    def split() -> StreamAssembler:
+    def fold(arrived: list[Any], out: list[Chunk], *, same: bool) -> None:
+        """Fold one read into the record: ``arrived``, its events as they came; ``out``,
+        what goes to the client; ``same``: ``out`` is exactly ``arrived``."""
         nonlocal sent
-        sent = tx.trail.stream_sent = received.copy()
-        return sent
+        if sent is None and not same:
+            sent = tx.trail.stream_sent = received.copy()
+        for payload in arrived:
+            received.feed(payload)
+        if sent is not None:
+            for chunk in out:
+                sent.feed(chunk.data)
 
     done = False
     metrics.ACTIVE_STREAMS.inc()
@@ -171,7 +179,9 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             if tx.timings.backend_ready is None:
                 tx.timings.backend_ready = time.perf_counter()
             ready: list[Chunk] = []
-            unfed: bytes | None = None  # an event's bytes, until "received" has it
+            arrived: list[Any] = []
+            same = True  # every event of this read so far went out as it came in
+            unfed: bytes | None = None  # the event in the policies' hands
             try:
                 for event in decoder.feed(data):
                     raw = unfed = event.raw
@@ -182,10 +192,9 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                     payload = event.data
                     seen = usage.see(event, raw) if b'"usage"' in raw else event
                     if seen is None:  # the usage the client did not ask for
-                        if sent is None:
-                            split()
                         unfed = None
-                        feed_received(payload)
+                        arrived.append(payload)
+                        same = False
                         continue
                     seen_raw = seen.raw  # to tell a changed event once it is serialized
                     chunks = [seen]
@@ -201,22 +210,21 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                         and not event.changed
                         and event.raw is seen_raw
                     ):
-                        feed_received(payload)  # went out as it came in
-                        if sent is not None:
-                            sent.feed(payload)
+                        arrived.append(payload)  # went out as it came in
                     else:
-                        out = sent if sent is not None else split()
-                        feed_received(_parsed(raw))  # as it came, before any policy
-                        for chunk in chunks:
-                            out.feed(chunk.data)
+                        arrived.append(_parsed(raw))  # as it came, before any policy
+                        same = False
                     ready.extend(chunks)
-            except Exception:
+            except BaseException as exc:
                 if unfed is not None:  # a policy failed on it: received, never sent
-                    if sent is None:
-                        split()
-                    feed_received(_parsed(unfed))
+                    arrived.append(_parsed(unfed))
+                if not isinstance(exc, Exception):  # cancelled (a disconnect): none sent
+                    fold(arrived, [], same=not arrived)
+                    raise
+                fold(arrived, ready, same=False)
                 await emit(ready)  # what passed every policy before the failure goes out
                 raise
+            fold(arrived, ready, same=same)
             await emit(ready)
             if done:
                 break
@@ -231,10 +239,7 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         for transform in transforms:
             tail = await _through(transform, tail)
             tail.extend(await transform.on_end())
-        if tail:
-            out = sent if sent is not None else split()
-            for chunk in tail:
-                out.feed(chunk.data)
+        fold([], tail, same=not tail)
         await emit(tail, last=DONE_EVENT if done else b"")
     except Exception as exc:
         if not started:
@@ -243,7 +248,9 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         tx.error = exc
         tx.response_complete = True
         if tx.request.path == "/responses":
-            last = response_failed_event(exc, tx, received, dev=dev)
+            # Built from what the client got: the backend's own last response object
+            # may hold what a policy redacted or refused.
+            last = response_failed_event(exc, tx, sent or received, dev=dev)
         else:
             last = error_event(exc, tx.id, dev=dev)
         await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -260,12 +267,13 @@ def _parsed(raw: bytes) -> Any:
 
 
 def response_failed_event(
-    exc: BaseException, tx: Transaction, received: StreamAssembler, *, dev: bool
+    exc: BaseException, tx: Transaction, sent: StreamAssembler, *, dev: bool
 ) -> bytes:
-    """How a Responses API stream ends when it fails after it began: ``response.failed``."""
+    """How a Responses API stream ends when it fails after it began: ``response.failed``,
+    numbered after the last event the client got (``sent``: the stream as it got it)."""
     _, payload = error_status_and_body(exc, tx.id, dev=dev)
     error = payload["error"]
-    response = dict(received.response or {"id": f"resp_{tx.id}", "object": "response"})
+    response = dict(sent.response or {"id": f"resp_{tx.id}", "object": "response"})
     # No output: what the backend produced may be exactly what a policy refused.
     response.update(
         status="failed",
@@ -274,7 +282,7 @@ def response_failed_event(
     )
     data = {
         "type": "response.failed",
-        "sequence_number": received.sequence_number + 1,
+        "sequence_number": sent.sequence_number + 1,
         "response": response,
     }
     return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"

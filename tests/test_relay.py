@@ -6,6 +6,7 @@ first event a policy changes, drops or adds; these tests hold the split to that.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +14,13 @@ import orjson
 import pytest
 
 from luthien_control.exceptions import PolicyBlocked
+from luthien_control.policies.secrets import LeakedApiKeyDetection
 from luthien_control.relay import relay_stream
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, ResponseStream, Transaction
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
+KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
 
 
 @pytest.fixture
@@ -74,9 +77,19 @@ class Upper:
         return []
 
 
+def transaction(path: str = "/chat/completions") -> Transaction:
+    return Transaction(ProxyRequest("POST", path, b"", {}, BODY), services=None)
+
+
 async def relay(
-    events: list[bytes], transform: Upper | None = None, *, hide_usage: bool = False
+    events: list[bytes],
+    *transforms: Any,
+    hide_usage: bool = False,
+    tx: Transaction | None = None,
 ) -> tuple[Transaction, bytes]:
+    """Relay ``events`` (one network read each) through ``transforms`` (a transform, or
+    a factory taking the transaction); returns the transaction and the bytes sent."""
+
     async def source() -> AsyncIterator[bytes]:
         for piece in events:
             yield piece
@@ -86,11 +99,11 @@ async def relay(
     async def send(message: dict[str, Any]) -> None:
         sent.extend(message.get("body", b""))
 
-    tx = Transaction(ProxyRequest("POST", "/chat/completions", b"", {}, BODY), services=None)
+    tx = tx or transaction()
     tx.usage_injected = hide_usage
     stream = ResponseStream(source())
-    if transform is not None:
-        stream.transforms.append(transform)
+    for transform in transforms:
+        stream.transforms.append(transform(tx) if callable(transform) else transform)
     tx.response = ProxyResponse(200, {"content-type": "text/event-stream"}, stream=stream)
     await relay_stream(tx, send, dev=False)
     return tx, bytes(sent)
@@ -100,8 +113,8 @@ def summary(tx: Transaction) -> tuple[tuple[int, str], tuple[int, str]]:
     received, sent = tx.trail.stream_received, tx.trail.stream_sent
     assert received is not None and sent is not None
     return (
-        (received.chunks, received.choices[0].text),
-        (sent.chunks, sent.choices[0].text),
+        (received.chunks, received.choices[0].text if received.choices else ""),
+        (sent.chunks, sent.choices[0].text if sent.choices else ""),
     )
 
 
@@ -169,3 +182,83 @@ async def test_the_relay_lets_go_of_its_transforms_when_the_stream_ends() -> Non
     tx, _ = await relay(STREAM, Upper())
     assert tx.response is not None and tx.response.stream is not None
     assert tx.response.stream.transforms == []
+
+
+class Slow(Upper):
+    """A judge-like transform: waits on "three" (its network call) until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        if chunk.data.get("choices") and chunk.data["choices"][0]["delta"] == {"content": "three"}:
+            self.waiting.set()
+            await asyncio.sleep(3600)
+        return [chunk]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("one_read", [True, False], ids=["one read", "a read each"])
+async def test_a_disconnect_during_a_policy_records_what_came_and_what_went(
+    one_read: bool,
+) -> None:
+    slow, tx = Slow(), transaction()
+    task = asyncio.create_task(relay([b"".join(STREAM)] if one_read else STREAM, slow, tx=tx))
+    await slow.waiting.wait()
+    task.cancel()  # the client went away: server.py cancels the handler
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Nothing of the cut read went out; everything that came in is in the record.
+    sent = (0, "") if one_read else (2, "one two ")
+    assert summary(tx) == ((3, "one two three"), sent)
+
+
+def responses_event(kind: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def response(number: int, **fields: Any) -> dict[str, Any]:
+    body = {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], **fields}
+    return {"sequence_number": number, "response": body}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("action", ["redact", "block"])
+async def test_response_failed_is_built_from_what_the_client_got(action: str) -> None:
+    # The backend's stream ends without a terminal event (BackendBroken) after an event
+    # whose response object holds a key: redacted, or refused with the event.
+    events = [
+        responses_event("response.created", response(0)),
+        responses_event("response.in_progress", response(1, instructions=f"use {KEY}")),
+    ]
+    policy = LeakedApiKeyDetection(LeakedApiKeyDetection.Config(action=action), {})
+    tx, wire = await relay(events, policy.stream_transform, tx=transaction("/responses"))
+    assert KEY.encode() not in wire
+    failed = orjson.loads(wire.rsplit(b"data: ", 1)[1])
+    assert failed["type"] == "response.failed"
+    assert failed["sequence_number"] == (2 if action == "redact" else 1)
+    received = tx.trail.stream_received
+    assert received is not None and received.response is not None
+    assert received.response["instructions"] == f"use {KEY}"  # the record: as it came
+
+
+class AsText(str):
+    """A str subclass, as a policy earlier in the chain might put into a chunk."""
+
+
+class Subclassing(Upper):
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        delta = chunk.data["choices"][0]["delta"]
+        if "content" in delta:
+            delta["content"] = AsText(delta["content"])
+            chunk.mark_changed()
+        return [chunk]
+
+
+@pytest.mark.anyio
+async def test_text_a_policy_made_a_str_subclass_is_still_scanned() -> None:
+    policy = LeakedApiKeyDetection(LeakedApiKeyDetection.Config(action="redact"), {})
+    events = [event(f"here: {KEY} ok"), event(finish="stop"), b"data: [DONE]\n\n"]
+    _, wire = await relay(events, Subclassing(), policy.stream_transform)
+    assert KEY.encode() not in wire and b"[REDACTED]" in wire

@@ -13,8 +13,9 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from luthien_control.db.engine import transaction, translate_errors
+from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import TransactionRow
+from luthien_control.exceptions import StorageError
 
 SUMMARY_COLUMNS = (
     "seq",
@@ -47,10 +48,17 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
         # Each value through its column type's own bind processor, then one executemany
         # at the driver: SQLAlchemy's per-row work for this statement cost about as
         # much CPU as SQLite's insert itself (docs/performance.md).
-        values = [
-            tuple(row[key] if process is None else process(row[key]) for key, process in columns)
-            for row in rows
-        ]
+        try:
+            values = [
+                tuple(
+                    row[key] if process is None else process(row[key]) for key, process in columns
+                )
+                for row in rows
+            ]
+        except (ValueError, TypeError, KeyError) as exc:  # as SQLAlchemy's would be: refused
+            raise StorageError(
+                f"database error at {describe_url(engine.url)}: a value cannot be stored: {exc!r}"
+            ) from exc
         async with translate_errors(engine), engine.begin() as connection:
             await connection.exec_driver_sql(sql, values)
         return

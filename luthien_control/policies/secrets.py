@@ -327,7 +327,7 @@ class _SecretStream(ChatTextStream):
         data = chunk.data
         if not isinstance(data, dict):
             return [chunk]
-        if type(data.get("choices")) is list or data.get("type") in RESPONSES_DELTAS:
+        if isinstance(data.get("choices"), list) or data.get("type") in RESPONSES_DELTAS:
             return self.on_data(chunk, data)
         # Any other event (Responses API items and results, errors) is scanned whole,
         # after the text its deltas held back has been released.

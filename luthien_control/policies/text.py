@@ -31,10 +31,10 @@ _NOT_TEXT = frozenset({"role", "tool_calls", "function_call"})
 
 def _emptied(choice: Any) -> bool:
     """A choice with nothing left in it (its text was all held back)."""
-    if type(choice) is not dict or choice.get("finish_reason"):
+    if not isinstance(choice, dict) or choice.get("finish_reason"):
         return False
     delta = choice.get("delta")
-    if type(delta) is dict:
+    if isinstance(delta, dict):
         return all(value == "" or value is None or value == [] for value in delta.values())
     return choice.get("text") == ""
 
@@ -124,11 +124,13 @@ class ChatTextStream:
             self._template = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
         changed = False
         for choice in choices:
-            if type(choice) is not dict:
+            # isinstance, not type(): a subclass an earlier policy put there is still
+            # text that goes out (orjson writes it as a plain object or string).
+            if not isinstance(choice, dict):
                 continue
             index = choice.get("index", 0)
             delta = choice.get("delta")
-            if type(delta) is dict:
+            if isinstance(delta, dict):
                 changed |= self._rewrite_delta(index, delta)
             elif isinstance(choice.get("text"), str) and self._wants("text"):  # completions
                 changed |= self._rewrite_field(choice, "text", (index, "text", -1))
@@ -210,7 +212,7 @@ class ChatTextStream:
         fields = self._fields
         channels = self._channels
         for field, value in delta.items():  # once per chunk of every stream: kept lean
-            if type(value) is str and field not in _NOT_TEXT:
+            if isinstance(value, str) and field not in _NOT_TEXT:
                 if fields is not None and field not in fields:
                     continue
                 key = (index, field, -1)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from luthien_control.db.engine import SerializedJSON, create_engine
 from luthien_control.db.init_db import upgrade
 from luthien_control.db.transactions import get_transaction, insert_records
+from luthien_control.exceptions import StorageError
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +89,12 @@ async def test_sqlite_stores_the_text_sqlalchemys_dialect_writes(sqlite_url: str
     finally:
         await engine.dispose()
     assert tuple(stored) == ("2026-11-24 15:04:05.123456", "2026-11-24 15:04:05.123456", 1)
+
+
+async def test_a_value_the_database_cannot_take_is_a_storage_error(db: AsyncEngine) -> None:
+    # The recorder handles StorageError (the row is tried alone, then dropped and logged);
+    # anything else would end its task.
+    naive = RECEIVED.replace(tzinfo=None)
+    with pytest.raises(StorageError, match="naive datetime"):
+        await insert_records(db, [row("a" * 32), row("b" * 32, received_at=naive)])
+    assert await get_transaction(db, "a" * 32) is None  # nothing of the batch was written
