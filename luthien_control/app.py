@@ -35,21 +35,40 @@ def sample_policy_path() -> Path:
 
 
 class KeyCache:
-    """Active client keys, by hash, as last read from the database."""
+    """Active client keys, by hash, as last read from the database.
+
+    Keys that matched are remembered as they were sent (at most ``MEMO_SIZE``, forgotten
+    at every refresh, so a revoked key stops working with the next one): a client sends
+    the same key with every request, and its sha256 through OpenSSL cost about 40 µs of
+    CPU on a cold request path (docs/performance.md). A key that did not match is hashed
+    every time, so that guessing cannot fill the memory.
+    """
+
+    MEMO_SIZE = 1024
 
     def __init__(self) -> None:
         self._by_hash: dict[str, str] = {}
+        self._matched: dict[str, str] = {}
         self.loaded = False
 
     def name_for(self, key: str) -> str | None:
+        name = self._matched.get(key)
+        if name is not None:
+            return name
         from luthien_control.db.keys import hash_key
 
-        return self._by_hash.get(hash_key(key))
+        name = self._by_hash.get(hash_key(key))
+        if name is not None:
+            if len(self._matched) >= self.MEMO_SIZE:
+                self._matched.clear()
+            self._matched[key] = name
+        return name
 
     async def refresh(self, engine: AsyncEngine) -> None:
         from luthien_control.db.keys import active_keys
 
-        self._by_hash = await active_keys(engine)
+        by_hash = await active_keys(engine)
+        self._by_hash, self._matched = by_hash, {}
         self.loaded = True
 
 

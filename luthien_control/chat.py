@@ -49,11 +49,55 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+# Optional scalar fields and the one type each may have (``None`` aside).
+_PLAIN_FIELDS: dict[str, type] = {
+    "stream": bool,
+    "n": int,
+    "temperature": float,
+    "top_p": float,
+    "max_tokens": int,
+    "max_completion_tokens": int,
+}
+
+
+def _plainly_valid(payload: dict[str, Any]) -> bool:
+    """True only for a request whose every known field has the plainest valid shape
+    (exact types: a bool is no int here, an int no float), which ``_ChatRequest``
+    accepts; anything else goes to pydantic, which also words the errors. Most requests
+    are plain, and pydantic's validation cost ~50 µs of CPU on a cold request path."""
+    if type(payload.get("model")) is not str:
+        return False
+    messages = payload.get("messages")
+    if type(messages) is not list:
+        return False
+    for message in messages:
+        if type(message) is not dict or type(message.get("role")) is not str:
+            return False
+        content = message.get("content")
+        if content is not None and type(content) is not str:
+            return False
+    for name, kind in _PLAIN_FIELDS.items():
+        value = payload.get(name)
+        if value is not None and type(value) is not kind:
+            return False
+    options = payload.get("stream_options")
+    if options is not None:
+        if type(options) is not dict:
+            return False
+        include_usage = options.get("include_usage")
+        if include_usage is not None and type(include_usage) is not bool:
+            return False
+    tools = payload.get("tools")
+    return tools is None or (type(tools) is list and all(type(tool) is dict for tool in tools))
+
+
 def validate_chat_request(payload: Any) -> None:
     """Raise ``MalformedRequest`` (400, naming the parameter) unless ``payload`` is a
     well-typed chat completion request. Unknown fields are the backend's business."""
     if not isinstance(payload, dict):
         raise MalformedRequest("the request body must be a JSON object")
+    if _plainly_valid(payload):
+        return
     try:
         _ChatRequest.model_validate(payload)
     except ValidationError as exc:

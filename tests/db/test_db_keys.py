@@ -154,3 +154,30 @@ async def test_revoking_twice_is_an_error(db: AsyncEngine) -> None:
         await revoke_key(db, "alice")
     assert caught.value.message == "the key 'alice' is already revoked"
     assert (await list_keys(db))[0].revoked_at == first.revoked_at
+
+
+async def test_the_key_cache_forgets_a_revoked_or_replaced_key_at_its_refresh(
+    db: AsyncEngine,
+) -> None:
+    from luthien_control.app import KeyCache
+
+    cache = KeyCache()
+    await add_key(db, "ci", "lc-first")
+    await cache.refresh(db)
+    assert cache.name_for("lc-first") == "ci"
+    assert cache.name_for("lc-first") == "ci"  # now from the memo of matched keys
+    assert cache.name_for("lc-guess") is None
+    await revoke_key(db, "ci")
+    assert cache.name_for("lc-first") == "ci"  # until the next refresh (every second)
+    await cache.refresh(db)
+    assert cache.name_for("lc-first") is None
+
+
+def test_the_memo_of_matched_keys_is_bounded() -> None:
+    from luthien_control.app import KeyCache
+
+    cache = KeyCache()
+    cache._by_hash = {hash_key(f"lc-{i}"): f"k{i}" for i in range(KeyCache.MEMO_SIZE + 5)}
+    for i in range(KeyCache.MEMO_SIZE + 5):
+        assert cache.name_for(f"lc-{i}") == f"k{i}"
+    assert len(cache._matched) <= KeyCache.MEMO_SIZE
