@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -49,15 +49,25 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-# Optional scalar fields and the one type each may have (``None`` aside).
+def _scalar_type(annotation: Any) -> type | None:
+    """``X | None`` → ``X`` when X is a plain scalar (bool, int, float), else None."""
+    kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
+
+
+# Optional scalar fields of the model and the one type each may have (``None`` aside),
+# read from the model itself; a field the quick check does not know sends the request
+# to pydantic, so a field added to the model is never let through unchecked.
 _PLAIN_FIELDS: dict[str, type] = {
-    "stream": bool,
-    "n": int,
-    "temperature": float,
-    "top_p": float,
-    "max_tokens": int,
-    "max_completion_tokens": int,
+    name: kind
+    for name, field in _ChatRequest.model_fields.items()
+    if (kind := _scalar_type(field.annotation)) is not None
 }
+_UNKNOWN_TO_QUICK_CHECK = tuple(
+    set(_ChatRequest.model_fields)
+    - set(_PLAIN_FIELDS)
+    - {"model", "messages", "stream_options", "tools"}
+)
 
 
 def _plainly_valid(payload: dict[str, Any]) -> bool:
@@ -66,6 +76,8 @@ def _plainly_valid(payload: dict[str, Any]) -> bool:
     accepts; anything else goes to pydantic, which also words the errors. Most requests
     are plain, and pydantic's validation cost ~50 µs of CPU on a cold request path."""
     if type(payload.get("model")) is not str:
+        return False
+    if any(name in payload for name in _UNKNOWN_TO_QUICK_CHECK):
         return False
     messages = payload.get("messages")
     if type(messages) is not list:

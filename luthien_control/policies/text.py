@@ -209,20 +209,9 @@ class ChatTextStream:
 
     def _rewrite_delta(self, index: int, delta: dict[str, Any]) -> bool:
         changed = False
-        fields = self._fields
-        channels = self._channels
-        for field, value in delta.items():  # once per chunk of every stream: kept lean
-            if isinstance(value, str) and field not in _NOT_TEXT:
-                if fields is not None and field not in fields:
-                    continue
-                key = (index, field, -1)
-                rewriter = channels.get(key)
-                if rewriter is None:
-                    rewriter = channels[key] = self._make()
-                out = rewriter.feed(value)
-                if out != value:
-                    delta[field] = out
-                    changed = True
+        for field, value in delta.items():
+            if isinstance(value, str) and field not in _NOT_TEXT and self._wants(field):
+                changed |= self._rewrite_field(delta, field, (index, field, -1))
         if "tool_calls" not in delta or not self._wants("arguments"):
             return changed
         for call in delta.get("tool_calls") or ():

@@ -125,6 +125,13 @@ async def open_fails(
             pass
 
 
+async def body_cut_short(script: Script) -> None:
+    """Reading the answer ``script`` gives to a GET fails: its body was cut short."""
+    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
+        with pytest.raises(BackendBroken, match="cut short"):
+            await r.read()
+
+
 @asynccontextmanager
 async def answering(*, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[Backend, str]]:
     """A backend that answers every request ``{"ok":true}`` on a kept-alive connection."""
@@ -487,9 +494,7 @@ async def test_a_body_ended_by_the_connection_but_reset_is_cut_short() -> None:
         await asyncio.sleep(0.1)
         await reset(writer)
 
-    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
-        with pytest.raises(BackendBroken, match="cut short"):
-            await r.read()
+    await body_cut_short(script)
 
 
 async def test_a_chunked_body_cut_short_is_an_error_whatever_the_case_of_the_header() -> None:
@@ -498,9 +503,7 @@ async def test_a_chunked_body_cut_short_is_an_error_whatever_the_case_of_the_hea
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
 
-    async with backend(script) as (_, url), client() as c, c.open("GET", url, {}, None) as r:
-        with pytest.raises(BackendBroken, match="cut short"):
-            await r.read()
+    await body_cut_short(script)
 
 
 async def test_an_upgrade_answer_is_an_error() -> None:
