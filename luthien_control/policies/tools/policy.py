@@ -1,0 +1,131 @@
+"""``ToolCallPolicy``: its config, the check of one call, and the decision on a refusal."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import regex
+
+from luthien_control.exceptions import PolicyBlocked
+from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
+from luthien_control.policies.tools.call import ToolCall, strings_and_keys
+from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
+from luthien_control.policies.tools.chat_stream import ChatCalls
+from luthien_control.policies.tools.responses_items import filter_input, filter_output
+from luthien_control.policies.tools.responses_stream import ResponsesCalls
+from luthien_control.sse import Chunk
+from luthien_control.transaction import StreamTransform, Transaction
+
+
+class ToolCallPolicy(Policy):
+    """Blocks, or drops, tool calls whose name or arguments are not allowed."""
+
+    type_name = "ToolCallPolicy"
+
+    class Config(PolicyConfig):
+        allowed_tools: list[str] | None = None
+        denied_tools: list[str] = []
+        argument_patterns: list[RegexPattern] = []
+        action: Literal["block", "drop_call"] = "block"
+
+    def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
+        super().__init__(config, raw_config)
+        self.allowed = None if config.allowed_tools is None else frozenset(config.allowed_tools)
+        self.denied = frozenset(config.denied_tools)
+        self.patterns = [regex.compile(p) for p in config.argument_patterns]
+        self.action = config.action
+
+    def check(self, call: ToolCall) -> str | None:
+        """Why ``call`` may not pass, or ``None`` when it may. The reason is shown to the
+        client, so it must not quote the arguments."""
+        if call.name in self.denied:
+            return "the tool is denied"
+        if self.allowed is not None and call.name not in self.allowed:
+            return "the tool is not allowed"
+        if self.patterns:
+            # The decoded strings too: a JSON escape (\u0072m) must not hide a match.
+            texts = [call.arguments, *strings_and_keys(call.parsed_arguments)]
+            for i, pattern in enumerate(self.patterns):
+                if any(pattern.search(text) for text in texts):
+                    return f"its arguments match argument_patterns[{i}]"
+        return None
+
+    def judge(self, tx: Transaction, call: ToolCall, *, where: str, block: bool = False) -> bool:
+        """Whether ``call`` may pass; a violation is recorded, and raises ``PolicyBlocked``
+        when the action is ``block`` (or ``block`` is forced)."""
+        return self.decide(tx, call, self.check(call), where=where, block=block)
+
+    def decide(
+        self, tx: Transaction, call: ToolCall, reason: str | None, *, where: str, block: bool
+    ) -> bool:
+        """``judge`` once ``check`` has given its ``reason``."""
+        if reason is None:
+            return True
+        if block or self.action == "block":
+            tx.record(self.name, "blocked", f"tool {call.name}")
+            raise PolicyBlocked(
+                f"blocked by {self.name}: tool call {call.name!r} in the {where}: {reason}",
+                policy=self.name,
+            )
+        tx.record(self.name, "dropped", f"tool {call.name}")
+        return False
+
+    async def on_request(self, tx: Transaction) -> None:
+        payload = tx.request.payload
+        if not isinstance(payload, dict):
+            return
+        messages = payload.get("messages")
+        if isinstance(messages, list) and filter_history(self, tx, messages):
+            tx.request.mark_changed()
+        items = payload.get("input")  # the Responses API
+        if isinstance(items, list) and filter_input(self, tx, items):
+            tx.request.mark_changed()
+
+    async def on_response(self, tx: Transaction) -> None:
+        assert tx.response is not None
+        payload = tx.response.payload
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not isinstance(choices, list):
+            output = payload.get("output") if isinstance(payload, dict) else None
+            if isinstance(output, list) and filter_output(self, tx, output):
+                tx.response.mark_changed()  # a Responses API response object
+            return
+        if filter_choices(self, tx, choices):
+            tx.response.mark_changed()
+
+    def stream_transform(self, tx: Transaction) -> StreamTransform:
+        return _ToolCallStream(self, tx)
+
+
+class _ToolCallStream:
+    """Hands each event to the holder of its dialect: chat chunks (``choices``) or
+    Responses API events (``type``); any other event goes on as it is."""
+
+    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
+        self._policy = policy
+        self._tx = tx
+        self._chat: ChatCalls | None = None
+        self._responses: ResponsesCalls | None = None
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        data = chunk.data
+        if not isinstance(data, dict):
+            return [chunk]
+        choices = data.get("choices")
+        if isinstance(choices, list) and choices:
+            if self._chat is None:
+                self._chat = ChatCalls(self._policy, self._tx)
+            return self._chat.on_event(chunk, data, choices)
+        if isinstance(data.get("type"), str):
+            if self._responses is None:
+                self._responses = ResponsesCalls(self._policy, self._tx)
+            return self._responses.on_event(chunk, data)
+        return [chunk]
+
+    async def on_end(self) -> list[Chunk]:
+        out: list[Chunk] = []
+        if self._chat is not None:
+            out.extend(self._chat.on_end())
+        if self._responses is not None:
+            out.extend(self._responses.on_end())
+        return out
