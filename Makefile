@@ -6,18 +6,20 @@ UV_VERSION := 0.13.9
 UV := .tools/bin/uv
 VENV := .venv
 SYNCED := $(VENV)/.synced
+# The coding-agent CLIs that tests/agents drives (npm, pinned by package-lock.json).
+AGENTS := tests/agents/node_modules/.installed
 
 .PHONY: run test lint install clean
 
 run: $(SYNCED)
 	$(VENV)/bin/luthien-control serve
 
-test: $(SYNCED)
+test: $(SYNCED) $(AGENTS)
 	scripts/ensure-postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	LUTHIEN_REQUIRE_POSTGRES=1 $(VENV)/bin/pytest
+	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 $(VENV)/bin/pytest
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check .
@@ -34,5 +36,12 @@ $(SYNCED): uv.lock pyproject.toml | $(UV)
 	$(UV) sync --frozen --python $(PYTHON)
 	touch $@
 
+$(AGENTS): tests/agents/package-lock.json tests/agents/package.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "make: node and npm not found: tests/agents needs Node.js 20+ with npm" \
+	    "to install the Claude Code and Codex CLIs it drives" >&2; exit 1; }
+	npm ci --prefix tests/agents --no-audit --no-fund
+	touch $@
+
 clean:
-	rm -rf .tools $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .tools $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/agents/node_modules

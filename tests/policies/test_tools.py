@@ -680,6 +680,45 @@ async def test_request_with_allowed_history_is_unchanged() -> None:
     assert tx.request.body is body and tx.decisions == []
 
 
+# --- names compared after normalisation ------------------------------------------------
+
+DISGUISED_BASH = {
+    "case": "BaSH",
+    "fullwidth": "\uff42\uff41\uff53\uff48",
+    "Cyrillic look-alike": "b\u0430sh",
+    "zero-width": "ba\u200bsh",
+    "soft hyphen": "ba\u00adsh",
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", DISGUISED_BASH.values(), ids=DISGUISED_BASH.keys())
+async def test_a_disguised_denied_name_is_denied_streamed_buffered_and_in_the_request(
+    name: str,
+) -> None:
+    p = policy(denied_tools=["bash"])
+    out, _, _ = await run_until_blocked(p, [*call(0, name, ['{"c": 1}']), finish()])
+    assert out == []
+    with pytest.raises(PolicyBlocked):
+        await p.apply(responded(completion((name, "{}"))))
+    with pytest.raises(PolicyBlocked):
+        await p.apply(responded(response_object((name, "{}"))))
+    request = history()
+    request["messages"][1]["tool_calls"][0]["function"]["name"] = name
+    with pytest.raises(PolicyBlocked):
+        await p.apply(transaction(request))
+
+
+@pytest.mark.anyio
+async def test_configured_names_are_normalised_too() -> None:
+    p = policy(denied_tools=["\uff22\uff21\uff33\uff28"], allowed_tools=["Read_File", "bash"])
+    out, _, _ = await run_until_blocked(p, [*call(0, "bash", ["{}"]), finish()])
+    assert out == []
+    chunks = [*call(0, "read_fil\u0435", [READ_ARGS]), finish()]  # a Cyrillic e
+    out, tx = await run(p, chunks)
+    assert [c.raw for c in out] == [c.raw for c in chunks] and tx.decisions == []
+
+
 # --- configuration ----------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
 from luthien_control.policies.tools.call import ToolCall, strings_and_keys
 from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
 from luthien_control.policies.tools.chat_stream import ChatCalls
+from luthien_control.policies.tools.names import normalise_name
 from luthien_control.policies.tools.responses_items import filter_input, filter_output
 from luthien_control.policies.tools.responses_stream import ResponsesCalls
 from luthien_control.sse import Chunk
@@ -30,17 +31,20 @@ class ToolCallPolicy(Policy):
 
     def __init__(self, config: Config, raw_config: dict[str, Any]) -> None:
         super().__init__(config, raw_config)
-        self.allowed = None if config.allowed_tools is None else frozenset(config.allowed_tools)
-        self.denied = frozenset(config.denied_tools)
+        # Names as compared: normalised (names.py), the configured ones and the calls'.
+        allowed = config.allowed_tools
+        self.allowed = None if allowed is None else frozenset(map(normalise_name, allowed))
+        self.denied = frozenset(map(normalise_name, config.denied_tools))
         self.patterns = [regex.compile(p) for p in config.argument_patterns]
         self.action = config.action
 
     def check(self, call: ToolCall) -> str | None:
         """Why ``call`` may not pass, or ``None`` when it may. The reason is shown to the
         client, so it must not quote the arguments."""
-        if call.name in self.denied:
+        name = normalise_name(call.name)
+        if name in self.denied:
             return "the tool is denied"
-        if self.allowed is not None and call.name not in self.allowed:
+        if self.allowed is not None and name not in self.allowed:
             return "the tool is not allowed"
         if self.patterns:
             # The decoded strings too: a JSON escape (\u0072m) must not hide a match.
