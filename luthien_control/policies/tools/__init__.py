@@ -16,9 +16,10 @@ Subclass it and override ``check`` for a check of your own: it receives each cal
 reassembled as a ``ToolCall``.
 
 The modules: ``policy`` (the policy, its check and decisions), ``call`` (``ToolCall``),
-``hold`` (holding a streamed call until it is complete: shared by every dialect), and
-per dialect where its calls sit: ``chat_messages`` and ``chat_stream`` (chat
-completions), ``responses_items`` and ``responses_stream`` (the Responses API).
+``names`` (tool names normalised before they are compared), ``hold`` (holding a
+streamed call until it is complete: shared by every dialect), and per dialect where its
+calls sit: ``chat_messages`` and ``chat_stream`` (chat completions), ``responses_items``
+and ``responses_stream`` (the Responses API).
 """
 
 from luthien_control.policies.tools.call import ToolCall
