@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+import regex
 
 from luthien_control.chat import StreamAssembler
 from luthien_control.exceptions import PolicyBlocked, PolicyConfigError
@@ -307,6 +308,48 @@ async def test_argument_pattern_sees_through_json_escapes() -> None:
         policy(argument_patterns=[r"rm\s+-rf"]), [*call(0, "shell", [escaped]), finish()]
     )
     assert out == []
+
+
+DECODED_RM = {
+    "escaped value": '{"command": "\\u0072m -rf /"}',
+    "escaped key": '{"\\u0072m -rf /": true}',
+    "key given twice": '{"command": "\\u0072m -rf /", "command": "ls"}',
+    "argument vector": '{"argv": ["rm", "-rf", "/"]}',
+    "JSON inside a string": '{"payload": "{\\"c\\": \\"\\\\u0072m -rf /\\"}"}',
+    "not strict JSON (NaN)": '{"command": "\\u0072m -rf /", "n": NaN}',
+    "cut short": '{"command": "\\u0072m -rf /',
+    "surrogate pair escape": '{"c": "\\u0072\\u006d -rf /", "e": "\\ud83d\\ude00"',
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("arguments", DECODED_RM.values(), ids=DECODED_RM.keys())
+async def test_argument_patterns_run_on_what_the_arguments_decode_to(arguments: str) -> None:
+    pattern = r"rm\s+-rf\s+/"
+    assert regex.search(pattern, arguments) is None  # not in the text as written
+    p = policy(argument_patterns=[pattern])
+    for parts in ([arguments], [arguments[:7], arguments[7:]]):
+        out, _, blocked = await run_until_blocked(p, [*call(0, "tool", parts), finish()])
+        assert out == [] and "argument_patterns[0]" in blocked.message
+    with pytest.raises(PolicyBlocked):
+        await p.apply(responded(completion(("tool", arguments))))
+    with pytest.raises(PolicyBlocked):
+        await p.apply(responded(response_object(("tool", arguments))))
+
+
+@pytest.mark.anyio
+async def test_arguments_that_are_not_strict_json_pass_when_no_pattern_matches() -> None:
+    p = policy(argument_patterns=[r"rm\s+-rf"])
+    for arguments in ['{"path": ', '{"n": NaN}', "ls -la /tmp", '{"a": 1, "a": 2}']:
+        chunks = [*call(0, "tool", [arguments]), finish()]
+        out, tx = await run(p, chunks)
+        assert [c.raw for c in out] == [c.raw for c in chunks] and tx.decisions == []
+
+
+def test_tool_call_arguments_are_parsed_strictly() -> None:
+    assert ToolCall.of("c", "f", '{"a": NaN}').parsed_arguments is None
+    assert ToolCall.of("c", "f", '{"a": 1, "a": 2}').parsed_arguments == {"a": 2}
+    assert ToolCall.of("c", "f", "[" * 100_000).parsed_arguments is None
 
 
 @pytest.mark.anyio

@@ -1,19 +1,22 @@
-"""``ToolCall``: one complete tool call as a check sees it, whatever the dialect."""
+"""``ToolCall``: one complete tool call as a check sees it, whatever the dialect, and
+the texts of its arguments that ``argument_patterns`` are searched in."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from luthien_control.policies.text import iter_strings
+_NESTED_DEPTH = 2  # how deep a JSON document inside a string is decoded in turn
 
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """One complete tool call: ``arguments`` as the model wrote them, and parsed
-    (``parsed_arguments``) when they are JSON, else ``None``."""
+    (``parsed_arguments``) when they are strict JSON, else ``None``."""
 
     id: str | None
     name: str
@@ -23,24 +26,106 @@ class ToolCall:
     @classmethod
     def of(cls, id: str | None, name: str, arguments: str) -> ToolCall:
         try:
-            parsed = orjson.loads(arguments) if arguments else None
-        except orjson.JSONDecodeError:
+            parsed = strict_json(arguments, []) if arguments else None
+        except ValueError:
             parsed = None
         return cls(id, name, arguments, parsed)
 
 
-def strings_and_keys(value: Any) -> list[str]:
-    """Every string and every object key of a JSON value."""
-    out = iter_strings(value)
+def strict_json(text: str, shadowed: list[Any]) -> Any:
+    """``text`` decoded as strict JSON: no ``NaN`` or ``Infinity``, no control character
+    inside a string, no BOM. A key given twice keeps its last value, as clients decode
+    it; the values it had before are appended to ``shadowed``. Raises ``ValueError``."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                shadowed.append(obj[key])
+            obj[key] = value
+        return obj
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def argument_texts(arguments: str) -> list[str]:
+    """Every text of ``arguments`` that a client or a tool may act on, for
+    ``argument_patterns``: the arguments as written; when they are strict JSON, every
+    string and every object key once decoded (so that a ``\\u0072m`` escape hides
+    nothing), the values of a key given twice, a list of strings joined by spaces (an
+    argument vector: ``["rm", "-rf", "/"]``) and a string that is itself a JSON object or
+    array, decoded in turn; when they are not, the text with its JSON escapes decoded
+    (what a lenient parser would read)."""
+    texts = [arguments]
+    shadowed: list[Any] = []
+    try:
+        value = strict_json(arguments, shadowed)
+    except ValueError:
+        unescaped = _unescape(arguments)
+        if unescaped != arguments:
+            texts.append(unescaped)
+        return texts
+    _collect(value, texts, _NESTED_DEPTH)
+    for old in shadowed:
+        _collect(old, texts, _NESTED_DEPTH)
+    return texts
+
+
+def _collect(value: Any, out: list[str], depth: int) -> None:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, dict):
-            out.extend(str(key) for key in item)
+        if isinstance(item, str):
+            out.append(item)
+            if depth and item.lstrip()[:1] in ("{", "["):
+                nested: list[Any] = []
+                try:
+                    decoded = strict_json(item, nested)
+                except ValueError:
+                    continue
+                for inner in (decoded, *nested):
+                    _collect(inner, out, depth - 1)
+        elif isinstance(item, dict):
+            out.extend(item)
             stack.extend(item.values())
         elif isinstance(item, list):
+            if len(item) > 1 and all(isinstance(part, str) for part in item):
+                out.append(" ".join(item))
             stack.extend(item)
-    return out
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_SIMPLE_ESCAPES = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+}
+
+
+def _unescape(text: str) -> str:
+    """``text`` with its JSON string escapes decoded wherever they stand (a surrogate
+    pair as the one character it encodes)."""
+    if "\\" not in text:
+        return text
+
+    def replace(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return chr(int(code, 16)) if code else _SIMPLE_ESCAPES[match.group(2)]
+
+    decoded = _ESCAPE.sub(replace, text)
+    return decoded.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def text_of(value: Any) -> str:

@@ -8,7 +8,7 @@ import regex
 
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
-from luthien_control.policies.tools.call import ToolCall, strings_and_keys
+from luthien_control.policies.tools.call import ToolCall, argument_texts
 from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
 from luthien_control.policies.tools.chat_stream import ChatCalls
 from luthien_control.policies.tools.names import normalise_name
@@ -47,8 +47,9 @@ class ToolCallPolicy(Policy):
         if self.allowed is not None and name not in self.allowed:
             return "the tool is not allowed"
         if self.patterns:
-            # The decoded strings too: a JSON escape (\u0072m) must not hide a match.
-            texts = [call.arguments, *strings_and_keys(call.parsed_arguments)]
+            # Decoded too: a JSON escape (\u0072m) must not hide a match. Arguments that
+            # are not strict JSON are refused only when a pattern matches (call.py).
+            texts = argument_texts(call.arguments)
             for i, pattern in enumerate(self.patterns):
                 if any(pattern.search(text) for text in texts):
                     return f"its arguments match argument_patterns[{i}]"
