@@ -2,6 +2,11 @@
 
 Pure ASGI with a hand-written router: the benchmark's hot path is a dict of headers, one
 ``orjson.loads``, one record and one ``orjson.dumps``.
+
+Routes: OpenAI's ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses`` and ``/v1/models``; Anthropic's ``/v1/messages`` and
+``/v1/messages/count_tokens`` (``messages``), whose errors have Anthropic's shape; ``GET``
+and ``HEAD`` on ``/`` and ``/health``; the request log at ``/_mock/requests``.
 """
 
 from __future__ import annotations
@@ -12,26 +17,42 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from luthien_control.mock_backend import content, errors, responses
+from luthien_control.mock_backend import content, errors, messages, responses
 from luthien_control.mock_backend.exchange import JSON_TYPE, Exchange
 from luthien_control.mock_backend.models import is_known_model, model_list, model_object
 from luthien_control.mock_backend.records import DEFAULT_MAX_RECORDS, RequestLog, finish
-from luthien_control.mock_backend.scenario import DirectiveError, Scenario, parse_scenario
+from luthien_control.mock_backend.scenario import (
+    DEFAULT_SCENARIO,
+    DirectiveError,
+    Scenario,
+    parse_scenario,
+)
 
 HEALTH_BODY = b'{"status":"ok"}'
 REQUESTS_PATH = "/_mock/requests"
 MODELS_PATH = "/v1/models"
+MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
 
 class MockBackend:
-    """An OpenAI-compatible backend whose every answer is scripted by ``x-mock-*`` headers.
+    """An OpenAI- and Anthropic-compatible backend whose every answer is scripted by
+    ``x-mock-*`` headers, or by ``scenario`` for requests that bring none.
 
-    ``api_key``, when given, must arrive as ``Authorization: Bearer <key>``. ``requests``
-    holds what was asked and how each response ended, for tests to inspect.
+    ``api_key``, when given, must arrive as ``Authorization: Bearer <key>`` (on the
+    Messages API ``x-api-key: <key>`` too). ``requests`` holds what was asked and how each
+    response ended, for tests to inspect.
     """
 
-    def __init__(self, *, api_key: str | None = None, max_records: int = DEFAULT_MAX_RECORDS):
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        scenario: Scenario = DEFAULT_SCENARIO,
+    ):
         self.api_key = api_key
+        self.scenario = scenario
         self.requests = RequestLog(max_records)
         self._authorization = f"Bearer {api_key}" if api_key is not None else None
 
@@ -51,7 +72,7 @@ class MockBackend:
             for name, value in scope["headers"]
         }
         try:
-            scenario = parse_scenario(headers)
+            scenario = parse_scenario(headers, self.scenario)
             directive_error = None
         except DirectiveError as exc:
             scenario, directive_error = Scenario(request_id=headers.get("x-mock-request-id")), exc
@@ -64,7 +85,8 @@ class MockBackend:
             scope.get("query_string", b"").decode("latin-1"),
             headers,
         )
-        exchange = Exchange(receive, send, record, scenario)
+        anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+        exchange = Exchange(receive, send, record, scenario, anthropic=anthropic)
 
         raw = await _read_body(receive)
         if raw is None:
@@ -86,11 +108,22 @@ class MockBackend:
             return
         if self._authorization is not None:
             authorization = headers.get("authorization")
-            if authorization != self._authorization:
+            if anthropic:
+                api_key = headers.get("x-api-key")
+                if authorization != self._authorization and api_key != self.api_key:
+                    await exchange.error(_anthropic_auth_error(api_key, authorization))
+                    return
+            elif authorization != self._authorization:
                 await exchange.error(_auth_error(authorization))
                 return
 
         if method == "POST":
+            if path == MESSAGES_PATH:
+                await _messages(exchange, body)
+                return
+            if path == COUNT_TOKENS_PATH:
+                await _count_tokens(exchange, body)
+                return
             if path == "/v1/chat/completions":
                 await _chat_completions(exchange, body)
                 return
@@ -117,11 +150,12 @@ class MockBackend:
         await exchange.error(errors.not_found(method, path))
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``/health`` and the ``/_mock/requests`` log; never recorded themselves."""
+        """``/``, ``/health`` and the ``/_mock/requests`` log; never recorded themselves."""
         method: str = scope["method"]
         path: str = scope["path"]
-        if path == "/health" and method == "GET":
-            await _send_json(send, 200, HEALTH_BODY)
+        if path in ("/", "/health") and method in ("GET", "HEAD"):
+            # Claude Code sends HEAD / before its first request.
+            await _send_json(send, 200, HEALTH_BODY, head=method == "HEAD")
         elif path == REQUESTS_PATH and method == "GET":
             await _send_json(send, 200, orjson.dumps(self.requests.all()))
         elif path == REQUESTS_PATH and method == "DELETE":
@@ -152,9 +186,9 @@ async def _chat_completions(exchange: Exchange, body: Any) -> None:
     if problem is not None:
         await exchange.error(problem)
         return
-    model, messages, stream = body["model"], body["messages"], body.get("stream")
-    reply = content.Reply.for_chat(exchange.scenario, messages)
-    prompt_tokens = content.chat_prompt_tokens(messages)
+    model, chat, stream = body["model"], body["messages"], body.get("stream")
+    reply = content.Reply.for_chat(exchange.scenario, chat)
+    prompt_tokens = content.chat_prompt_tokens(chat)
     if stream:
         await exchange.stream(content.chat_stream(reply, model, prompt_tokens, _usage_asked(body)))
     else:
@@ -188,13 +222,45 @@ async def _responses(exchange: Exchange, body: Any) -> None:
         await exchange.error(problem)
         return
     model, text = body["model"], responses.input_text(body["input"])
-    reply = responses.reply_for(exchange.scenario, text)
+    reply = responses.reply_for(exchange.scenario, body["input"])
     input_tokens = content.count_words([text])
     if body.get("stream"):
-        await exchange.stream(responses.response_stream(reply, model, input_tokens))
+        await exchange.stream(
+            responses.response_stream(reply, model, input_tokens),
+            error_event=errors.responses_error_event,
+        )
     else:
         payload = orjson.dumps(responses.response_json(reply, model, input_tokens))
         await exchange.json(payload, generation_steps=reply.completion_tokens)
+
+
+async def _messages(exchange: Exchange, body: Any) -> None:
+    problem = messages.check_request(body)
+    if problem is not None:
+        await exchange.error(problem)
+        return
+    try:
+        answer = messages.plan(exchange.scenario, body)
+    except DirectiveError as exc:
+        await exchange.error(errors.bad_directive(str(exc)))
+        return
+    if body.get("stream"):
+        await exchange.stream(
+            messages.message_stream(answer, body["model"]),
+            error_event=errors.messages_error_event,
+            garbage=messages.GARBAGE_EVENT,
+        )
+    else:
+        payload = messages.message_json(answer, body["model"])
+        await exchange.json(payload, generation_steps=answer.output_tokens)
+
+
+async def _count_tokens(exchange: Exchange, body: Any) -> None:
+    problem = messages.check_request(body, needs_max_tokens=False)
+    if problem is not None:
+        await exchange.error(problem)
+        return
+    await exchange.json(messages.count_tokens_json(body))
 
 
 async def _embeddings(exchange: Exchange, body: Any) -> None:
@@ -255,6 +321,12 @@ def _auth_error(authorization: str | None) -> errors.ErrorResponse:
     return errors.incorrect_api_key(key.strip())
 
 
+def _anthropic_auth_error(api_key: str | None, authorization: str | None) -> errors.ErrorResponse:
+    if api_key is None and authorization is None:
+        return errors.anthropic(401, "x-api-key header is required")
+    return errors.anthropic(401, "invalid x-api-key")
+
+
 def _parse_body(raw: bytes) -> Any:
     """The body as JSON, or as text when it is not JSON, or None when empty."""
     if not raw:
@@ -277,7 +349,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+async def _send_json(send: Send, status: int, body: bytes, *, head: bool = False) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -285,7 +357,7 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
             "headers": [(b"content-type", JSON_TYPE), (b"content-length", str(len(body)).encode())],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

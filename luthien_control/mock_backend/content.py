@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -47,6 +47,12 @@ def last_user_text(messages: Sequence[Any]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return message_text(message.get("content"))
     return ""
+
+
+def chat_ends_with_tool_result(messages: Sequence[Any]) -> bool:
+    """Whether the last chat message is a tool's result (the answer to a tool call)."""
+    last = messages[-1] if messages else None
+    return isinstance(last, dict) and last.get("role") in ("tool", "function")
 
 
 def count_words(texts: Iterable[str]) -> int:
@@ -118,6 +124,14 @@ class Reply:
 
     @classmethod
     def for_chat(cls, scenario: Scenario, messages: Sequence[Any]) -> Reply:
+        if chat_ends_with_tool_result(messages):
+            scenario = scenario.without_tool_calls()
+        return cls.for_text(scenario, last_user_text, messages)
+
+    @classmethod
+    def for_text(cls, scenario: Scenario, echo: Callable[[Any], str], request_input: Any) -> Reply:
+        """The scripted text (or the echo of ``echo(request_input)``, unless only tool calls
+        were scripted) and the scripted tool calls."""
         if scenario.content is not None:
             content: str | None = scenario.content
         elif scenario.words is not None:
@@ -125,7 +139,7 @@ class Reply:
         elif scenario.tool_calls:
             content = None
         else:
-            content = GREETING + last_user_text(messages)
+            content = GREETING + echo(request_input)
         return cls(content, scenario, scenario.tool_calls)
 
     @classmethod

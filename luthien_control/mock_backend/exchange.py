@@ -2,7 +2,8 @@
 
 Every wait (first byte, generation, between chunks, a hang) races the client's
 ``http.disconnect``, so the request record says ``cancelled`` the moment the client goes
-away and nothing more is produced for it.
+away and nothing more is produced for it. The dialect decides the shape of errors
+(``anthropic``) and the error and garbage events a stream carries.
 """
 
 from __future__ import annotations
@@ -29,15 +30,27 @@ class ConnectionDropped(Exception):
 
 
 class Exchange:
-    """One request's response side: the ASGI channels, its record and its scenario."""
+    """One request's response side: the ASGI channels, its record and its scenario.
 
-    __slots__ = ("_id_header", "receive", "record", "scenario", "send")
+    ``anthropic`` gives every error Anthropic's shape (the Messages API's routes).
+    """
 
-    def __init__(self, receive: Receive, send: Send, record: Record, scenario: Scenario) -> None:
+    __slots__ = ("_id_header", "anthropic", "receive", "record", "scenario", "send")
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        record: Record,
+        scenario: Scenario,
+        *,
+        anthropic: bool = False,
+    ) -> None:
         self.receive = receive
         self.send = send
         self.record = record
         self.scenario = scenario
+        self.anthropic = anthropic
         self._id_header = (b"x-mock-request-id", record["id"].encode("latin-1"))
 
     async def wait(self, seconds: float) -> bool:
@@ -49,6 +62,8 @@ class Exchange:
         return False
 
     async def error(self, error: errors.ErrorResponse) -> None:
+        if self.anthropic:
+            error = error.as_anthropic()
         await self._send_whole(error.status, error.body(), JSON_TYPE, error.headers)
         self._finish("error_response")
 
@@ -70,7 +85,9 @@ class Exchange:
             await self._send_whole(200, payload, JSON_TYPE)
             self._finish("completed")
         elif failure.kind == "status":
-            await self.error(errors.injected(failure.n, self.record["model"], scenario.retry_after))
+            await self.error(self._injected(failure.n))
+        elif failure.kind == "error":
+            await self.error(self._injected(self._overloaded))
         elif failure.kind == "hang":
             await self._hang(JSON_TYPE)
         elif failure.kind == "garbage":
@@ -88,16 +105,24 @@ class Exchange:
             self._finish("dropped")
             raise ConnectionDropped("x-mock-fail: drop")
 
-    async def stream(self, events: list[bytes]) -> None:
-        """A server-sent-events response, one ASGI message per event, racing a disconnect."""
+    async def stream(
+        self,
+        events: list[bytes],
+        *,
+        error_event: Callable[[int], bytes] = errors.chat_error_event,
+        garbage: bytes = GARBAGE_EVENT,
+    ) -> None:
+        """A server-sent-events response, one ASGI message per event, racing a disconnect.
+
+        ``error_event(index)`` is the dialect's error event, sent in place of event
+        ``index`` by ``x-mock-fail: error:N``; ``garbage`` the event of ``garbage:N``.
+        """
         scenario = self.scenario
         failure = scenario.failure
-        drop_at = garbage_at = -1
+        drop_at = garbage_at = error_at = -1
         if failure is not None:
             if failure.kind == "status":
-                await self.error(
-                    errors.injected(failure.n, self.record["model"], scenario.retry_after)
-                )
+                await self.error(self._injected(failure.n))
                 return
             if failure.kind == "hang":
                 await self._hang(SSE_TYPE, (b"cache-control", b"no-cache"))
@@ -106,25 +131,37 @@ class Exchange:
             at = min(failure.n + 1, len(events) - 1)
             if failure.kind == "drop":
                 drop_at = at
-            else:
+            elif failure.kind == "garbage":
                 garbage_at = at
+            else:
+                error_at = at
 
         await self._start(200, SSE_TYPE, (b"cache-control", b"no-cache"))
         record, send, delay = self.record, self.send, scenario.delay
-        finished = dropped = False
+        finished = dropped = failed = False
 
         async def produce() -> None:
-            nonlocal finished, dropped
+            nonlocal finished, dropped, failed
             for index, event in enumerate(events):
                 if delay and index:
                     await anyio.sleep(delay)
                 if index == drop_at:
                     dropped = True
                     return
-                if index == garbage_at:
+                if index == error_at:
                     await send(
-                        {"type": "http.response.body", "body": GARBAGE_EVENT, "more_body": True}
+                        {
+                            "type": "http.response.body",
+                            "body": error_event(index),
+                            "more_body": True,
+                        }
                     )
+                    record["chunks_sent"] += 1
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    failed = True
+                    return
+                if index == garbage_at:
+                    await send({"type": "http.response.body", "body": garbage, "more_body": True})
                     record["chunks_sent"] += 1
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 record["chunks_sent"] += 1
@@ -135,7 +172,16 @@ class Exchange:
         if dropped:
             self._finish("dropped")
             raise ConnectionDropped(f"x-mock-fail: drop after {record['chunks_sent']} events")
-        self._finish("completed" if finished else "cancelled")
+        self._finish("error_event" if failed else "completed" if finished else "cancelled")
+
+    @property
+    def _overloaded(self) -> int:
+        return errors.ANTHROPIC_OVERLOADED if self.anthropic else errors.OPENAI_OVERLOADED
+
+    def _injected(self, status: int) -> errors.ErrorResponse:
+        return errors.injected(
+            status, self.record["model"], self.scenario.retry_after, anthropic=self.anthropic
+        )
 
     async def _race_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` until it returns or the client disconnects, whichever comes first."""

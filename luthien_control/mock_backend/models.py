@@ -1,4 +1,5 @@
-"""The models the mock serves: a fixed list, plus any name that starts with ``mock-``."""
+"""The models the mock serves: a fixed list, plus any name that starts with ``mock-`` or
+``claude-`` (the models Claude Code and the Anthropic SDK ask for)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ KNOWN_MODELS = (
     "text-embedding-3-small",
 )
 MOCK_MODEL_PREFIX = "mock-"
+CLAUDE_MODEL_PREFIX = "claude-"
 CREATED = 1700000000
 OWNER = "luthien-mock"
 
 
 def is_known_model(name: str) -> bool:
-    return name in KNOWN_MODELS or name.startswith(MOCK_MODEL_PREFIX)
+    return name in KNOWN_MODELS or name.startswith((MOCK_MODEL_PREFIX, CLAUDE_MODEL_PREFIX))
 
 
 def model_object(name: str) -> dict[str, Any]:

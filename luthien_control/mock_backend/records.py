@@ -7,8 +7,9 @@ objects as they are::
      "outcome", "chunks_sent", "started_at", "ended_at"}
 
 ``outcome`` is ``in_progress`` until the response ends as ``completed``, ``cancelled``
-(the client went away first), ``error_response`` (an HTTP error was sent) or ``dropped``
-(the mock cut the connection on purpose).
+(the client went away first, a stream included), ``error_response`` (an HTTP error was
+sent), ``error_event`` (a stream ended with its error event, ``x-mock-fail: error:N``) or
+``dropped`` (the mock cut the connection on purpose).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any, Literal
 
 DEFAULT_MAX_RECORDS = 10_000
 
-Outcome = Literal["in_progress", "completed", "cancelled", "error_response", "dropped"]
+Outcome = Literal[
+    "in_progress", "completed", "cancelled", "error_response", "error_event", "dropped"
+]
 Record = dict[str, Any]
 
 

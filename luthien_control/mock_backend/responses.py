@@ -7,6 +7,7 @@ no ``[DONE]``).
 Scripted tool calls (``x-mock-tool-calls``) become ``function_call`` output items after
 the message item (there is no message item when only tool calls were scripted); streamed,
 each item's arguments arrive as ``response.function_call_arguments.delta`` fragments.
+An input that ends with a tool's output is answered with text only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from luthien_control.mock_backend.content import GREETING, Reply, message_text, new_id, words
+from luthien_control.mock_backend.content import Reply, message_text, new_id
 from luthien_control.mock_backend.scenario import Scenario
 
 
@@ -36,18 +37,21 @@ def input_text(value: Any) -> str:
     return ""
 
 
-def reply_for(scenario: Scenario, text: str) -> Reply:
-    """The planned reply to a Responses request whose input text is ``text``: the scripted
-    text (or the echo, unless only tool calls were scripted) and the scripted tool calls."""
-    if scenario.content is not None:
-        content: str | None = scenario.content
-    elif scenario.words is not None:
-        content = words(scenario.words)
-    elif scenario.tool_calls:
-        content = None
-    else:
-        content = GREETING + text
-    return Reply(content, scenario, scenario.tool_calls)
+def ends_with_tool_output(value: Any) -> bool:
+    """Whether the last ``input`` item is a tool's output (``function_call_output``, ...)."""
+    if not isinstance(value, list) or not value:
+        return False
+    last = value[-1]
+    return isinstance(last, dict) and str(last.get("type", "")).endswith("_output")
+
+
+def reply_for(scenario: Scenario, request_input: Any) -> Reply:
+    """The planned reply to a Responses request: the scripted text (or the echo of the
+    input text, unless only tool calls were scripted) and the scripted tool calls, which
+    do not answer a tool's output."""
+    if ends_with_tool_output(request_input):
+        scenario = scenario.without_tool_calls()
+    return Reply.for_text(scenario, input_text, request_input)
 
 
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
