@@ -280,6 +280,107 @@ async def test_name_split_across_deltas_is_reassembled() -> None:
     assert out == []
 
 
+def tool_delta(**entry: Any) -> Chunk:
+    """A chunk carrying one ``tool_calls`` delta (index 0 unless given)."""
+    return event({"tool_calls": [{"index": 0, **entry}]})
+
+
+@pytest.mark.anyio
+async def test_a_name_repeated_in_every_delta_is_checked_alone_and_joined() -> None:
+    # The OpenAI SDKs join the names ("bashbash"); a client that keeps the first or the
+    # last name runs "bash". Each spelling is checked.
+    chunks = [
+        tool_delta(id="c", type="function", function={"name": "bash", "arguments": ""}),
+        tool_delta(function={"name": "bash", "arguments": '{"a"'}),
+        tool_delta(function={"name": "bash", "arguments": ": 1}"}),
+        finish(),
+    ]
+    out, tx, _ = await run_until_blocked(policy(denied_tools=["bash"]), chunks)
+    assert out == [] and decisions(tx) == [("ToolCallPolicy", "blocked", "tool bash")]
+    # What the SDK would call (the names joined) is not an allowed tool either.
+    repeated = [*call(0, "read_file", [READ_ARGS]), finish()]
+    repeated[1] = tool_delta(function={"name": "read_file", "arguments": READ_ARGS})
+    out, _, _ = await run_until_blocked(policy(allowed_tools=["read_file"]), repeated)
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_a_name_in_pieces_is_checked_as_the_client_joins_it() -> None:
+    chunks = [
+        tool_delta(id="c", type="function", function={"name": "ba"}),
+        tool_delta(function={"name": "sh", "arguments": "{}"}),
+        finish(),
+    ]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["bash"]), chunks)
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_a_call_whose_function_is_null_is_checked_by_what_follows() -> None:
+    chunks = [
+        tool_delta(id="c", type="function", function=None),
+        tool_delta(function={"name": "bash", "arguments": "{}"}),
+        finish(),
+    ]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["bash"]), chunks)
+    assert out == []
+    custom = [
+        tool_delta(id="c", type="custom", function=None, custom={"name": "bash", "input": "x"}),
+        finish(),
+    ]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["bash"]), custom)
+    assert out == []
+
+
+@pytest.mark.anyio
+async def test_function_and_custom_in_one_entry_are_both_checked() -> None:
+    both = {"name": "read_file", "arguments": "{}"}
+    chunks = [
+        tool_delta(id="c", type="custom", function=both, custom={"name": "bash", "input": ""}),
+        finish(),
+    ]
+    out, _, _ = await run_until_blocked(policy(denied_tools=["bash"]), chunks)
+    assert out == []
+    payload = completion(("read_file", "{}"))
+    entry = payload["choices"][0]["message"]["tool_calls"][0]
+    entry["function"] = None
+    entry["custom"] = {"name": "bash", "input": "rm -rf /"}
+    with pytest.raises(PolicyBlocked):
+        await policy(denied_tools=["bash"]).apply(responded(payload))
+    entry["function"] = {"name": "read_file", "arguments": "{}"}
+    with pytest.raises(PolicyBlocked):
+        await policy(denied_tools=["bash"]).apply(responded(payload))
+
+
+@pytest.mark.anyio
+async def test_legacy_function_call_name_repeated_or_in_pieces() -> None:
+    for names in (["shell", "shell"], ["sh", "ell"]):
+        chunks = [
+            event({"role": "assistant", "function_call": {"name": names[0], "arguments": ""}}),
+            event({"function_call": {"name": names[1], "arguments": "{}"}}),
+            finish("function_call"),
+        ]
+        out, _, _ = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
+        assert out == []
+
+
+@pytest.mark.anyio
+async def test_a_new_id_under_a_used_index_is_checked_as_the_client_merges_it() -> None:
+    # The SDK merges deltas by index, whatever their id: "ba" then "sh" is one call, bash.
+    first = tool_delta(id="c1", type="function", function={"name": "ba", "arguments": "{}"})
+    second = tool_delta(id="c2", type="function", function={"name": "sh", "arguments": ""})
+    out, _, _ = await run_until_blocked(policy(denied_tools=["bash"]), [first, second, finish()])
+    assert out == [first]  # released before the second began; the rest never goes out
+    # A dropped call under an index that went out leaves that index taken.
+    read = tool_delta(id="c1", type="function", function={"name": "read", "arguments": "{}"})
+    shell = tool_delta(id="c2", type="function", function={"name": "shell", "arguments": ""})
+    later = call(1, "list_dir", ["{}"])
+    out, _ = await run(
+        policy(denied_tools=["shell"], action="drop_call"), [read, shell, *later, finish()]
+    )
+    assert [d["index"] for d in call_deltas(out)] == [0, 1, 1]
+
+
 @pytest.mark.anyio
 async def test_allowed_tools_only_lets_those_through() -> None:
     p = policy(allowed_tools=["read_file"])

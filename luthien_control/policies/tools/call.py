@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -32,6 +33,19 @@ class ToolCall:
         return cls(id, name, arguments, parsed)
 
 
+def versions(call_id: str | None, names: list[str], texts: list[str]) -> list[ToolCall]:
+    """The call with each of ``names`` and each of ``texts`` as its arguments: every
+    version of one call that a client could take when the backend spelled it in more
+    than one way (a name in pieces or repeated, arguments stated twice). Duplicates are
+    left out; each text is parsed once."""
+    names = list(dict.fromkeys(names)) or [""]
+    out: list[ToolCall] = []
+    for text in dict.fromkeys(texts or [""]):
+        parsed = ToolCall.of(call_id, "", text).parsed_arguments
+        out.extend(ToolCall(call_id, name, text, parsed) for name in names)
+    return out
+
+
 def strict_json(text: str, shadowed: list[Any]) -> Any:
     """``text`` decoded as strict JSON: no ``NaN`` or ``Infinity``, no control character
     inside a string, no BOM. A key given twice keeps its last value, as clients decode
@@ -51,7 +65,8 @@ def strict_json(text: str, shadowed: list[Any]) -> Any:
         raise ValueError("nested too deeply") from exc
 
 
-def argument_texts(arguments: str) -> list[str]:
+@lru_cache(maxsize=32)  # a call spelled in several versions has the same arguments
+def argument_texts(arguments: str) -> tuple[str, ...]:
     """Every text of ``arguments`` that a client or a tool may act on, for
     ``argument_patterns``: the arguments as written; when they are strict JSON, every
     string and every object key once decoded (so that a ``\\u0072m`` escape hides
@@ -67,11 +82,11 @@ def argument_texts(arguments: str) -> list[str]:
         unescaped = _unescape(arguments)
         if unescaped != arguments:
             texts.append(unescaped)
-        return texts
+        return tuple(texts)
     _collect(value, texts, _NESTED_DEPTH)
     for old in shadowed:
         _collect(old, texts, _NESTED_DEPTH)
-    return texts
+    return tuple(texts)
 
 
 def _collect(value: Any, out: list[str], depth: int) -> None:

@@ -3,9 +3,10 @@ answer's choices (``tool_calls`` entries, and the legacy ``function_call``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from luthien_control.policies.tools.call import ToolCall, json_text, text_of
+from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
 from luthien_control.transaction import Transaction
 
 if TYPE_CHECKING:
@@ -66,11 +67,11 @@ def filter_message(
     if isinstance(calls, list) and calls:
         kept = []
         for item in calls:
-            call = _whole_call(item)
-            if call is None or policy.judge(tx, call, where=where):
+            if not isinstance(item, dict) or _passes(policy, tx, _item_calls(item), where):
                 kept.append(item)
             else:
-                dropped.append(("tool", call.id))
+                call_id = item.get("id")
+                dropped.append(("tool", call_id if isinstance(call_id, str) else None))
         if dropped:
             if kept:
                 message["tool_calls"] = kept
@@ -78,11 +79,26 @@ def filter_message(
                 del message["tool_calls"]
     legacy = message.get("function_call")
     if isinstance(legacy, dict):
-        call = ToolCall.of(None, text_of(legacy.get("name")), _arguments(legacy))
-        if not policy.judge(tx, call, where=where):
+        name = text_of(legacy.get("name"))
+        legacy_calls = versions(None, [name], argument_fields(legacy, json_text))
+        if not _passes(policy, tx, legacy_calls, where):
             del message["function_call"]
-            dropped.append(("function", call.name))
+            dropped.append(("function", name))
     return dropped
+
+
+def function_parts(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a ``tool_calls`` entry (or delta) that describe the call, with
+    their key: ``function``, and ``custom`` for a custom tool. Both are read when both
+    are there, since the client picks one by the entry's ``type``."""
+    parts = ((key, entry.get(key)) for key in ("function", "custom"))
+    return [(key, part) for key, part in parts if isinstance(part, dict)]
+
+
+def argument_fields(part: dict[str, Any], text: Callable[[Any], str]) -> list[str]:
+    """The arguments a function object holds, as text: its ``arguments`` (a function)
+    and its ``input`` (a custom tool), whichever are there."""
+    return [text(part[key]) for key in ("arguments", "input") if key in part]
 
 
 def _result_of(message: Any) -> tuple[str, str | None] | None:
@@ -96,19 +112,21 @@ def _result_of(message: Any) -> tuple[str, str | None] | None:
     return None
 
 
-def _arguments(function: dict[str, Any]) -> str:
-    """A function's arguments as text (``input`` for custom tools; an object as JSON)."""
-    return json_text(function.get("arguments", function.get("input")))
+def _passes(policy: ToolCallPolicy, tx: Transaction, calls: list[ToolCall], where: str) -> bool:
+    """Whether every version of a call passes (the first refused one is decided)."""
+    return all(policy.judge(tx, call, where=where) for call in calls)
 
 
-def _whole_call(item: Any) -> ToolCall | None:
-    if not isinstance(item, dict):
-        return None
-    function = item.get("function", item.get("custom"))
-    function = function if isinstance(function, dict) else {}
+def _item_calls(item: dict[str, Any]) -> list[ToolCall]:
+    """The call of a ``tool_calls`` entry: one version for its ``function`` and one for
+    its ``custom`` object when it has both (an entry with neither: a call without name)."""
     call_id = item.get("id")
-    return ToolCall.of(
-        call_id if isinstance(call_id, str) else None,
-        text_of(function.get("name")),
-        _arguments(function),
-    )
+    call_id = call_id if isinstance(call_id, str) else None
+    parts = function_parts(item)
+    if not parts:
+        return versions(call_id, [], [])
+    return [
+        call
+        for _, part in parts
+        for call in versions(call_id, [text_of(part.get("name"))], argument_fields(part, json_text))
+    ]

@@ -6,8 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from luthien_control.policies.tools.call import ToolCall, text_of
-from luthien_control.policies.tools.chat_messages import CALL_FIELDS, CALL_FINISHES, EMPTY
+from luthien_control.policies.tools.call import ToolCall, text_of, versions
+from luthien_control.policies.tools.chat_messages import (
+    CALL_FIELDS,
+    CALL_FINISHES,
+    EMPTY,
+    function_parts,
+)
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
 from luthien_control.transaction import Transaction
@@ -47,27 +52,67 @@ class _Piece:
         return self.chunk
 
 
+@dataclass(slots=True)
+class _Part:
+    """What a call's deltas said in one of its objects (``function`` or ``custom``)."""
+
+    name: str = ""  # the names of the deltas joined, as the client's SDK joins them
+    names: list[str] = field(default_factory=list)  # each delta's name on its own
+    arguments: str = ""
+    input: str = ""  # a custom tool's input
+
+
 @dataclass(slots=True, eq=False)
 class _Call(Held[_Piece]):
     kind: str  # the delta field: tool_calls, or the legacy function_call
     index: int
     id: str | None = None
-    name: str = ""
-    arguments: str = ""
+    parts: dict[str, _Part] = field(default_factory=dict)  # by key: function, custom
+    # What the client holds under this index already, from an earlier call (another id)
+    # that went out: its SDK merges the two, by index, into one call.
+    lead: dict[str, tuple[str, str]] = field(default_factory=dict)
+    follows: bool = False  # an earlier call under this index went out
 
     def add(self, entry: dict[str, Any]) -> None:
-        function = entry if self.kind == "function_call" else entry.get("function")
-        if not isinstance(function, dict):
-            function = entry.get("custom")
         call_id = entry.get("id")
         if isinstance(call_id, str) and call_id and self.id is None:
             self.id = call_id
-        if isinstance(function, dict):
-            self.name += text_of(function.get("name"))
-            self.arguments += text_of(function.get("arguments", function.get("input")))
+        found = [("function", entry)] if self.kind == "function_call" else function_parts(entry)
+        for key, function in found:
+            part = self.parts.get(key)
+            if part is None:
+                part = self.parts[key] = _Part()
+            name = text_of(function.get("name"))
+            if name:
+                part.name += name
+                part.names.append(name)
+            part.arguments += text_of(function.get("arguments"))
+            part.input += text_of(function.get("input"))
+
+    def view(self) -> dict[str, tuple[str, str]]:
+        """(name, arguments) per object as the client holds them under this index."""
+        view = dict(self.lead)
+        for key, part in self.parts.items():
+            name, arguments = view.get(key, ("", ""))
+            view[key] = (name + part.name, arguments + part.arguments)
+        return view
 
     def versions(self) -> list[ToolCall]:
-        return [ToolCall.of(self.id, self.name, self.arguments)]
+        """Every version of the call a client could take: the names joined (the OpenAI
+        SDKs concatenate them), each delta's name on its own (a client that keeps the
+        first or the last), and what the client merges it with under the same index."""
+        names: list[str] = []
+        texts: list[str] = []
+        for key, part in self.parts.items():
+            names += [part.name, *part.names]
+            texts.append(part.arguments)
+            if part.input:
+                texts.append(part.input)
+            if key in self.lead:
+                name, arguments = self.lead[key]
+                names.append(name + part.name)
+                texts.append(arguments + part.arguments)
+        return versions(self.id, names, texts)
 
 
 @dataclass(slots=True)
@@ -158,7 +203,10 @@ class ChatCalls:
         ):  # a new call under an index already used
             if call.status == "open":
                 out.extend(self._complete(state, call))
-            call = None
+            released = call.status == "kept"
+            lead = call.view() if released else call.lead
+            follows = released or call.follows
+            call = state.calls[key] = _Call(name, key, lead=lead, follows=follows)
         if call is None:
             call = state.calls[key] = _Call(name, key)
         elif call.status == "dropped":
@@ -184,7 +232,8 @@ class ChatCalls:
                 state.kept += 1
             shift = sum(1 for j in state.dropped if j < call.index)
             return [piece.release(call.index - shift) for piece in pieces]
-        state.dropped.add(call.index)
+        if not call.follows:  # else the index stays taken by the call that went out
+            state.dropped.add(call.index)
         return [c for piece in pieces if (c := piece.remainder()) is not None]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from luthien_control.chat import RESPONSES_TERMINAL
-from luthien_control.policies.tools.call import ToolCall, text_of
+from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.policies.tools.responses_items import CALL_ITEMS, item_call, remove_calls
 from luthien_control.sse import Chunk
@@ -66,7 +66,7 @@ class _Item(Held[Chunk]):
         arguments = list(dict.fromkeys([self.streamed, *self.finals]))
         if len(arguments) > 1 and self.streamed == "" and self.finals:
             arguments.remove("")  # the whole arguments came only in the done events
-        return [ToolCall.of(self.call_id, name, text) for name in names for text in arguments]
+        return versions(self.call_id, names, arguments)
 
 
 class ResponsesCalls:
