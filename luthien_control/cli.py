@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_mock_backend(args: argparse.Namespace) -> int:
     from luthien_control.mock_backend.server import run
 
-    run(host=args.host, port=args.port, api_key=args.api_key)
+    run(host=args.host, port=args.port, api_key=args.api_key, scenario=args.scenario)
     return 0
 
 
@@ -122,11 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
 
-    p = command("mock-backend", cmd_mock_backend, "run the built-in OpenAI-compatible mock backend")
+    p = command(
+        "mock-backend",
+        cmd_mock_backend,
+        "run the built-in OpenAI- and Anthropic-compatible mock backend",
+    )
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_MOCK_PORT, help="port (default 9000)")
     p.add_argument(
         "--api-key", default=None, help="require this backend key (default $MOCK_BACKEND_API_KEY)"
+    )
+    p.add_argument(
+        "--scenario",
+        default=None,
+        metavar="JSON",
+        help="x-mock-* directives as a JSON object, for requests that send none "
+        "(default $MOCK_SCENARIO)",
     )
 
     command("init-db", cmd_init_db, "create or upgrade the database schema")
