@@ -21,9 +21,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -31,6 +32,7 @@ import pytest
 
 from tests.conftest import (
     BACKEND_KEY,
+    CLIENT_KEY,
     MockBackendServer,
     ProxyServer,
     ProxyStarter,
@@ -59,53 +61,52 @@ def agent_binary(name: str) -> Path:
     return path
 
 
-def agent_policy(backend_url: str, *, tool_action: str | None = None) -> dict[str, Any]:
-    """Client keys checked, the backend key added, the request sent to the mock; with
-    ``tool_action``, a ``ToolCallPolicy`` on the answer that denies the shell tools."""
-    policies: list[dict[str, Any]] = [
+def agent_policy(backend_url: str, *, action: str) -> dict[str, Any]:
+    """Client keys checked, the backend key added, the request sent to the mock, and a
+    ``ToolCallPolicy`` on the answer that denies the shell tools (``block`` or
+    ``drop_call``)."""
+    tools = {"type": "ToolCallPolicy", "config": {"denied_tools": DENIED_TOOLS, "action": action}}
+    policies = [
         {"type": "ClientApiKeyAuth", "config": {}},
         {"type": "AddApiKeyHeader", "config": {}},
         {"type": "SetBackendPolicy", "config": {"backend_url": backend_url}},
         {"type": "SendBackendRequest", "config": {}},
+        tools,
     ]
-    if tool_action is not None:
-        policies.append(
-            {
-                "type": "ToolCallPolicy",
-                "config": {"denied_tools": DENIED_TOOLS, "action": tool_action},
-            }
+    return {"type": "SerialPolicy", "config": {"name": f"agents-{action}", "policies": policies}}
+
+
+@dataclass(frozen=True)
+class GuardedProxies:
+    """Two proxies whose ``ToolCallPolicy`` denies the shell tools: ``blocking`` refuses
+    an answer that calls one, ``dropping`` removes the call from the answer."""
+
+    blocking: ProxyServer
+    dropping: ProxyServer
+
+
+@pytest.fixture(scope="session")
+def guarded_proxies(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> GuardedProxies:
+    # Started side by side: a start is mostly Python importing, one core each.
+    def start(action: str) -> ProxyServer:
+        return start_proxy(
+            policy=agent_policy(mock_backend.api_base, action=action),
+            env={"ADMIN_API_KEY": ADMIN_KEY, "ANTHROPIC_API_KEY": BACKEND_KEY},
         )
-    name = f"agents-{tool_action or 'open'}"
-    return {"type": "SerialPolicy", "config": {"name": name, "policies": policies}}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        blocking, dropping = pool.map(start, ["block", "drop_call"])
+    return GuardedProxies(blocking, dropping)
 
 
-def _start(start_proxy: ProxyStarter, mock: MockBackendServer, action: str | None) -> ProxyServer:
-    return start_proxy(
-        policy=agent_policy(mock.api_base, tool_action=action),
-        env={"ADMIN_API_KEY": ADMIN_KEY, "ANTHROPIC_API_KEY": BACKEND_KEY},
-    )
+class Target(Protocol):
+    """Where an agent is pointed: a proxy, or the mock backend itself (the control runs)."""
 
+    @property
+    def url(self) -> str: ...  # http://127.0.0.1:PORT
 
-@pytest.fixture(scope="session")
-def open_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
-    """A proxy that lets every tool call through."""
-    return _start(start_proxy, mock_backend, None)
-
-
-@pytest.fixture(scope="session")
-def dropping_proxy_for_agents(
-    start_proxy: ProxyStarter, mock_backend: MockBackendServer
-) -> ProxyServer:
-    """A proxy whose ``ToolCallPolicy`` removes calls of the shell tools from the answer."""
-    return _start(start_proxy, mock_backend, "drop_call")
-
-
-@pytest.fixture(scope="session")
-def blocking_proxy_for_agents(
-    start_proxy: ProxyStarter, mock_backend: MockBackendServer
-) -> ProxyServer:
-    """A proxy whose ``ToolCallPolicy`` blocks an answer that calls a shell tool."""
-    return _start(start_proxy, mock_backend, "block")
+    @property
+    def api_base(self) -> str: ...  # url + "/v1"
 
 
 def mock_directives(
@@ -246,8 +247,8 @@ CODEX_MODEL = "gpt-4o-mini"  # a model the mock knows; Codex warns that it has n
 
 
 def codex_config(base_url: str, *, headers: dict[str, str] | None = None) -> str:
-    """``$CODEX_HOME/config.toml`` for a proxy at ``base_url`` (docs/operations.md shows
-    the same). Codex ignores OPENAI_BASE_URL: only a provider of its own reaches a proxy.
+    """``$CODEX_HOME/config.toml`` for a proxy at ``base_url`` (the README shows the
+    same). Codex ignores OPENAI_BASE_URL: only a provider of its own reaches a proxy.
     It sends ``Authorization: Bearer $LUTHIEN_API_KEY`` and ``POST {base_url}/responses``."""
     lines = [
         f"model = {json.dumps(CODEX_MODEL)}",
@@ -280,18 +281,18 @@ def codex_config(base_url: str, *, headers: dict[str, str] | None = None) -> str
 
 def run_codex(
     sandbox: AgentSandbox,
-    proxy: ProxyServer,
+    target: Target,
     prompt: str,
     *,
     headers: dict[str, str] | None = None,
     until: Callable[[], bool] | None = None,
 ) -> AgentRun:
-    """``codex exec PROMPT`` in the sandbox's working directory, through ``proxy``.
+    """``codex exec PROMPT`` in the sandbox's working directory, pointed at ``target``.
 
     Approvals and Codex's own sandbox are off (``--dangerously-bypass-...``), so that a
     shell command the model asks for really runs unless the proxy stops it."""
-    (sandbox.config / "config.toml").write_text(codex_config(proxy.api_base, headers=headers))
-    env = base_env(sandbox) | {"CODEX_HOME": str(sandbox.config), "LUTHIEN_API_KEY": proxy.key}
+    (sandbox.config / "config.toml").write_text(codex_config(target.api_base, headers=headers))
+    env = base_env(sandbox) | {"CODEX_HOME": str(sandbox.config), "LUTHIEN_API_KEY": CLIENT_KEY}
     argv = [
         str(agent_binary("codex")),
         "exec",
@@ -302,4 +303,50 @@ def run_codex(
         "--dangerously-bypass-approvals-and-sandbox",
         prompt,
     ]
+    return run_agent(argv, env=env, cwd=sandbox.workdir, until=until)
+
+
+# --- Claude Code ------------------------------------------------------------------------
+
+
+def claude_env(sandbox: AgentSandbox, target: Target, headers: dict[str, str]) -> dict[str, str]:
+    """Claude Code's environment for a proxy (the README shows the same). It sends
+    ``POST {ANTHROPIC_BASE_URL}/v1/messages?beta=true`` with ``x-api-key``."""
+    return base_env(sandbox) | {
+        "CLAUDE_CONFIG_DIR": str(sandbox.config),
+        "ANTHROPIC_BASE_URL": target.url,
+        "ANTHROPIC_API_KEY": CLIENT_KEY,
+        # Without these three it asks api.anthropic.com (telemetry, error reports,
+        # feature flags) and sends HEAD /api/hello to the proxy first.
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # A stream that ends in an error event reads to it as "overloaded": it would retry.
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+        # Extra request headers, one "Name: Value" a line: here the mock's directives.
+        "ANTHROPIC_CUSTOM_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items()),
+    }
+
+
+def run_claude(
+    sandbox: AgentSandbox,
+    target: Target,
+    prompt: str,
+    *,
+    headers: dict[str, str] | None = None,
+    until: Callable[[], bool] | None = None,
+) -> AgentRun:
+    """``claude -p PROMPT`` (print mode) in the sandbox's working directory, pointed at
+    ``target``, its Bash tool allowed without asking, so that a command the model asks
+    for really runs unless the proxy stops it."""
+    argv = [
+        str(agent_binary("claude")),
+        "-p",
+        "--no-session-persistence",
+        "--allowedTools",
+        "Bash",
+        "--",
+        prompt,
+    ]
+    env = claude_env(sandbox, target, headers or {})
     return run_agent(argv, env=env, cwd=sandbox.workdir, until=until)

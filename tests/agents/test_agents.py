@@ -3,67 +3,113 @@
 Each agent answers a prompt through the proxy, and is stopped by ``ToolCallPolicy`` when
 the mock backend makes the model call the agent's shell tool with a command that would
 create a marker file: the file must not appear, and the proxy must have recorded what it
-did. A control run through a proxy without that policy shows the command really runs.
+did, a ``blocked`` outcome or a ``dropped`` decision. A control run, pointed at the mock
+backend itself, shows that the same scripted call really runs the command.
 """
 
 from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
 
 from luthien_control.mock_backend.content import GREETING
 from tests.agents.conftest import (
     CODEX_MODEL,
     MARKER,
     AgentSandbox,
+    GuardedProxies,
+    claude_env,
+    codex_config,
     last_seq,
     mock_directives,
     records_after,
+    run_claude,
     run_codex,
 )
-from tests.conftest import ProxyServer
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer
 
 MARKER_COMMAND = f"echo ran > {MARKER}"
-CODEX_SHELL = {"name": "exec_command", "arguments": {"cmd": MARKER_COMMAND}}
 SAYS = "Creating the marker file."
+PROMPT = "Say hello to the proxy"
+CODEX_SHELL = {"name": "exec_command", "arguments": {"cmd": MARKER_COMMAND}}
+CLAUDE_BASH = {"name": "Bash", "arguments": {"command": MARKER_COMMAND, "description": SAYS}}
 
 
-def decisions(record: dict[str, object]) -> list[tuple[object, object]]:
-    return [(d["policy"], d["action"]) for d in record["decisions"]]  # type: ignore[index, attr-defined]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def decisions(record: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(d["policy"], d["action"]) for d in record["decisions"]]
+
+
+def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A TOML document as dotted keys: ``{"model_providers.luthien.base_url": ...}``."""
+    items: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            items |= flat(value, f"{prefix}{key}.")
+        else:
+            items[prefix + key] = value
+    return items
+
+
+def test_the_readme_configures_the_agents_as_these_tests_do(sandbox: AgentSandbox) -> None:
+    section = README.read_text().split("## Coding agents", 1)[1].split("\n## ", 1)[0]
+    [toml] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    tested = flat(tomllib.loads(codex_config("http://127.0.0.1:8000/v1")))
+    assert flat(tomllib.loads(toml)).items() <= tested.items()
+    [bash] = re.findall(r"```bash\n(.*?)```", section, re.S)
+    exported = dict(
+        re.findall(r"\b([A-Z_]+)=(\S+)", "\n".join(re.findall(r"^export (.*)", bash, re.M)))
+    )
+    env = claude_env(sandbox, ProxyServer("http://127.0.0.1:8000", CLIENT_KEY), {})
+    exported["ANTHROPIC_API_KEY"] = CLIENT_KEY  # "<client key>" in the README
+    assert exported.items() <= env.items()
 
 
 # --- Codex (the Responses API) ------------------------------------------------------------
 
 
-def test_codex_answers_through_the_proxy(sandbox: AgentSandbox, open_proxy: ProxyServer) -> None:
-    before = last_seq(open_proxy)
-    prompt = "Say hello to the proxy"
+def test_codex_answers_through_the_proxy(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.blocking
+    before = last_seq(proxy)
 
-    run = run_codex(sandbox, open_proxy, prompt)
+    run = run_codex(sandbox, proxy, PROMPT)
 
     assert run.returncode == 0, run
-    assert run.stdout.strip() == GREETING + prompt, run
-    [record] = records_after(open_proxy, before)
-    assert record["endpoint"] == "/responses"
+    assert run.stdout.strip() == GREETING + PROMPT, run
+    [record] = records_after(proxy, before)
+    assert (record["method"], record["endpoint"], record["model"]) == (
+        "POST",
+        "/responses",
+        CODEX_MODEL,
+    )
     assert (record["status"], record["outcome"], record["streamed"]) == (200, "ok", True)
-    assert record["model"] == CODEX_MODEL
     assert record["client_key_name"] == "e2e"
+    assert record["decisions"] == []
 
 
-def test_codex_runs_the_shell_command_without_the_policy(
-    sandbox: AgentSandbox, open_proxy: ProxyServer
+def test_codex_runs_the_scripted_shell_call_without_a_proxy(
+    sandbox: AgentSandbox, mock_backend: MockBackendServer
 ) -> None:
-    """The control: nothing but the proxy stands between this scripted call and the shell.
-    (The mock scripts the call on every turn, so Codex would go on; it is stopped once the
-    marker exists.)"""
+    """The control: pointed at the mock itself, Codex runs the command. (Should the mock
+    script the call on every turn, Codex would go on: it is stopped once the marker is
+    there.)"""
     headers = mock_directives(content=SAYS, tool_calls=[CODEX_SHELL])
 
-    run_codex(sandbox, open_proxy, "Create it", headers=headers, until=sandbox.marker.exists)
+    run_codex(sandbox, mock_backend, "Create it", headers=headers, until=sandbox.marker.exists)
 
     assert sandbox.marker.read_text() == "ran\n"
 
 
 def test_codex_shell_call_is_dropped_by_tool_call_policy(
-    sandbox: AgentSandbox, dropping_proxy_for_agents: ProxyServer
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
 ) -> None:
-    proxy = dropping_proxy_for_agents
+    proxy = guarded_proxies.dropping
     before = last_seq(proxy)
     headers = mock_directives(content=SAYS, tool_calls=[CODEX_SHELL])
 
@@ -79,9 +125,9 @@ def test_codex_shell_call_is_dropped_by_tool_call_policy(
 
 
 def test_codex_is_stopped_by_a_blocking_tool_call_policy(
-    sandbox: AgentSandbox, blocking_proxy_for_agents: ProxyServer
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
 ) -> None:
-    proxy = blocking_proxy_for_agents
+    proxy = guarded_proxies.blocking
     before = last_seq(proxy)
     headers = mock_directives(tool_calls=[CODEX_SHELL])
 
@@ -89,6 +135,74 @@ def test_codex_is_stopped_by_a_blocking_tool_call_policy(
 
     assert run.returncode != 0, run
     assert "blocked by ToolCallPolicy" in run.stderr, run
+    assert not sandbox.marker.exists()
+    records = records_after(proxy, before)
+    assert [r["outcome"] for r in records] == ["blocked"], records
+    assert decisions(records[0]) == [("ToolCallPolicy", "blocked")]
+
+
+# --- Claude Code (Anthropic's Messages API) ------------------------------------------------
+
+
+def test_claude_code_answers_through_the_proxy(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.blocking
+    before = last_seq(proxy)
+
+    run = run_claude(sandbox, proxy, PROMPT)
+
+    assert run.returncode == 0, run
+    # The mock echoes the last user message, where Claude Code puts reminders first.
+    assert run.stdout.startswith(GREETING), run
+    assert run.stdout.rstrip().endswith(PROMPT), run
+    [record] = records_after(proxy, before)
+    assert (record["method"], record["endpoint"]) == ("POST", "/messages")
+    assert record["model"].startswith("claude-")
+    assert (record["status"], record["outcome"], record["streamed"]) == (200, "ok", True)
+    assert record["client_key_name"] == "e2e"  # from x-api-key
+    assert record["decisions"] == []
+
+
+def test_claude_code_runs_the_scripted_bash_call_without_a_proxy(
+    sandbox: AgentSandbox, mock_backend: MockBackendServer
+) -> None:
+    """The control: pointed at the mock itself, Claude Code runs the command."""
+    headers = mock_directives(content=SAYS, tool_calls=[CLAUDE_BASH])
+
+    run_claude(sandbox, mock_backend, "Create it", headers=headers, until=sandbox.marker.exists)
+
+    assert sandbox.marker.read_text() == "ran\n"
+
+
+def test_claude_code_bash_call_is_dropped_by_tool_call_policy(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.dropping
+    before = last_seq(proxy)
+    headers = mock_directives(content=SAYS, tool_calls=[CLAUDE_BASH])
+
+    run = run_claude(sandbox, proxy, "Create the marker", headers=headers)
+
+    assert run.returncode == 0, run
+    assert run.stdout.strip() == SAYS, run
+    assert not sandbox.marker.exists()
+    [record] = records_after(proxy, before)
+    assert record["outcome"] == "ok"
+    assert decisions(record) == [("ToolCallPolicy", "dropped")]
+    assert "Bash" in record["decisions"][0]["detail"]
+
+
+def test_claude_code_is_stopped_by_a_blocking_tool_call_policy(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.blocking
+    before = last_seq(proxy)
+    headers = mock_directives(tool_calls=[CLAUDE_BASH])
+
+    run = run_claude(sandbox, proxy, "Create the marker", headers=headers)
+
+    assert run.returncode != 0, run
     assert not sandbox.marker.exists()
     records = records_after(proxy, before)
     assert [r["outcome"] for r in records] == ["blocked"], records
