@@ -8,9 +8,10 @@ or the stream ends), while text keeps flowing, and is then released unchanged or
 sent at all. Before the backend it checks the calls in the request's history.
 
 The Responses API (``/responses``) is covered the same way: its ``function_call`` and
-``custom_tool_call`` output items, buffered or streamed (every event of such an item is
-held from its ``response.output_item.added`` to its ``response.output_item.done``), and
-the same items in a request's ``input``.
+``custom_tool_call`` output items and the built-in tools' call items (``local_shell_call``,
+``mcp_call``, ...: named by their type), buffered or streamed (every event of such an
+item is held from its ``response.output_item.added`` to its
+``response.output_item.done``), and the same items in a request's ``input``.
 
 Subclass it and override ``check`` for a check of your own: it receives each call
 reassembled as a ``ToolCall``.

@@ -17,23 +17,33 @@ _NESTED_DEPTH = 2  # how deep a JSON document inside a string is decoded in turn
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """One complete tool call: ``arguments`` as the model wrote them, and parsed
-    (``parsed_arguments``) when they are strict JSON, else ``None``."""
+    (``parsed_arguments``) when they are strict JSON, else ``None``.
+
+    ``item_type`` is set for the Responses API's built-in tool calls (``local_shell_call``,
+    ``mcp_call``, ...): ``name`` is then the item type, or the item's own name for one
+    that has a name (an ``mcp_call``'s tool), and ``arguments`` the JSON of its
+    argument-like fields (``{"action": {"command": [...]}}``)."""
 
     id: str | None
     name: str
     arguments: str
     parsed_arguments: Any = None
+    item_type: str | None = None
 
     @classmethod
-    def of(cls, id: str | None, name: str, arguments: str) -> ToolCall:
+    def of(
+        cls, id: str | None, name: str, arguments: str, *, item_type: str | None = None
+    ) -> ToolCall:
         try:
             parsed = strict_json(arguments, []) if arguments else None
         except ValueError:
             parsed = None
-        return cls(id, name, arguments, parsed)
+        return cls(id, name, arguments, parsed, item_type)
 
 
-def versions(call_id: str | None, names: list[str], texts: list[str]) -> list[ToolCall]:
+def versions(
+    call_id: str | None, names: list[str], texts: list[str], *, item_type: str | None = None
+) -> list[ToolCall]:
     """The call with each of ``names`` and each of ``texts`` as its arguments: every
     version of one call that a client could take when the backend spelled it in more
     than one way (a name in pieces or repeated, arguments stated twice). Duplicates are
@@ -42,7 +52,7 @@ def versions(call_id: str | None, names: list[str], texts: list[str]) -> list[To
     out: list[ToolCall] = []
     for text in dict.fromkeys(texts or [""]):
         parsed = ToolCall.of(call_id, "", text).parsed_arguments
-        out.extend(ToolCall(call_id, name, text, parsed) for name in names)
+        out.extend(ToolCall(call_id, name, text, parsed, item_type) for name in names)
     return out
 
 

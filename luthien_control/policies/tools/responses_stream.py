@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 from luthien_control.chat import RESPONSES_TERMINAL
 from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
-from luthien_control.policies.tools.responses_items import CALL_ITEMS, item_call, remove_calls
+from luthien_control.policies.tools.responses_items import (
+    BUILTIN_ITEMS,
+    FUNCTION_ITEMS,
+    is_call_type,
+    item_calls,
+    remove_calls,
+)
 from luthien_control.sse import Chunk
 from luthien_control.transaction import Transaction
 
@@ -20,15 +26,40 @@ if TYPE_CHECKING:
 
 _ITEM_ADDED = "response.output_item.added"
 _ITEM_DONE = "response.output_item.done"
-# Events that carry a piece of a call's arguments (``delta``) or all of them (``done``).
-_ARGUMENT_DELTAS = {
-    "response.function_call_arguments.delta": "function_call",
-    "response.custom_tool_call_input.delta": "custom_tool_call",
+# Events of a call item that carry a piece of its arguments (``delta``), and those that
+# state a whole text (the field that holds it): arguments, a custom tool's input, an MCP
+# call's arguments, a code interpreter's code, one of a shell call's commands.
+_TEXT_DELTAS = frozenset(
+    {
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.mcp_call_arguments.delta",
+        "response.code_interpreter_call_code.delta",
+    }
+)
+_TEXT_DONES = {
+    "response.function_call_arguments.done": "arguments",
+    "response.custom_tool_call_input.done": "input",
+    "response.mcp_call_arguments.done": "arguments",
+    "response.code_interpreter_call_code.done": "code",
+    "response.shell_call_command.added": "command",
+    "response.shell_call_command.done": "command",
 }
-_ARGUMENT_DONES = {
-    "response.function_call_arguments.done": ("function_call", "arguments"),
-    "response.custom_tool_call_input.done": ("custom_tool_call", "input"),
-}
+_COMMAND_DELTA = "response.shell_call_command.delta"  # a piece of command command_index
+# The item type that the events named ``<prefix>...`` belong to: an event that comes
+# before its item's output_item.added starts a held item of that type.
+_EVENT_ITEMS = (
+    ("response.function_call_arguments.", "function_call"),
+    ("response.custom_tool_call_input.", "custom_tool_call"),
+    ("response.mcp_call_arguments.", "mcp_call"),
+    ("response.mcp_call.", "mcp_call"),
+    ("response.code_interpreter_call_code.", "code_interpreter_call"),
+    ("response.code_interpreter_call.", "code_interpreter_call"),
+    ("response.shell_call_command.", "shell_call"),
+    ("response.web_search_call.", "web_search_call"),
+    ("response.file_search_call.", "file_search_call"),
+    ("response.image_generation_call.", "image_generation_call"),
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -36,12 +67,14 @@ class _Item(Held[Chunk]):
     """A tool-call output item of a Responses stream, and its held events."""
 
     index: int  # the backend's output_index
-    kind: str  # function_call or custom_tool_call
+    kind: str  # the item type: function_call, custom_tool_call, or a built-in call
     id: str | None = None
     call_id: str | None = None
     names: list[str] = field(default_factory=list)
-    streamed: str = ""  # the arguments as the deltas spell them out
+    streamed: str = ""  # the arguments (code, ...) as the deltas spell them out
     finals: list[str] = field(default_factory=list)  # as the done events state them
+    commands: dict[int, str] = field(default_factory=dict)  # a shell call's, streamed
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # a built-in's item
 
     def note(self, item: dict[str, Any], *, final: bool) -> None:
         """Take what an ``output_item`` event's item says about the call."""
@@ -52,21 +85,49 @@ class _Item(Held[Chunk]):
             self.call_id = self.call_id or call_id
         if isinstance(name, str) and name and name not in self.names:
             self.names.append(name)
-        arguments = item.get(CALL_ITEMS[self.kind])
+        if self.kind not in FUNCTION_ITEMS:
+            self.snapshots.append(item)
+            return
+        arguments = item.get(FUNCTION_ITEMS[self.kind])
         if isinstance(arguments, str):
             if final:
                 self.finals.append(arguments)
             elif arguments:
                 self.streamed = arguments + self.streamed
 
+    def absorb(self, kind: str, data: dict[str, Any]) -> None:
+        """Take what an event of the item other than ``output_item`` says."""
+        if kind in _TEXT_DELTAS:
+            self.streamed += text_of(data.get("delta"))
+        elif kind == _COMMAND_DELTA:
+            number = data.get("command_index")
+            number = number if isinstance(number, int) else -1
+            self.commands[number] = self.commands.get(number, "") + text_of(data.get("delta"))
+        elif kind in _TEXT_DONES:
+            value = data.get(_TEXT_DONES[kind])
+            if isinstance(value, str) and value:
+                self.finals.append(value)
+            name = data.get("name")
+            if isinstance(name, str) and name and name not in self.names:
+                self.names.append(name)
+
     def versions(self) -> list[ToolCall]:
         """Every version of the call the client could take (they differ only when the
         backend contradicts itself): each name with each spelling of the arguments."""
-        names = self.names or [""]
-        arguments = list(dict.fromkeys([self.streamed, *self.finals]))
-        if len(arguments) > 1 and self.streamed == "" and self.finals:
-            arguments.remove("")  # the whole arguments came only in the done events
-        return versions(self.call_id, names, arguments)
+        call_id = self.call_id or (self.id if self.kind in BUILTIN_ITEMS else None)
+        if self.kind in FUNCTION_ITEMS:
+            names = self.names or [""]
+            arguments = list(dict.fromkeys([self.streamed, *self.finals]))
+            if len(arguments) > 1 and self.streamed == "" and self.finals:
+                arguments.remove("")  # the whole arguments came only in the done events
+            return versions(call_id, names, arguments)
+        calls = [call for item in self.snapshots for call in item_calls(item) or ()]
+        texts = [self.streamed, *self.finals, "\n".join(self.commands.values())]
+        texts = [text for text in texts if text]
+        if texts or not calls:  # what the events spelled out, under every name
+            names = [self.kind, *self.names]
+            calls += versions(call_id, names, texts, item_type=self.kind)
+        return calls
 
 
 class ResponsesCalls:
@@ -129,16 +190,10 @@ class ResponsesCalls:
             item = None  # the index is used again: a new item
         if item is not None:
             return item
-        if entry is not None:
-            call_kind = entry.get("type")
-        elif kind in _ARGUMENT_DELTAS:
-            call_kind = _ARGUMENT_DELTAS[kind]
-        elif kind in _ARGUMENT_DONES:
-            call_kind = _ARGUMENT_DONES[kind][0]
-        else:
+        call_kind = entry.get("type") if entry is not None else _item_type_of(kind)
+        if not is_call_type(call_kind):
             return None
-        if not isinstance(call_kind, str) or call_kind not in CALL_ITEMS:
-            return None
+        assert isinstance(call_kind, str)
         if index is None:
             index = -1 - len(self._items)  # no output_index: a key of its own
         item = self._items[index] = _Item(index, call_kind)
@@ -154,15 +209,8 @@ class ResponsesCalls:
                 item.note(entry, final=kind == _ITEM_DONE)
                 if item.id is not None:
                     self._ids.setdefault(item.id, item)
-        elif kind in _ARGUMENT_DELTAS:
-            item.streamed += text_of(data.get("delta"))
-        elif kind in _ARGUMENT_DONES:
-            value = data.get(_ARGUMENT_DONES[kind][1])
-            if isinstance(value, str):
-                item.finals.append(value)
-            name = data.get("name")
-            if isinstance(name, str) and name and name not in item.names:
-                item.names.append(name)
+        else:
+            item.absorb(kind, data)
 
     def _complete_all(self, terminal: dict[str, Any] | None) -> list[Chunk]:
         out: list[Chunk] = []
@@ -197,15 +245,19 @@ class ResponsesCalls:
             return
         kept: list[Any] = []
         for position, entry in enumerate(output):
-            call = item_call(entry)
-            if call is None:
+            calls = item_calls(entry)
+            if calls is None:
                 kept.append(entry)
                 continue
             item = self._tracked(entry, position)
             if item is not None and item.status == "dropped":
                 continue
             released = item is not None and (item.status == "kept" or item.reopened)
-            if self._judge.passes(call, item, released=released, on_block=_remover(data)):
+            on_block = _remover(data)
+            if all(
+                self._judge.passes(call, item, released=released, on_block=on_block)
+                for call in calls
+            ):
                 kept.append(entry)
             elif item is not None:
                 self._drop(item, item.take())
@@ -248,6 +300,14 @@ class ResponsesCalls:
                     data["sequence_number"] = number - shift
                     chunk.mark_changed()
         return chunk
+
+
+def _item_type_of(kind: str) -> str | None:
+    """The type of the call item an event of type ``kind`` belongs to, if any."""
+    for prefix, item_type in _EVENT_ITEMS:
+        if kind.startswith(prefix):
+            return item_type
+    return None
 
 
 def _by_output_index(item: _Item) -> int:
