@@ -23,6 +23,7 @@ from luthien_control.admin import PREFIX as ADMIN_PREFIX
 from luthien_control.admin import handle_admin
 from luthien_control.app import Services
 from luthien_control.chat import validate_chat_request
+from luthien_control.decoding import decode_request
 from luthien_control.exceptions import (
     LuthienError,
     MalformedRequest,
@@ -235,8 +236,17 @@ class LuthienProxy:
 
     async def handle(self, tx: Transaction, send: Send, *, dev: bool) -> None:
         request = tx.request
-        content_type = request.headers.get("content-type", "application/json")
-        if request.body and request.payload is None and content_type.startswith("application/json"):
+        if tx.services.policy.current.tree_reads_content:
+            tx.reads_content = True
+            decode_request(tx)  # strictly, or 400 / 413 (decoding.py)
+        elif (
+            request.body
+            and "content-encoding" not in request.headers  # relayed as it came
+            and request.headers.get("content-type", "application/json").startswith(
+                "application/json"
+            )
+            and request.payload is None
+        ):
             raise MalformedRequest("the request body is not valid JSON")
         if request.is_chat_completion and request.method == "POST":
             validate_chat_request(request.payload)

@@ -25,6 +25,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 600.0
 DEFAULT_POOL_SIZE = 1000
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
 DEFAULT_RECORDER_BACKLOG = 50_000
 
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     backend_read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
     backend_pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
     recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
     admin_api_key: str | None = None

@@ -65,10 +65,10 @@ class Message:
         _ = self.payload
         self.changed = True
 
-    def set_body(self, body: bytes) -> None:
-        """Replace the body with new bytes (forgetting any parsed payload)."""
+    def set_body(self, body: bytes, payload: Any = _UNPARSED) -> None:
+        """Replace the body with new bytes (and ``payload``, their JSON, when known)."""
         self._body = body
-        self._payload = _UNPARSED
+        self._payload = payload
         self.changed = False
 
 
@@ -207,6 +207,7 @@ class Transaction:
     client_key_name: str | None = None
     policy_name: str | None = None
     usage_injected: bool = False  # the proxy, not the client, asked for include_usage
+    reads_content: bool = False  # a policy that reads bodies is in force: decoding.py
     usage: Usage | None = None
     decisions: list[Decision] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)

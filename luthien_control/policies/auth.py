@@ -11,6 +11,7 @@ class ClientApiKeyAuth(Policy):
     """``Authorization: Bearer <key>`` must be an active key (checked against the cache)."""
 
     type_name = "ClientApiKeyAuth"
+    reads_content = False
 
     async def on_request(self, tx: Transaction) -> None:
         header = tx.request.headers.get("authorization", "")

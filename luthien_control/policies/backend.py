@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from luthien_control.chat import client_wants_usage
+from luthien_control.decoding import decode_response, decoded_stream
 from luthien_control.exceptions import ConfigurationError, PolicyError
 from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.responses import HOP_BY_HOP
@@ -35,6 +36,7 @@ class SendBackendRequest(Policy):
     """Sends the request to the backend; what follows it in the tree acts on the response."""
 
     type_name = "SendBackendRequest"
+    reads_content = False
 
     async def apply(self, tx: Transaction) -> None:
         if tx.response is not None:
@@ -73,11 +75,12 @@ class SendBackendRequest(Policy):
         tx.trail.backend_status = response.status
         tx.trail.backend_headers = response_headers
         if response.is_event_stream and response.status < 400:
-            stream = ResponseStream(response.iter_bytes())
+            stream = ResponseStream(decoded_stream(response_headers, response.iter_bytes()))
             tx.response = ProxyResponse(response.status, response_headers, stream=stream)
         else:
             body_bytes = await response.read()
             tx.timings.backend_ready = time.perf_counter()
+            body_bytes = decode_response(tx, response_headers, body_bytes)  # decoding.py
             tx.trail.backend_body = body_bytes
             tx.response = ProxyResponse(response.status, response_headers, body_bytes)
 
@@ -86,6 +89,7 @@ class AddApiKeyHeader(Policy):
     """Authenticates to the backend with ``OPENAI_API_KEY`` (from the settings)."""
 
     type_name = "AddApiKeyHeader"
+    reads_content = False
 
     async def on_request(self, tx: Transaction) -> None:
         key = tx.services.settings.openai_api_key
@@ -97,6 +101,7 @@ class AddApiKeyHeaderFromEnv(Policy):
     """Authenticates to the backend with the key in the named environment variable."""
 
     type_name = "AddApiKeyHeaderFromEnv"
+    reads_content = False
 
     class Config(PolicyConfig):
         api_key_env_var_name: str
@@ -118,6 +123,7 @@ class SetBackendPolicy(Policy):
     """Chooses the backend (its base URL, such as ``https://api.openai.com/v1``)."""
 
     type_name = "SetBackendPolicy"
+    reads_content = False
 
     class Config(PolicyConfig):
         backend_url: HttpUrl

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Annotated, Any, ClassVar
 
 import regex
@@ -53,10 +54,15 @@ class Policy:
     ``config`` is the validated model; ``raw_config`` the mapping exactly as given, so
     that ``serialize()`` round-trips. Composite policies build their members from
     ``raw_config`` in ``__init__`` through ``policies.loader``.
+
+    ``reads_content`` says whether the policy reads request or response bodies: true
+    unless a policy says otherwise, so a custom policy is assumed to. While one in the
+    tree does, bodies are decoded strictly or refused (``luthien_control.decoding``).
     """
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    reads_content: bool = True
 
     def __init__(self, config: PolicyConfig, raw_config: dict[str, Any]) -> None:
         self.config = config
@@ -96,6 +102,11 @@ class Policy:
         yield self
         for child in self.children():
             yield from child.walk()
+
+    @cached_property
+    def tree_reads_content(self) -> bool:
+        """Whether this policy or one below it reads bodies (worked out once per tree)."""
+        return any(policy.reads_content for policy in self.walk())
 
     def serialize(self) -> dict[str, Any]:
         """``{"type": ..., "config": {...}}``, exactly as it was loaded."""

@@ -27,6 +27,18 @@ from luthien_control.transaction import Transaction
 
 _MAP = "cond_to_policy_map"
 _ENTRY_KEYS = ("condition", "policy")
+# Transaction paths that hold no body: a condition on them reads no content.
+_NOT_CONTENT = (
+    "request.method",
+    "request.path",
+    "request.query",
+    "request.headers",
+    "response.status",
+    "response.headers",
+    "client_key_name",
+    "backend_url",
+    "policy_name",
+)
 
 
 class BranchingPolicy(Policy):
@@ -50,6 +62,9 @@ class BranchingPolicy(Policy):
             if config.default_policy is None
             else build_member(config.default_policy, "default_policy")
         )
+        self.reads_content = any(
+            _reads_content(condition.serialize()) for condition, _ in self.branches
+        )
 
     def children(self) -> list[Policy]:
         members = [policy for _, policy in self.branches]
@@ -62,6 +77,18 @@ class BranchingPolicy(Policy):
                 return
         if self.default_policy is not None:
             await self.default_policy.apply(tx)
+
+
+def _reads_content(condition: Any) -> bool:
+    """Whether a serialized condition reads a transaction path that may hold a body."""
+    if isinstance(condition, dict):
+        if condition.get("type") == "transaction_path":
+            path = str(condition.get("path"))
+            return not any(path == p or path.startswith(p + ".") for p in _NOT_CONTENT)
+        return any(_reads_content(value) for value in condition.values())
+    if isinstance(condition, list):
+        return any(_reads_content(value) for value in condition)
+    return False
 
 
 def _load_branches(value: Any) -> list[tuple[Condition, Policy]]:

@@ -10,6 +10,7 @@ class NoopPolicy(Policy):
     """Does nothing, on either side."""
 
     type_name = "NoopPolicy"
+    reads_content = False
 
     async def apply(self, tx: Transaction) -> None:
         return None

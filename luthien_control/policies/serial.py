@@ -17,6 +17,7 @@ class SerialPolicy(Policy):
     """
 
     type_name = "SerialPolicy"
+    reads_content = False  # its members say for themselves
 
     class Config(PolicyConfig):
         # Members are checked by the loader, at their own paths (``policies[i]``).
