@@ -524,6 +524,11 @@ ANSWERS: dict[str, tuple[int, list[tuple[bytes, bytes]], list[bytes]]] = {
     "bomb": (200, GZIP_JSON_HEADERS, [gz(b'{"a": "' + b" " * (8 * LIMIT) + b'"}')]),
     "gzip-stream": (200, GZIP_SSE_HEADERS, gzip_pieces(sse("one ", "two ", "three"))),
     "gzip-stream-secret": (200, GZIP_SSE_HEADERS, gzip_pieces(sse("hi ", f"it is {SECRET}"))),
+    "br-stream": (
+        200,
+        [(b"content-type", b"text/event-stream"), (b"content-encoding", b"br")],
+        [b"\x0b\x01\x80data: {}\n\n\x03"],
+    ),
 }
 
 
@@ -754,6 +759,8 @@ def test_the_backend_gets_what_was_scanned(
     received = raw_backend[0].requests["decoded"]
     assert received["body"] == body
     assert "content-encoding" not in received["headers"]
+    record = strict_proxy.record(response.headers["x-luthien-transaction-id"])
+    assert record["request"]["received"]["body"] == orjson.loads(body)  # stored readable
 
 
 @pytest.mark.parametrize(
@@ -788,6 +795,8 @@ def test_a_compressed_answer_is_decompressed_for_the_policies_and_the_client(
     assert response.status_code == 200
     assert "content-encoding" not in response.headers
     assert response.content == chat_answer("fine, compressed")
+    record = strict_proxy.record(response.headers["x-luthien-transaction-id"])
+    assert record["response"]["received"]["body"] == orjson.loads(chat_answer("fine, compressed"))
 
 
 def test_a_key_in_a_compressed_answer_is_caught(strict_proxy: ProxyServer) -> None:
@@ -824,6 +833,15 @@ def test_a_compressed_stream_reaches_the_client_decompressed(
     assert response.status_code == 200
     assert "content-encoding" not in response.headers
     assert response.content == b"".join(sse("one ", "two ", "three"))
+
+
+@pytest.mark.parametrize("proxy_name", ["strict_proxy", "plain_proxy"])
+def test_a_stream_in_another_coding_is_502(request: pytest.FixtureRequest, proxy_name: str) -> None:
+    proxy: ProxyServer = request.getfixturevalue(proxy_name)
+    body = orjson.dumps({"model": "m", "stream": True, "messages": []})
+    response = post(proxy, body, {**JSON, "x-answer": "br-stream"}, path="/echo")
+    message = "the backend's stream has Content-Encoding 'br': only gzip and deflate are undone"
+    error_body(response, 502, message, "backend_broken")
 
 
 @pytest.mark.parametrize(
