@@ -17,8 +17,9 @@ undid. So while a policy that reads content is in force (``Policy.tree_reads_con
   ``MAX_RESPONSE_BYTES``, and sent on without ``Content-Encoding``; a body whose content
   type says JSON, or that looks like JSON, must be strict JSON (502, ``BackendBroken``).
 - a streamed answer: compression undone piece by piece (``decoded_stream``, always: the
-  relay never forwards a stream's ``Content-Encoding``); each event's data must be
-  strict JSON (``strict_event_data``).
+  relay never forwards a stream's ``Content-Encoding``); for the relay to call on each
+  event, ``strict_event_data`` (its data must be strict JSON) and, on the first bytes,
+  ``check_stream_start``.
 
 Strict JSON is what orjson accepts (UTF-8 without a byte order mark; no ``NaN`` or
 ``Infinity``; no lone surrogate, escaped or not; no number too large for a double) with
