@@ -229,7 +229,8 @@ def test_denied_call_ends_the_stream_with_response_failed(
     assert got.last.type == "response.failed"
     assert got.last.response.status == "failed"
     assert got.last.response.error.code == "policy_blocked"
-    assert "'shell'" in got.last.response.error.message
+    message = got.last.response.error.message
+    assert "denied_tools" in message and "shell" not in message
     assert "response.completed" not in [event.type for event in got.events]
     assert got.text == "On it."  # the text before the calls did stream
     assert [name for _, name, _ in got.calls] == ["read_file"]  # released before it

@@ -244,7 +244,8 @@ async def test_denied_call_never_gets_out_whatever_the_split() -> None:
         out, tx, blocked = await run_until_blocked(policy(denied_tools=["shell"]), chunks)
         assert call_deltas(out) == []
         assert assembled(out).message()["content"] == "Sure."  # text before it did flow
-        assert blocked.status_code == 403 and "'shell'" in blocked.message
+        assert blocked.status_code == 403 and "denied_tools" in blocked.message
+        assert "shell" not in blocked.message  # the rule, not the name
         assert "rm -rf" not in blocked.message
         assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
 
@@ -387,8 +388,25 @@ async def test_allowed_tools_only_lets_those_through() -> None:
     out, _ = await run(p, [*call(0, "read_file", [READ_ARGS]), finish()])
     assert len(call_deltas(out)) == 2
     out, tx, blocked = await run_until_blocked(p, [*call(0, "write_file", ["{}"]), finish()])
-    assert out == [] and "not allowed" in blocked.message
+    assert out == [] and "not in allowed_tools" in blocked.message
     assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool write_file")]
+
+
+@pytest.mark.anyio
+async def test_a_secret_in_a_tool_name_stays_out_of_the_message_and_the_record() -> None:
+    key = "sk-proj-" + "A1b2C3d4E5" * 5
+    name = f"run_{key}"
+    out, tx, blocked = await run_until_blocked(
+        policy(denied_tools=[name]), [*call(0, name, ["{}"]), finish()]
+    )
+    assert out == [] and key not in blocked.message and "run_" not in blocked.message
+    assert blocked.message == (
+        "blocked by ToolCallPolicy: a tool call in the response: the tool is in denied_tools"
+    )
+    assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool run_[REDACTED]")]
+    p = policy(allowed_tools=["read_file"], action="drop_call")
+    out, tx = await run(p, [*call(0, "x" * 5000, ["{}"]), finish()])
+    assert decisions(tx) == [("ToolCallPolicy", "dropped", "tool " + "x" * 200 + "...")]
 
 
 @pytest.mark.anyio
@@ -672,7 +690,9 @@ async def test_buffered_denied_call_is_blocked() -> None:
     tx = responded(completion(("read_file", READ_ARGS), ("shell", SHELL_ARGS)))
     with pytest.raises(PolicyBlocked) as caught:
         await policy(denied_tools=["shell"]).apply(tx)
-    assert caught.value.status_code == 403 and "'shell'" in caught.value.message
+    assert caught.value.status_code == 403 and caught.value.message == (
+        "blocked by ToolCallPolicy: a tool call in the response: the tool is in denied_tools"
+    )
     assert "rm -rf" not in caught.value.message
     assert decisions(tx) == [("ToolCallPolicy", "blocked", "tool shell")]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
 import regex
 
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
+from luthien_control.policies.secrets import SecretPattern, default_secrets
 from luthien_control.policies.tools.call import ToolCall, argument_texts
 from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
 from luthien_control.policies.tools.chat_stream import ChatCalls
@@ -40,12 +42,13 @@ class ToolCallPolicy(Policy):
 
     def check(self, call: ToolCall) -> str | None:
         """Why ``call`` may not pass, or ``None`` when it may. The reason is shown to the
-        client, so it must not quote the arguments."""
+        client, so it names the rule and never quotes the call: a hostile model can put
+        a secret in a tool's name as well as in its arguments."""
         name = normalise_name(call.name)
         if name in self.denied:
-            return "the tool is denied"
+            return "the tool is in denied_tools"
         if self.allowed is not None and name not in self.allowed:
-            return "the tool is not allowed"
+            return "the tool is not in allowed_tools"
         if self.patterns:
             # Decoded too: a JSON escape (\u0072m) must not hide a match. Arguments that
             # are not strict JSON are refused only when a pattern matches (call.py).
@@ -63,16 +66,17 @@ class ToolCallPolicy(Policy):
     def decide(
         self, tx: Transaction, call: ToolCall, reason: str | None, *, where: str, block: bool
     ) -> bool:
-        """``judge`` once ``check`` has given its ``reason``."""
+        """``judge`` once ``check`` has given its ``reason``. The client's message names
+        the policy and the rule; the record's detail names the tool, redacted."""
         if reason is None:
             return True
         if block or self.action == "block":
-            tx.record(self.name, "blocked", f"tool {call.name}")
+            tx.record(self.name, "blocked", _detail(call))
             raise PolicyBlocked(
-                f"blocked by {self.name}: tool call {call.name!r} in the {where}: {reason}",
+                f"blocked by {self.name}: a tool call in the {where}: {reason}",
                 policy=self.name,
             )
-        tx.record(self.name, "dropped", f"tool {call.name}")
+        tx.record(self.name, "dropped", _detail(call))
         return False
 
     async def on_request(self, tx: Transaction) -> None:
@@ -100,6 +104,22 @@ class ToolCallPolicy(Policy):
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
         return _ToolCallStream(self, tx)
+
+
+_DETAIL_LIMIT = 200  # characters of a tool name kept in a decision's detail
+
+
+@cache
+def _secrets() -> SecretPattern:
+    return default_secrets()
+
+
+def _detail(call: ToolCall) -> str:
+    """A decision's detail: the tool's name with any secret in it redacted, cut short."""
+    name = _secrets().redact(call.name)[0]
+    if len(name) > _DETAIL_LIMIT:
+        name = name[:_DETAIL_LIMIT] + "..."
+    return f"tool {name}"
 
 
 class _ToolCallStream:
