@@ -122,7 +122,8 @@ class _Item(Held[Chunk]):
                 arguments.remove("")  # the whole arguments came only in the done events
             return versions(call_id, names, arguments)
         calls = [call for item in self.snapshots for call in item_calls(item) or ()]
-        texts = [self.streamed, *self.finals, "\n".join(self.commands.values())]
+        commands = "\n".join(self.commands[number] for number in sorted(self.commands))
+        texts = [self.streamed, *self.finals, commands]
         texts = [text for text in texts if text]
         if texts or not calls:  # what the events spelled out, under every name
             names = [self.kind, *self.names]
