@@ -30,6 +30,7 @@ from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern, de
 from luthien_control.policies.text import rewrite_strings
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG
 from luthien_control.transaction import Transaction
+from luthien_control.upstream.client import REDACTED, display_url
 
 logger = logging.getLogger("luthien_control.transactions")
 
@@ -190,8 +191,14 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                 if backend_request is None
                 else {
                     "method": backend_request["method"],
-                    "url": backend_request["url"],
-                    "headers": redacted_headers(backend_request["headers"]),
+                    "url": display_url(backend_request["url"]),  # no userinfo, no query key
+                    # What the policies added carries the backend key, whatever its name.
+                    "headers": redacted_headers(
+                        {
+                            **backend_request["headers"],
+                            **dict.fromkeys(tx.backend_headers, REDACTED),
+                        }
+                    ),
                     "body": bodies.value(backend_request["body"]),
                 },
             }

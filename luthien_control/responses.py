@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
 
 from luthien_control.exceptions import LuthienError
+from luthien_control.upstream.client import REDACTED, display_url
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ HOP_BY_HOP = frozenset(
     }
 )
 JSON_CONTENT_TYPE = b"application/json"
+
+# What a dev ``detail`` must not show: URLs (userinfo, query credentials), a credential
+# after an auth scheme, and the value after a credential's name (a header, a parameter).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SCHEME_VALUE = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[^\s'\",;)]+")
+_NAMED_VALUE = re.compile(
+    r"(?i)((?:authorization|api[-_]?key|token|secret|passw(?:or)?d|cookie)['\"]?\s*[:=]\s*['\"]?)"
+    r"[^'\"\s,;&})]+"
+)
 
 STREAM_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -57,7 +68,7 @@ def error_status_and_body(
             "code": exc.code,
         }
         if status >= 500 and dev and exc.__cause__ is not None:
-            error["detail"] = repr(exc.__cause__)
+            error["detail"] = safe_detail(exc.__cause__)
     else:
         logger.error("internal error in transaction %s", transaction_id, exc_info=exc)
         status = 500
@@ -68,9 +79,23 @@ def error_status_and_body(
             "code": "internal_error",
         }
         if dev:
-            error["detail"] = repr(exc)
+            error["detail"] = safe_detail(exc)
     error["transaction_id"] = transaction_id
     return status, {"error": error}
+
+
+def safe_detail(exc: BaseException) -> str:
+    """``repr(exc)`` for a dev error body, with nothing in it that could be a secret: a
+    lower layer's error may quote the backend URL or a header. URLs are shown as
+    ``display_url`` shows them; credentials (after ``Bearer``, after a name such as
+    ``x-api-key`` or ``token=``, or matching a known secret pattern) become
+    ``[REDACTED]``."""
+    from luthien_control.policies.secrets import default_secrets  # policies import this module
+
+    text = _URL.sub(lambda match: display_url(match.group()), repr(exc))
+    text = _SCHEME_VALUE.sub(rf"\1\2{REDACTED}", text)
+    text = _NAMED_VALUE.sub(rf"\1{REDACTED}", text)
+    return default_secrets().redact(text)[0]
 
 
 def json_headers(body: bytes, transaction_id: str) -> list[tuple[bytes, bytes]]:

@@ -34,6 +34,7 @@ from luthien_control.relay import note_usage, outcome_for, relay_stream, send_bu
 from luthien_control.responses import error_status_and_body, json_headers, send_error, send_json
 from luthien_control.settings import Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
+from luthien_control.upstream.client import DOT_SEGMENT_REFUSED, has_dot_segment
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ GC_THRESHOLD = 50_000  # allocations between two collections of the youngest gen
 
 
 def api_path(path: str) -> str | None:
-    """``/v1/chat/completions`` and ``/api/v1/chat/completions`` → ``/chat/completions``."""
+    """``/v1/chat/completions`` and ``/api/v1/chat/completions`` → ``/chat/completions``.
+
+    The path stays as written: one with a dot segment (``has_dot_segment``) is refused by
+    the caller before any policy sees it, never resolved here."""
     for prefix in API_PREFIXES:
         if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
             return path[len(prefix) :] or "/"
@@ -92,6 +96,10 @@ class LuthienProxy:
                 raw = scope.get("raw_path")
                 if raw:  # as the client wrote it: what the policies see, the backend gets
                     relative = api_path(raw.decode("latin-1")) or relative
+                if has_dot_segment(relative):  # joined to the backend URL, it could climb out
+                    refused = MalformedRequest(DOT_SEGMENT_REFUSED)
+                    await send_error(send, refused, new_transaction_id(), dev=False)
+                    return
                 await self.proxy(scope, receive, send, relative)
             elif path == "/health":
                 await send_json(send, 200, {"status": "ok"}, new_transaction_id())

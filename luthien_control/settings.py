@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     backend_url: str | None = None
     openai_api_key: str | None = None
+    anthropic_api_key: str | None = None  # AddApiKeyHeader's key on the Messages API
     test_client_api_key: str | None = None
     run_mode: Literal["dev", "prod"] = "prod"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -72,7 +73,12 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None
 
     @field_validator(
-        "policy_filepath", "backend_url", "openai_api_key", "admin_api_key", mode="before"
+        "policy_filepath",
+        "backend_url",
+        "openai_api_key",
+        "anthropic_api_key",
+        "admin_api_key",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -45,12 +45,14 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from luthien_control.exceptions import BackendError, PolicyBlocked
 from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
+from luthien_control.policies.secrets import default_secrets
 from luthien_control.sse import Chunk
 from luthien_control.transaction import StreamTransform, Transaction
 
 Mode = Literal["buffer", "window", "audit"]
 ANSWER_FORMAT = '{"verdict": "allow" | "block", "reason": "..."}'
-MAX_REASON_CHARS = 500  # a judge's reason is untrusted text: keep the record and errors small
+MAX_REASON_CHARS = 500  # a judge's reason is untrusted text: keep the record small
+_SECRETS = default_secrets()
 _SUBJECTS = {
     "request": "the conversation a client is about to send to an AI model",
     "response": "the complete answer of an AI model (its text and any tool calls)",
@@ -374,9 +376,11 @@ class LLMJudgePolicy(Policy):
         self._record(tx, action, verdict.allow, verdict.reason, started, mode, window)
         if action == "judge_blocked":
             what = "request" if subject == "request" else "response"
+            # The rule, never the judge's reason: it may quote what it found (the record
+            # keeps it, redacted).
             raise PolicyBlocked(
-                f"blocked by {self.name}: the judge found the {what} non-compliant: "
-                f"{verdict.reason}",
+                f"blocked by {self.name}: the judge found the {what} non-compliant with "
+                "the policy's instructions",
                 policy=self.name,
             )
 
@@ -392,7 +396,7 @@ class LLMJudgePolicy(Policy):
     ) -> None:
         detail = {
             "verdict": None if allow is None else ("allow" if allow else "block"),
-            "reason": reason,
+            "reason": _SECRETS.redact(reason)[0],  # untrusted text that may quote a secret
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
             "mode": mode,
             "window": window,

@@ -27,7 +27,8 @@ request. What it does:
 - a response that is not read to its end is closed, not returned to the pool, so the
   backend sees the cancellation and stops generating.
 
-Every failure is one of the proxy's ``BackendError`` kinds, with the URL in its message.
+Every failure is one of the proxy's ``BackendError`` kinds, with the URL in its message as
+``display_url`` renders it: never its userinfo, never a credential in its query.
 """
 
 from __future__ import annotations
@@ -59,6 +60,77 @@ _HEADER_LINE = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\r\n\x00]*\r\n"
 _HEADER_BLOCK = re.compile(f"(?:{_HEADER_LINE})*")
 _VISIBLE = "".join(map(chr, range(0x21, 0x7F)))
 _TARGET = re.compile(r"/[\x21-\x7e]*")  # a path and query, visible ASCII only
+REDACTED = "[REDACTED]"
+# A query parameter whose name holds one of these (any case) carries a credential.
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|pwd|auth|sig|credential|session|cookie", re.I)
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]*\]|[^:@\[\]]*)(?::[0-9]*)?")  # a clean authority
+_DECODE_ROUNDS = 4  # percent-decodings undone when looking for dot segments (%252e: twice)
+_SEPARATORS = re.compile(r"[/\\]")  # a backslash separates segments for some servers
+DOT_SEGMENT_REFUSED = (
+    "the request path holds a '.' or '..' segment (as written or percent-encoded); "
+    "such a path is not forwarded"
+)
+
+
+def display_url(url: str) -> str:
+    """``url`` as people may see it, in error messages, records and logs: without its
+    userinfo (``user:password@``) or fragment, and with the value of every query parameter
+    whose name suggests a credential (``api_key``, ``token``, ``sig``, ``password``, ...)
+    replaced by ``[REDACTED]``.
+
+    It never fails, whatever the string: in a URL that does not parse, everything up to
+    the last ``@`` may be a password holding ``/``, ``?`` or ``#``, and goes.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    authority = rest[:end]
+    if "@" in authority:
+        rest = rest[authority.rindex("@") + 1 :]
+    elif "@" in rest and not _HOST_PORT.fullmatch(authority):
+        rest = rest[rest.rindex("@") + 1 :]
+    rest = rest.partition("#")[0]
+    path, question, query = rest.partition("?")
+    if question:
+        query = "&".join(map(_display_param, query.split("&")))
+    return f"{scheme}{separator}{path}{question}{query}"
+
+
+def _display_param(param: str) -> str:
+    name, equals, _ = param.partition("=")
+    if equals and _SECRET_PARAM.search(unquote(name)):
+        return f"{name}={REDACTED}"
+    return param
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether a backend could read a ``.`` or ``..`` segment in ``path``.
+
+    Such a path is refused, not resolved. Resolving would have to guess how the backend
+    reads the path (how many times it percent-decodes, whether ``%2f`` or ``\\``
+    separates segments, whether ``..;`` is ``..``), and a wrong guess lets the path climb
+    out of the backend's API root (``/v1/../internal``) after the policies judged
+    another one. No client of these APIs writes dot segments, so refusing every reading
+    costs nothing: the path is percent-decoded until it no longer changes, split at
+    ``/`` and ``\\``, and a segment that is ``.`` or ``..`` (before any ``;``) is one. A
+    path still changing after ``_DECODE_ROUNDS`` decodings counts as one too.
+    """
+    if "." not in path and "%" not in path:  # the usual path: nothing to decode
+        return False
+    decoded = path
+    for _ in range(_DECODE_ROUNDS):
+        once = unquote(decoded, encoding="latin-1")
+        if once == decoded:
+            break
+        decoded = once
+    else:
+        return True
+    return any(segment.partition(";")[0] in (".", "..") for segment in _SEPARATORS.split(decoded))
 
 
 class _Origin:
@@ -66,14 +138,16 @@ class _Origin:
 
     __slots__ = ("address", "authorization", "host", "host_header", "key", "port", "tls")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, prefix: str, url: str) -> None:
+        """``prefix``: ``scheme://authority`` of ``url``, the whole URL (for messages: a
+        password holding a ``/`` ends the prefix early, and only the whole URL shows it)."""
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(prefix)
             port = parts.port
-        except ValueError as exc:
-            raise BackendUnreachable(f"invalid backend URL: {url}") from exc
+        except ValueError:  # its text may quote part of the password: not kept as the cause
+            raise BackendUnreachable(f"invalid backend URL: {display_url(url)}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BackendUnreachable(f"invalid backend URL: {url}")
+            raise BackendUnreachable(f"invalid backend URL: {display_url(url)}")
         self.tls = parts.scheme == "https"
         self.host = parts.hostname
         self.port = port or (443 if self.tls else 80)
@@ -82,7 +156,7 @@ class _Origin:
             try:
                 netloc = netloc.encode("idna").decode("ascii")
             except UnicodeError as exc:
-                raise BackendUnreachable(f"invalid backend URL: {url}") from exc
+                raise BackendUnreachable(f"invalid backend URL: {display_url(url)}") from exc
         self.host_header = netloc
         self.key = (self.tls, self.host, self.port)
         self.address: tuple[int, tuple[Any, ...]] | None = None  # an IP literal: no DNS
@@ -145,13 +219,19 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.url or self.done:  # bytes nobody asked for: this connection is done
-            self._fail(BackendBroken(f"the backend sent an unexpected answer ({self.url})"))
+            self._fail(
+                BackendBroken(f"the backend sent an unexpected answer ({display_url(self.url)})")
+            )
             return
         self.received = True
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(BackendBroken(f"backend error ({self.url}): invalid HTTP answer: {exc}"))
+            self._fail(
+                BackendBroken(
+                    f"backend error ({display_url(self.url)}): invalid HTTP answer: {exc}"
+                )
+            )
 
     def eof_received(self) -> bool:
         return False  # close our side as well
@@ -164,7 +244,9 @@ class _Connection(asyncio.Protocol):
         if not self.head_done:
             self.error = _Closed(self.received)
         elif self.framed or exc is not None:
-            self.error = BackendBroken(f"the backend's response was cut short ({self.url})")
+            self.error = BackendBroken(
+                f"the backend's response was cut short ({display_url(self.url)})"
+            )
         else:
             self.done = True  # a body that ends with the connection, as HTTP/1.0 allows
         self._wake()
@@ -231,7 +313,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _timed_out(self) -> None:
-        self._fail(BackendTimeout(f"the backend did not answer in time ({self.url})"))
+        self._fail(BackendTimeout(f"the backend did not answer in time ({display_url(self.url)})"))
 
     async def _wait(self) -> None:
         self.waiter = waiter = self._loop.create_future()
@@ -371,7 +453,8 @@ class BackendClient:
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"no free backend connection within {self._timeouts.connect:g} s: "
-                f"{self._limits.pool_size} requests in flight (BACKEND_POOL_SIZE) ({url})"
+                f"{self._limits.pool_size} requests in flight (BACKEND_POOL_SIZE) "
+                f"({display_url(url)})"
             ) from exc
 
     def _split(self, url: str) -> tuple[_Origin, str]:
@@ -385,7 +468,7 @@ class BackendClient:
         prefix = url[:end]
         origin = self._origins.get(prefix)
         if origin is None:
-            origin = self._origins[prefix] = _Origin(prefix)
+            origin = self._origins[prefix] = _Origin(prefix, url)
         target = url[end:].partition("#")[0]
         if not target.startswith("/"):
             target = "/" + target
@@ -410,7 +493,9 @@ class BackendClient:
                 connection.close()
                 if reused and not closed.received and attempt == 1:
                     continue  # the backend had closed the idle connection: once more
-                raise BackendBroken(f"the backend closed the connection ({url})") from None
+                raise BackendBroken(
+                    f"the backend closed the connection ({display_url(url)})"
+                ) from None
             except BaseException:
                 connection.close()
                 raise
@@ -473,10 +558,14 @@ class BackendClient:
                         continue
                     return connection
         except TimeoutError as exc:
-            raise BackendTimeout(f"the backend did not answer in time ({url})") from exc
+            raise BackendTimeout(
+                f"the backend did not answer in time ({display_url(url)})"
+            ) from exc
         except (OSError, UnicodeError) as exc:  # refused, unknown host, TLS, bad name, ...
             reason = (isinstance(exc, OSError) and exc.strerror) or str(exc) or type(exc).__name__
-            raise BackendUnreachable(f"cannot connect to the backend at {url}: {reason}") from exc
+            raise BackendUnreachable(
+                f"cannot connect to the backend at {display_url(url)}: {reason}"
+            ) from exc
         raise AssertionError("unreachable")  # getaddrinfo gives at least one address
 
     async def _addresses(self, origin: _Origin) -> list[tuple[int, tuple[Any, ...]]]:
@@ -569,7 +658,9 @@ def _request_bytes(
     request line goes out: such characters in the path are percent-encoded, and a
     header that holds one is refused."""
     if not _TOKEN.fullmatch(method):
-        raise BackendBroken(f"cannot send the method {method!r} to the backend ({url})")
+        raise BackendBroken(
+            f"cannot send the method {method!r} to the backend ({display_url(url)})"
+        )
     if not _TARGET.fullmatch(target):
         # Spaces, line ends, controls and non-ASCII characters are percent-encoded, as
         # every HTTP client does: none of them can end the request line. Paths are
@@ -587,7 +678,9 @@ def _request_bytes(
         for line in lines:
             if not _HEADER_BLOCK.fullmatch(line) or line.count("\n") != 1:
                 name = line.partition(":")[0]
-                raise BackendBroken(f"cannot send header {name!r} to the backend ({url})")
+                raise BackendBroken(
+                    f"cannot send header {name!r} to the backend ({display_url(url)})"
+                )
     if origin.authorization is not None and "authorization" not in headers:
         block += f"authorization: {origin.authorization}\r\n"
     if body is not None:
@@ -612,4 +705,10 @@ def _encode_line(line: str) -> bytes:
         return line.encode()
 
 
-__all__ = ["BackendClient", "BackendResponse"]
+__all__ = [
+    "DOT_SEGMENT_REFUSED",
+    "BackendClient",
+    "BackendResponse",
+    "display_url",
+    "has_dot_segment",
+]

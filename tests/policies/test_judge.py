@@ -404,8 +404,11 @@ async def test_request_blocked_with_the_judges_reason(
     tx = make_tx(services)
     with pytest.raises(PolicyBlocked) as caught:
         await policy.on_request(tx)
-    assert "mentions weapons" in caught.value.message
-    assert "request" in caught.value.message
+    # The rule, never the judge's reason: it may quote what it found.
+    assert caught.value.message == (
+        "blocked by LLMJudgePolicy: the judge found the request non-compliant with the "
+        "policy's instructions"
+    )
     assert caught.value.policy == "LLMJudgePolicy"
     [(action, detail)] = decisions(tx)
     assert action == "judge_blocked" and detail["verdict"] == "block"
@@ -438,7 +441,8 @@ async def test_buffered_response_blocked_judges_text_and_tool_calls(
     tx = with_answer(make_tx(services), "Ordering it now.", tool_calls=[call])
     with pytest.raises(PolicyBlocked) as caught:
         await make_policy(url).on_response(tx)
-    assert f"the text says {FORBIDDEN}" in caught.value.message
+    assert FORBIDDEN not in caught.value.message
+    assert "non-compliant with the policy's instructions" in caught.value.message
     assert judge.reviewed == [f'Ordering it now.\n[tool call] order: {{"item": "{FORBIDDEN}"}}']
     assert decisions(tx)[0][0] == "judge_blocked"
 
@@ -600,7 +604,7 @@ async def test_buffer_mode_holds_everything_until_judged(
     if verdict == "block":
         with pytest.raises(PolicyBlocked) as caught:
             await transform.on_end()
-        assert "scripted" in caught.value.message
+        assert "scripted" not in caught.value.message
         assert decisions(tx)[0][0] == "judge_blocked"
         return
     released = await transform.on_end()
@@ -707,7 +711,8 @@ async def test_window_mode_stops_at_the_first_violating_window(
         for c in chunks:
             released.extend(await transform.on_chunk(c))
     assert content_of(released) == "0123456789abcdefghij"
-    assert f"the text says {FORBIDDEN}" in caught.value.message
+    assert FORBIDDEN not in caught.value.message
+    assert "non-compliant with the policy's instructions" in caught.value.message
     assert judge.reviewed == ["0123456789", "89abcdefghij", f"ijx{FORBIDDEN}"]
     assert [(a, d["window"]) for a, d in decisions(tx)] == [
         ("judge_allowed", 1),

@@ -17,7 +17,7 @@ import pytest
 from luthien_control.exceptions import BackendBroken, BackendTimeout, BackendUnreachable
 from luthien_control.settings import Limits, Timeouts
 from luthien_control.upstream import BackendClient
-from luthien_control.upstream.client import HIGH_WATER
+from luthien_control.upstream.client import HIGH_WATER, display_url, has_dot_segment
 
 pytestmark = pytest.mark.anyio
 
@@ -345,6 +345,111 @@ async def keep_answering_never(reader: asyncio.StreamReader, writer: asyncio.Str
 async def test_an_invalid_url_is_unreachable(url: str) -> None:
     async with client() as c:
         await open_fails(c, url, BackendUnreachable, "invalid backend URL")
+
+
+# --- what the messages show of a URL ----------------------------------------------------
+
+PASSWORD = "hunter2-url-password"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"http://user:{PASSWORD}@host/v1", "http://host/v1"),
+        (f"https://{PASSWORD}@host:8443/v1/x#frag", "https://host:8443/v1/x"),
+        (
+            "http://host/v1?api-version=2&api_key=k1&Token=k2&sig=k3&x-Api-Key=k4&password=k5",
+            "http://host/v1?api-version=2&api_key=[REDACTED]&Token=[REDACTED]&sig=[REDACTED]"
+            "&x-Api-Key=[REDACTED]&password=[REDACTED]",
+        ),
+        ("http://host/v1?access%5Ftoken=k&flag", "http://host/v1?access%5Ftoken=[REDACTED]&flag"),
+        (f"http://[::1]:8000/v1?secret={PASSWORD}", "http://[::1]:8000/v1?secret=[REDACTED]"),
+        # Passwords that hold "/", "?" or "#" unescaped: the URL does not parse, and
+        # everything up to the last "@" goes.
+        (f"http://user:{PASSWORD}/x@host/v1", "http://host/v1"),
+        (f"http://user:{PASSWORD}?x@host/v1", "http://host/v1"),
+        (f"http://user:{PASSWORD}#x@host/v1", "http://host/v1"),
+        (f"user:{PASSWORD}@host/v1", "host/v1"),
+        ("http://host/v1/models/a@b", "http://host/v1/models/a@b"),  # "@" in a path stays
+        ("nonsense", "nonsense"),
+    ],
+)
+def test_display_url_drops_userinfo_and_masks_credentials_in_the_query(
+    url: str, shown: str
+) -> None:
+    assert display_url(url) == shown
+
+
+async def test_credentials_in_the_url_are_never_in_an_error_message() -> None:
+    async with backend(keep_answering_never) as (_, url):
+        pass  # closed again: the port is free now
+    port = url.rpartition(":")[2]
+    authed = url.replace("http://", f"http://user:{PASSWORD}@")
+    async with client() as c:
+        with pytest.raises(BackendUnreachable) as caught:
+            async with c.open("GET", f"{authed}/v1/models?token={PASSWORD}&a=1", {}, None):
+                pass
+    assert caught.value.message == (
+        f"cannot connect to the backend at http://127.0.0.1:{port}/v1/models"
+        f"?token=[REDACTED]&a=1: Connect call failed ('127.0.0.1', {port})"
+    )
+    assert PASSWORD not in repr(caught.value.__cause__)
+
+
+async def test_a_timeout_message_shows_the_url_without_its_credentials() -> None:
+    async with backend(keep_answering_never) as (_, url), client(read=0.3) as c:
+        authed = url.replace("http://", f"http://user:{PASSWORD}@")
+        with pytest.raises(BackendTimeout) as caught:
+            async with c.open("GET", f"{authed}/v1/models?api_key={PASSWORD}", {}, None):
+                pass
+    assert caught.value.message == (
+        f"the backend did not answer in time ({url}/v1/models?api_key=[REDACTED])"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", [f"http://user:{PASSWORD}/x@host/v1", f"http://user:{PASSWORD}@host:port/v1"]
+)
+async def test_an_invalid_url_with_credentials_is_shown_without_them(url: str) -> None:
+    async with client() as c:
+        with pytest.raises(BackendUnreachable) as caught:
+            async with c.open("GET", url, {}, None):
+                pass
+    assert PASSWORD not in caught.value.message
+    assert caught.value.message.startswith("invalid backend URL: http://host")
+    # urlsplit's own error quotes the text it took for a port: not kept as the cause.
+    assert caught.value.__cause__ is None
+
+
+# --- dot segments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "dotted"),
+    [
+        ("/chat/completions", False),
+        ("/models/gpt-4.1", False),
+        ("/files/a..b/..c/.d", False),
+        ("/models/org%2Fname", False),  # an encoded slash alone is no dot segment
+        ("/%25%25", False),
+        ("/..", True),
+        ("/../internal", True),
+        ("/./x", True),
+        ("/x/.", True),
+        ("/%2e%2e/x", True),
+        ("/foo/%2E%2E/%2e%2e/admin", True),
+        ("/.%2e/x", True),
+        ("/..%2finternal", True),
+        ("/x%2F%2e%2e%2Fadmin", True),
+        ("/x\\..\\admin", True),
+        ("/x%5c..%5cadmin", True),
+        ("/%252e%252e/x", True),  # encoded twice
+        ("/%25252525252e%25252525252e/x", True),  # still changing after four decodings
+        ("/..;/admin", True),  # Tomcat reads "..;" as ".."
+    ],
+)
+def test_dot_segments_are_found_in_every_reading(path: str, dotted: bool) -> None:
+    assert has_dot_segment(path) is dotted
 
 
 @pytest.mark.parametrize(
