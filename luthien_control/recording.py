@@ -12,8 +12,10 @@ an ambiguous failure never writes a record twice. On shutdown the queue is flush
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import json
 import logging
+import re
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -21,13 +23,17 @@ from typing import Any, Protocol
 import orjson
 
 from luthien_control import metrics
-from luthien_control.chat import StreamAssembler
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
+from luthien_control.dialects import StreamAssembler
 from luthien_control.exceptions import LuthienError
 from luthien_control.policies.audit_log import redacted_headers
-from luthien_control.policies.secrets import DEFAULT_PATTERNS, SecretPattern, default_secrets
-from luthien_control.policies.text import rewrite_strings
+from luthien_control.policies.secrets import (
+    DEFAULT_PATTERNS,
+    SecretPattern,
+    default_secrets,
+    rewrite_json,
+)
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG
 from luthien_control.transaction import Transaction
 from luthien_control.upstream.client import REDACTED, display_url
@@ -47,8 +53,12 @@ class Recorder(Protocol):
 
 
 class Redactor:
-    """Removes secrets from everything that is stored: known patterns, and the patterns
-    of every ``LeakedApiKeyDetection`` in the policy in force."""
+    """Removes secrets from everything that is stored or logged: known patterns, and the
+    patterns of every ``LeakedApiKeyDetection`` in the policy in force.
+
+    It works on decoded values, never on serialized text: every string and every object
+    key of a document, each also percent-decoded (a URL, a query), so that no escape
+    (JSON's ``\\u0073k-...``, ``\\n`` before a key, a URL's ``%73k-...``) can hide a key."""
 
     def __init__(self, extra_patterns: list[str] | None = None) -> None:
         if not extra_patterns:
@@ -60,28 +70,75 @@ class Redactor:
         self._secrets = SecretPattern(patterns)
 
     def text(self, value: str) -> str:
-        return self._secrets.redact(value)[0]
+        """``value`` with every secret replaced (``SecretPattern.scrub``)."""
+        return self._secrets.scrub(value)
 
     def document(self, value: Any) -> SerializedJSON:
-        """``value`` as JSON text with every secret redacted: one regex pass over the
-        serialized text (no secret pattern can span JSON syntax; the literal prefilter
-        spares the regex on clean text), the text itself when clean."""
-        serialized = orjson.dumps(value).decode()
-        redacted = self.text(serialized)
-        if redacted is serialized or redacted == serialized:
-            return SerializedJSON(serialized)
-        try:
-            orjson.loads(redacted)
-        except orjson.JSONDecodeError:  # a redaction swallowed an escape: walk the strings
-            redacted = orjson.dumps(rewrite_strings(value, self.text)[0]).decode()
-        return SerializedJSON(redacted)
+        """``value`` as JSON text with every secret redacted (``value`` is redacted in
+        place). Serialized once when it is clean: a key can be in a decoded string only
+        if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
+        serialized = _dumps(value)
+        may_hold = self._secrets.may_contain_json(serialized) or _PERCENT_ESCAPE.search(serialized)
+        if may_hold and rewrite_json(value, self.text)[1]:
+            serialized = _dumps(value)
+        return SerializedJSON(serialized.decode())
+
+
+_PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
+
+
+class _Raw(str):
+    """JSON syntax already written, on the stack of ``_dumps_deep``."""
+
+    __slots__ = ()
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
+        return _dumps_deep(value).encode()
+
+
+def _dumps_deep(value: Any) -> str:
+    """JSON text of a value nested at any depth, without recursion."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is _Raw:
+            out.append(item)
+        elif isinstance(item, dict):
+            pending: list[Any] = []
+            for key, child in item.items():
+                pending.append(_Raw(("," if pending else "{") + _leaf(str(key)) + ":"))
+                pending.append(child)
+            pending.append(_Raw("}" if pending else "{}"))
+            stack.extend(reversed(pending))
+        elif isinstance(item, (list, tuple)):
+            pending = []
+            for child in item:
+                pending.append(_Raw("," if pending else "["))
+                pending.append(child)
+            pending.append(_Raw("]" if pending else "[]"))
+            stack.extend(reversed(pending))
+        else:
+            out.append(_leaf(item))
+    return "".join(out)
+
+
+def _leaf(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        return json.dumps(value, ensure_ascii=False)
 
 
 class _Bodies:
     """Bodies as stored: their JSON when they are JSON, else their text. Redaction comes
-    later, over the whole serialized document: parsed first, so escapes the client wrote
-    (\\u0073k-...) cannot hide a key. The same bytes object is parsed once (the body
-    the backend got is most often the client's, unchanged)."""
+    later, over the decoded strings of the whole document (``Redactor.document``), so
+    escapes the client wrote (\\u0073k-...) cannot hide a key. The same bytes object is
+    parsed once (the body the backend got is most often the client's, unchanged)."""
 
     __slots__ = ("_parsed",)
 
@@ -114,16 +171,8 @@ def _at(tx: Transaction, moment: float | None) -> datetime | None:
 
 
 def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
-    if assembler is None:
-        return None
-    choices = []
-    for index, state in sorted(assembler.choices.items()):
-        message = assembler.message(index)
-        for call in message.get("tool_calls", ()):
-            with contextlib.suppress(orjson.JSONDecodeError):  # non-JSON stays text only
-                call["function"]["parsed_arguments"] = orjson.loads(call["function"]["arguments"])
-        choices.append({"index": index, "message": message, "finish_reason": state.finish_reason})
-    return {"chunks": assembler.chunks, "choices": choices}
+    """A stream as its dialect assembles it: the message, tool calls, usage."""
+    return None if assembler is None else assembler.summary()
 
 
 def _column(value: str | None, size: int) -> str | None:
@@ -166,8 +215,8 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "client_key_name": tx.client_key_name,
         "policy_name": _column(tx.policy_name, NAME_LENGTH),
         "method": _column(request.method, 16),
-        "endpoint": _column(request.path, ENDPOINT_LENGTH),
-        "model": _column(model, NAME_LENGTH),
+        "endpoint": _column(redactor.text(request.path), ENDPOINT_LENGTH),
+        "model": _column(redactor.text(model) if model is not None else None, NAME_LENGTH),
         "streamed": streamed or request.wants_stream,
         "status": tx.status,
         "outcome": tx.outcome,
@@ -227,11 +276,17 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _default_redactor() -> Redactor:
+    return Redactor()
+
+
 class LogRecorder:
     """Writes one summary line per transaction to the ``luthien_control.transactions`` log,
-    at DEBUG (``LOG_LEVEL=DEBUG``): the database holds the full record."""
+    at DEBUG (``LOG_LEVEL=DEBUG``): the database holds the full record. The path is
+    redacted as records are (``redactor``: the recorder's own, else the built-in one)."""
 
-    def record(self, tx: Transaction) -> None:
+    def record(self, tx: Transaction, redactor: Redactor | None = None) -> None:
         if not logger.isEnabledFor(logging.DEBUG):
             return
         timings = tx.timings
@@ -241,7 +296,7 @@ class LogRecorder:
             "tx=%s %s %s outcome=%s status=%s key=%s chunks=%d tokens=%s ms=%.1f%s",
             tx.id,
             tx.request.method,
-            tx.request.path,
+            (redactor or _default_redactor()).text(tx.request.path),
             tx.outcome,
             tx.status or "-",
             tx.client_key_name or "-",
@@ -270,7 +325,7 @@ class DatabaseRecorder:
         self._failing = False
 
     def record(self, tx: Transaction) -> None:
-        self._log.record(tx)
+        self._log.record(tx, self.redactor)
         if len(self._queue) >= self._backlog:
             self._overflowed += 1
             metrics.RECORDER_OVERFLOW.inc()

@@ -13,20 +13,13 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import orjson
-
 from luthien_control import metrics
-from luthien_control.chat import StreamAssembler
+from luthien_control.decoding import check_stream_start, strict_event_data
+from luthien_control.dialects import StreamAssembler
 from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
-from luthien_control.responses import (
-    HOP_BY_HOP,
-    STREAM_HEADERS,
-    TRANSACTION_HEADER,
-    error_event,
-    error_status_and_body,
-)
+from luthien_control.responses import HOP_BY_HOP, STREAM_HEADERS, TRANSACTION_HEADER
 from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
-from luthien_control.transaction import StreamTransform, Transaction, Usage
+from luthien_control.transaction import StreamTransform, Transaction
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -64,14 +57,9 @@ async def send_buffered(tx: Transaction, send: Send) -> None:
 
 def note_usage(tx: Transaction, payload: Any) -> None:
     """Take the token usage from a response body or a stream's usage chunk, if it has one."""
-    usage = payload.get("usage") if isinstance(payload, dict) else None
-    if isinstance(usage, dict):
-        tx.usage = Usage(  # chat completions' names, or the Responses API's
-            prompt_tokens=usage.get("prompt_tokens", usage.get("input_tokens")),
-            completion_tokens=usage.get("completion_tokens", usage.get("output_tokens")),
-            total_tokens=usage.get("total_tokens"),
-            raw=usage,
-        )
+    usage = tx.dialect.answer_usage(payload)
+    if usage is not None:
+        tx.usage = tx.dialect.usage(usage)
 
 
 async def _through(transform: StreamTransform, chunks: list[Chunk]) -> list[Chunk]:
@@ -86,7 +74,8 @@ async def _through(transform: StreamTransform, chunks: list[Chunk]) -> list[Chun
 class _UsageBook:
     """Takes the backend's usage figures, and hides what the client did not ask for.
 
-    The proxy asks every chat stream for ``include_usage``; when the client did not, the
+    The proxy asks every chat stream for ``include_usage`` (``Dialect.injects_usage``);
+    when the client did not, the
     usage-only chunk is dropped and the ``"usage": null`` the backend then adds to every
     chunk is removed again, so the client sees exactly the stream it asked for.
     """
@@ -127,14 +116,15 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     assert response is not None and response.stream is not None
     stream = response.stream
     transforms = stream.transforms
-    usage = _UsageBook(tx)
+    dialect = tx.dialect
+    usage = _UsageBook(tx) if dialect.injects_usage else None
     decoder = SSEDecoder()
     # The stream as received, and as sent. They are one assembler for as long as every
     # event goes out as it came in (the usual case: one fold per chunk, not two); the
     # first network read with an event a policy changed, dropped or added splits them.
     # Each read's events are folded in once its fate is known: sent, failed on, or cut
     # off by a disconnect.
-    received = tx.trail.stream_received = tx.trail.stream_sent = StreamAssembler()
+    received = tx.trail.stream_received = tx.trail.stream_sent = dialect.new_assembler()
     sent: StreamAssembler | None = None  # None: still the same as ``received``
     started = False
 
@@ -173,11 +163,16 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                 sent.feed(chunk.data)
 
     done = False
+    # A policy reads the content: every event must be strict JSON, as the client reads
+    # it (decoding.py); else the events go out unread and are parsed leniently.
+    strict = tx.reads_content
     metrics.ACTIVE_STREAMS.inc()
     try:
         async for data in stream.source:
             if tx.timings.backend_ready is None:
                 tx.timings.backend_ready = time.perf_counter()
+                if strict:
+                    check_stream_start(data)
             ready: list[Chunk] = []
             arrived: list[Any] = []
             same = True  # every event of this read so far went out as it came in
@@ -189,8 +184,14 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                         unfed = None
                         done = True
                         break
-                    payload = event.data
-                    seen = usage.see(event, raw) if b'"usage"' in raw else event
+                    if strict:
+                        payload = strict_event_data(event.payload)
+                        event.set_parsed(payload)
+                    else:
+                        payload = event.data
+                    seen = (
+                        usage.see(event, raw) if usage is not None and b'"usage"' in raw else event
+                    )
                     if seen is None:  # the usage the client did not ask for
                         unfed = None
                         arrived.append(payload)
@@ -228,13 +229,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             await emit(ready)
             if done:
                 break
-        responses_api = tx.request.path == "/responses"
-        if (not done and (tx.request.is_chat_completion or decoder.pending.strip())) or (
-            responses_api and received.terminal is None
-        ):
+        if not dialect.stream_complete(received, done=done, pending=decoder.pending):
             raise BackendBroken("the backend's stream ended before it was complete")
-        if tx.usage is None and received.usage is not None:
-            note_usage(tx, {"usage": received.usage})
         tail: list[Chunk] = []
         for transform in transforms:
             tail = await _through(transform, tail)
@@ -247,15 +243,14 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         tx.outcome = outcome_for(exc)
         tx.error = exc
         tx.response_complete = True
-        if tx.request.path == "/responses":
-            # Built from what the client got: the backend's own last response object
-            # may hold what a policy redacted or refused.
-            last = response_failed_event(exc, tx, sent or received, dev=dev)
-        else:
-            last = error_event(exc, tx.id, dev=dev)
+        # Built from the stream as the client got it: what the backend sent may hold
+        # what a policy redacted or refused.
+        last = dialect.error_event(exc, tx, sent or received, dev=dev)
         await send({"type": "http.response.body", "body": last, "more_body": False})
     finally:
         metrics.ACTIVE_STREAMS.dec()
+        if tx.usage is None and received.usage is not None:  # a stream cut short too
+            tx.usage = dialect.usage(received.usage)
         # A transform that keeps the transaction (to record what it did) makes a cycle
         # through it; broken here, the transaction is freed without the collector.
         transforms.clear()
@@ -264,28 +259,6 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
 def _parsed(raw: bytes) -> Any:
     """An event's JSON as its bytes spell it (a policy may have changed the parsed one)."""
     return Chunk(raw).data
-
-
-def response_failed_event(
-    exc: BaseException, tx: Transaction, sent: StreamAssembler, *, dev: bool
-) -> bytes:
-    """How a Responses API stream ends when it fails after it began: ``response.failed``,
-    numbered after the last event the client got (``sent``: the stream as it got it)."""
-    _, payload = error_status_and_body(exc, tx.id, dev=dev)
-    error = payload["error"]
-    response = dict(sent.response or {"id": f"resp_{tx.id}", "object": "response"})
-    # No output: what the backend produced may be exactly what a policy refused.
-    response.update(
-        status="failed",
-        output=[],
-        error={"code": error["code"], "message": error["message"]},
-    )
-    data = {
-        "type": "response.failed",
-        "sequence_number": sent.sequence_number + 1,
-        "response": response,
-    }
-    return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 def outcome_for(exc: BaseException) -> str:

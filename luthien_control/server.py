@@ -22,7 +22,6 @@ from luthien_control import metrics
 from luthien_control.admin import PREFIX as ADMIN_PREFIX
 from luthien_control.admin import handle_admin
 from luthien_control.app import Services
-from luthien_control.chat import validate_chat_request
 from luthien_control.decoding import decode_request
 from luthien_control.exceptions import (
     LuthienError,
@@ -31,7 +30,7 @@ from luthien_control.exceptions import (
     RequestTooLarge,
 )
 from luthien_control.relay import note_usage, outcome_for, relay_stream, send_buffered
-from luthien_control.responses import error_status_and_body, json_headers, send_error, send_json
+from luthien_control.responses import json_headers, send_error, send_json
 from luthien_control.settings import Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
 from luthien_control.upstream.client import DOT_SEGMENT_REFUSED, has_dot_segment
@@ -236,7 +235,7 @@ class LuthienProxy:
             if tx.outcome in ("pending", "ok"):
                 tx.outcome = outcome_for(failure)
             if tx.status is None:
-                status, payload = error_status_and_body(failure, tx.id, dev=dev)
+                status, payload = tx.dialect.error_body(failure, tx.id, dev=dev)
                 tx.status = status
                 body = await send_json(send, status, payload, tx.id)
                 tx.trail.client_body = body
@@ -256,8 +255,8 @@ class LuthienProxy:
             and request.payload is None
         ):
             raise MalformedRequest("the request body is not valid JSON")
-        if request.is_chat_completion and request.method == "POST":
-            validate_chat_request(request.payload)
+        if request.method == "POST":
+            tx.dialect.validate_request(request.payload)
         services = tx.services
         policy = services.policy.current
         tx.policy_name = policy.name

@@ -83,6 +83,10 @@ class Chunk:
             self._data = data
         return data
 
+    def set_parsed(self, data: Any) -> None:
+        """The event's JSON, parsed by the caller from these very bytes (strictly)."""
+        self._data = data
+
     def replace_raw(self, raw: bytes) -> None:
         """New bytes for the same event; ``data``, if parsed, must already match them."""
         self._raw = raw

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from luthien_control.chat import StreamAssembler
+from luthien_control.dialects import Dialect, StreamAssembler, dialect_for
 
 if TYPE_CHECKING:
     from luthien_control.sse import Chunk
@@ -91,10 +91,6 @@ class ProxyRequest(Message):
         self.path = path
         self.query = query
         self.headers = headers
-
-    @property
-    def is_chat_completion(self) -> bool:
-        return self.path == "/chat/completions"
 
     @property
     def wants_stream(self) -> bool:
@@ -201,6 +197,7 @@ class Transaction:
     request: ProxyRequest
     services: Any  # luthien_control.app.Services; Any keeps policies free of import cycles
     id: str = field(default_factory=new_transaction_id)
+    dialect: Dialect = None  # type: ignore[assignment]  # None: from the request's path
     backend_url: str | None = None
     backend_headers: dict[str, str] = field(default_factory=dict)
     response: ProxyResponse | None = None
@@ -219,6 +216,10 @@ class Transaction:
     trail: Trail = field(default_factory=Trail)
     resources: AsyncExitStack = field(default_factory=AsyncExitStack)
 
+    def __post_init__(self) -> None:
+        if getattr(self, "dialect", None) is None:  # not given: the request path's
+            self.dialect = dialect_for(self.request.path)
+
     def record(self, policy: str, action: str, detail: str = "") -> None:
         """Note a policy decision, for the audit record and the metrics."""
         self.decisions.append(Decision(policy, action, detail))
@@ -236,7 +237,7 @@ class Transaction:
                     value = value[int(part)]
                 except (ValueError, IndexError):
                     return None
-            elif part.startswith("_") or part in {"services", "resources"}:
+            elif part.startswith("_") or part in {"services", "resources", "dialect"}:
                 return None
             else:
                 value = getattr(value, part, None)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from luthien_control.chat import _ChatRequest, _plainly_valid, validate_chat_request
+from luthien_control.dialects.chat import _ChatRequest, _plainly_valid, validate_chat_request
 from luthien_control.exceptions import MalformedRequest
 
 BASE: dict[str, Any] = {

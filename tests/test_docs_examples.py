@@ -126,3 +126,62 @@ def test_the_tool_call_check_drops_what_it_forbids(
     refused = ask(calls)
     assert refused.status_code == 403
     assert "delete_file outside /tmp/" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "text_of"),
+    [
+        (
+            "/messages",
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            },
+            lambda data: (
+                (data.get("delta") or {}).get("text", "")
+                if data.get("type") == "content_block_delta"
+                else ""
+            ),
+        ),
+    ],
+)
+def test_the_neutral_custom_policy_runs_on_every_dialect(
+    my_pkg: Path,
+    start_proxy: ProxyStarter,
+    mock_backend: MockBackendServer,
+    path: str,
+    body: dict[str, Any],
+    text_of: Any,
+) -> None:
+    policy = {
+        "type": "SerialPolicy",
+        "config": {
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": mock_backend.api_base}},
+                {"type": "SendBackendRequest", "config": {}},
+                {"type": "my_pkg.policies:CensorWord", "config": {"word": "secret"}},
+            ]
+        },
+    }
+    proxy = start_proxy(policy=policy, env={"PYTHONPATH": str(my_pkg)})
+    headers = {
+        "x-api-key": CLIENT_KEY,
+        "x-mock-content": quote("the secret is secret-ish"),
+        "x-mock-chunk-size": "3",
+    }
+    response = httpx.post(f"{proxy.api_base}{path}", json=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    assert "secret" not in response.text
+    text = "".join(
+        text_of(json.loads(line[6:]))
+        for line in response.text.splitlines()
+        if line.startswith("data: {")
+    )
+    assert text == "the **** is ****-ish"
+    del body["stream"]
+    buffered = httpx.post(f"{proxy.api_base}{path}", json=body, headers=headers, timeout=30)
+    assert "secret" not in buffered.text
+    assert "the **** is ****-ish" in buffered.text

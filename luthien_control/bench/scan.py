@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from luthien_control.chat import StreamAssembler
+from luthien_control.dialects.chat import ChatAssembler
 from luthien_control.policies.secrets import LeakedApiKeyDetection
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, Transaction
@@ -47,7 +47,7 @@ async def _streams(events: list[bytes], streams: int, per_stream: int) -> float:
     for number in range(streams):
         request = ProxyRequest("POST", "/chat/completions", b"", {}, b"{}")
         transform = policy.stream_transform(Transaction(request=request, services=None))
-        assembler = StreamAssembler()
+        assembler = ChatAssembler()
         start = number * per_stream
         began = time.process_time()
         for raw in events[start : start + per_stream]:

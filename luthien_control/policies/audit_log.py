@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import orjson
 
-from luthien_control.chat import StreamAssembler
 from luthien_control.policies.base import Policy, PolicyConfig
 from luthien_control.policies.secrets import default_secrets
 from luthien_control.policies.text import rewrite_strings
@@ -94,7 +93,7 @@ class _StreamLog:
     def __init__(self, policy: TransactionContextLoggingPolicy, tx: Transaction) -> None:
         self._policy = policy
         self._tx = tx
-        self._assembler = StreamAssembler()
+        self._assembler = tx.dialect.new_assembler()
 
     async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
         self._assembler.feed(chunk.data)
@@ -102,17 +101,15 @@ class _StreamLog:
 
     async def on_end(self) -> list[Chunk]:
         assembler = self._assembler
-        messages = [assembler.message(index) for index in sorted(assembler.choices)]
-        redacted = rewrite_strings(messages, lambda text: _SECRETS.redact(text)[0])[0]
+        summary = assembler.summary()
+        redacted = rewrite_strings(summary, lambda text: _SECRETS.redact(text)[0])[0]
         self._policy._log(
             self._tx,
             "response",
             {
                 "status": self._tx.response.status if self._tx.response else None,
                 "streamed": True,
-                "chunks": assembler.chunks,
-                "messages": redacted,
-                "finish_reasons": [c.finish_reason for _, c in sorted(assembler.choices.items())],
+                **redacted,  # chunks, and the message(s) the stream spelled out
             },
         )
         return []

@@ -16,8 +16,8 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from pydantic import field_validator
 
-from luthien_control.chat import client_wants_usage
 from luthien_control.decoding import decode_response, decoded_stream
+from luthien_control.dialects.chat import client_wants_usage
 from luthien_control.exceptions import ConfigurationError, MalformedRequest, PolicyError
 from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.responses import HOP_BY_HOP
@@ -120,7 +120,7 @@ class SendBackendRequest(Policy):
         url = base_url + request.path
         if request.query:
             url += "?" + request.query.decode("latin-1")
-        if request.is_chat_completion and request.wants_stream:
+        if tx.dialect.injects_usage and request.wants_stream:
             payload = request.payload
             if not client_wants_usage(payload):
                 # Usage is recorded for every stream; the relay hides it again.

@@ -43,6 +43,8 @@ import anyio
 import orjson
 from pydantic import Field, ValidationInfo, field_validator
 
+from luthien_control.dialects import Dialect
+from luthien_control.dialects.reading import join_choices
 from luthien_control.exceptions import BackendError, PolicyBlocked
 from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.policies.secrets import default_secrets
@@ -99,85 +101,6 @@ def parse_verdict(body: bytes) -> Verdict:
 # --- the text under review ---------------------------------------------------------------
 
 
-def _content_text(content: Any) -> str:
-    """A message's ``content``: a string, or its parts (non-text parts named by type)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    parts = []
-    for part in content:
-        if isinstance(part, dict):
-            text = part.get("text", part.get("refusal"))
-            parts.append(text if isinstance(text, str) else f"[{part.get('type', 'part')}]")
-        elif isinstance(part, str):
-            parts.append(part)
-    return "\n".join(parts)
-
-
-def _call_text(call: Any) -> str:
-    function = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        return ""
-    name, arguments = function.get("name") or "", function.get("arguments") or ""
-    return f"[tool call] {name}: {arguments}"
-
-
-def _message_text(message: dict[str, Any]) -> str:
-    """A chat message, or a Responses API item: its text, then its tool calls."""
-    if message.get("type") == "function_call":
-        return _call_text(message)
-    lines = [_content_text(message.get("content"))]
-    lines.extend(message[key] for key in ("refusal", "output") if isinstance(message.get(key), str))
-    lines.extend(_call_text(call) for call in message.get("tool_calls") or ())
-    if message.get("function_call"):
-        lines.append(_call_text(message["function_call"]))
-    return "\n".join(line for line in lines if line)
-
-
-def request_text(payload: Any) -> str:
-    """The conversation in a request, one ``role: text`` paragraph per message."""
-    if not isinstance(payload, dict):
-        return ""
-    paragraphs = []
-    if isinstance(payload.get("instructions"), str):  # the Responses API's system prompt
-        paragraphs.append(f"system: {payload['instructions']}")
-    for key in ("messages", "input", "prompt"):
-        value = payload.get(key)
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, str) and item:
-                paragraphs.append(f"user: {item}")
-            elif isinstance(item, dict) and (text := _message_text(item)):
-                paragraphs.append(f"{item.get('role') or item.get('type') or 'item'}: {text}")
-    return "\n\n".join(paragraphs)
-
-
-def answer_text(payload: Any) -> str:
-    """The answer in a buffered response: each choice's text and tool calls."""
-    if not isinstance(payload, dict):
-        return ""
-    texts: list[str] = []
-    choices = payload.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-                texts.append(_message_text(choice["message"]))
-            elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
-                texts.append(choice["text"])  # legacy completions
-    elif isinstance(payload.get("output"), list):  # the Responses API
-        parts = [_message_text(item) for item in payload["output"] if isinstance(item, dict)]
-        return "\n".join(part for part in parts if part)
-    return _join_choices(dict(enumerate(texts)))
-
-
-def _join_choices(texts: dict[int, str]) -> str:
-    texts = {index: text for index, text in texts.items() if text}
-    if len(texts) <= 1:
-        return "".join(texts.values())
-    return "\n\n".join(f"[choice {index}]\n{text}" for index, text in sorted(texts.items()))
-
-
 @dataclass(slots=True)
 class _Channel:
     """One choice's text as it streams in; positions count from the start of the answer."""
@@ -206,70 +129,30 @@ class _Channel:
 
 
 class _Transcript:
-    """The text of a streamed answer, per choice: content and other text deltas, tool
-    calls (``[tool call] name: arguments``), legacy ``text`` and Responses API deltas."""
+    """The text of a streamed answer as a reader sees it, per choice (the dialect says
+    where: ``Dialect.stream_text``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: Dialect) -> None:
         self.channels: dict[int, _Channel] = {}
+        self._dialect = dialect
+        self._state: dict[Any, Any] = {}
 
     def feed(self, data: Any) -> dict[int, int]:
         """Take one event; returns, for each choice it added text to, the text's end."""
         if not isinstance(data, dict):
             return {}
         grown: dict[int, int] = {}
-        for choice in data.get("choices") or ():
-            if isinstance(choice, dict):
-                index = choice.get("index", 0)
-                channel = self.channels.setdefault(index, _Channel())
-                before = channel.total
-                self._feed_choice(channel, choice)
-                if channel.total > before:
-                    grown[index] = channel.total
-        kind = data.get("type")
-        if isinstance(kind, str):  # Responses API events
-            channel = self.channels.setdefault(0, _Channel())
+        for index, text in self._dialect.stream_text(data, self._state):
+            channel = self.channels.setdefault(index, _Channel())
             before = channel.total
-            item = data.get("item")
-            if kind == "response.output_item.added" and isinstance(item, dict):
-                if item.get("type") == "function_call":
-                    channel.add(f"\n[tool call] {item.get('name') or ''}: ")
-            elif kind.endswith(".delta") and isinstance(data.get("delta"), str):
-                channel.add(data["delta"])
+            channel.add(text)
             if channel.total > before:
-                grown[0] = channel.total
+                grown[index] = channel.total
         return grown
-
-    @staticmethod
-    def _feed_choice(channel: _Channel, choice: dict[str, Any]) -> None:
-        if isinstance(choice.get("text"), str):
-            channel.add(choice["text"])
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            return
-        for name, value in delta.items():
-            if isinstance(value, str) and name != "role":
-                channel.add(value)
-        calls = list(delta.get("tool_calls") or ())
-        if isinstance(delta.get("function_call"), dict):
-            calls.append({"index": -1, "function": delta["function_call"]})
-        for call in calls:
-            if not isinstance(call, dict):
-                continue
-            function: Any = call.get("function")
-            if not isinstance(function, dict):
-                function = {}
-            name, arguments = function.get("name"), function.get("arguments")
-            if (index := call.get("index", 0)) not in channel.calls:
-                channel.calls.add(index)
-                channel.add("\n[tool call] ")
-            if isinstance(name, str):
-                channel.add(f"{name}: ")
-            if isinstance(arguments, str):
-                channel.add(arguments)
 
     def text(self) -> str:
         """The whole answer (buffer and audit modes keep all of it)."""
-        return _join_choices({i: channel.text() for i, channel in self.channels.items()})
+        return join_choices({i: channel.text() for i, channel in self.channels.items()})
 
 
 # --- the policy --------------------------------------------------------------------------
@@ -324,14 +207,14 @@ class LLMJudgePolicy(Policy):
         self.extra_headers = {k.lower(): v for k, v in config.extra_headers.items()}
 
     async def on_request(self, tx: Transaction) -> None:
-        text = request_text(tx.request.payload)
+        text = tx.dialect.request_text(tx.request.payload)
         if text:
             await self.review(tx, text, subject="request", mode="request")
 
     async def on_response(self, tx: Transaction) -> None:
         response = tx.response
         assert response is not None
-        text = answer_text(response.payload) if response.status < 400 else ""
+        text = tx.dialect.answer_text(response.payload) if response.status < 400 else ""
         if text:
             await self.review(tx, text, subject="response", mode="response")
 
@@ -460,7 +343,7 @@ class _BufferStream:
     def __init__(self, policy: LLMJudgePolicy, tx: Transaction) -> None:
         self._policy = policy
         self._tx = tx
-        self._transcript = _Transcript()
+        self._transcript = _Transcript(tx.dialect)
         self._held: list[Chunk] = []
 
     async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
@@ -482,7 +365,7 @@ class _AuditStream:
     def __init__(self, policy: LLMJudgePolicy, tx: Transaction) -> None:
         self._policy = policy
         self._tx = tx
-        self._transcript = _Transcript()
+        self._transcript = _Transcript(tx.dialect)
 
     async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
         self._transcript.feed(chunk.data)
@@ -503,7 +386,7 @@ class _WindowStream:
     def __init__(self, policy: LLMJudgePolicy, tx: Transaction) -> None:
         self._policy = policy
         self._tx = tx
-        self._transcript = _Transcript()
+        self._transcript = _Transcript(tx.dialect)
         self._held: deque[tuple[Chunk, dict[int, int]]] = deque()
         self._windows = 0
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
+from luthien_control.dialects import TextSlot
 from luthien_control.policies.base import Policy
-from luthien_control.policies.text import ChatTextStream
+from luthien_control.policies.text import TextStream
 from luthien_control.transaction import StreamTransform, Transaction
 
+_MESSAGE_TEXT = frozenset({"text"})  # the message, not tool calls or reasoning
 _INTEGER = re.compile(r"-?\d+")
 _UNFINISHED = re.compile(r"-?\d*\Z")
 
@@ -36,22 +37,16 @@ class _IntegerRewriter:
         return _increment(held)
 
 
-def _increment_content(message: Any) -> bool:
-    """Increment integers in a message's ``content`` (a string or text parts)."""
-    if not isinstance(message, dict):
-        return False
-    content = message.get("content")
-    if isinstance(content, str):
-        new = _increment(content)
-        message["content"] = new
-        return new != content
+def _increment_slots(slots: list[TextSlot]) -> bool:
+    """Increment integers in the message text among ``slots``; True when any changed."""
     changed = False
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                new = _increment(part["text"])
-                changed |= new != part["text"]
-                part["text"] = new
+    for slot in slots:
+        if slot.kind in _MESSAGE_TEXT:
+            text = slot.text
+            new = _increment(text)
+            if new != text:
+                slot.set(new)
+                changed = True
     return changed
 
 
@@ -61,31 +56,17 @@ class IncrementIntegers(Policy):
     type_name = "IncrementIntegers"
 
     async def on_request(self, tx: Transaction) -> None:
-        payload = tx.request.payload
-        if isinstance(payload, dict) and isinstance(payload.get("messages"), list):
-            changed = False
-            for message in payload["messages"]:
-                changed |= _increment_content(message)
-            if changed:
-                tx.request.mark_changed()
-                tx.record(self.name, "changed", "request")
+        if _increment_slots(tx.dialect.request_slots(tx.request.payload)):
+            tx.request.mark_changed()
+            tx.record(self.name, "changed", "request")
 
     async def on_response(self, tx: Transaction) -> None:
         assert tx.response is not None
-        payload = tx.response.payload
-        if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
-            return
-        changed = False
-        for choice in payload["choices"]:
-            if isinstance(choice, dict):
-                changed |= _increment_content(choice.get("message"))
-                if isinstance(choice.get("text"), str):
-                    new = _increment(choice["text"])
-                    changed |= new != choice["text"]
-                    choice["text"] = new
-        if changed:
+        if tx.response.status < 400 and _increment_slots(
+            tx.dialect.answer_slots(tx.response.payload)
+        ):
             tx.response.mark_changed()
             tx.record(self.name, "changed", "response")
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
-        return ChatTextStream(_IntegerRewriter, fields=frozenset({"content", "text"}))
+        return TextStream(_IntegerRewriter, tx.dialect, kinds=_MESSAGE_TEXT)

@@ -1,97 +1,135 @@
 """Leaked-secret detection: keeps API keys and private keys out of requests and answers.
 
-Before the backend, a secret anywhere in the request blocks it (403) or is redacted.
-After it, a secret in the response, streamed too and split across chunks in any way,
-never reaches the client: the scanner holds back only the text that could still be the
-start of a secret (the regex module's partial matching says exactly how much), and scans
-every character once, plus that bounded tail.
+Before the backend, a secret anywhere in the request (any string of the body, any object
+key, the path, the query, a header) blocks it (403) or is redacted. After it, a secret in
+the response, streamed too and split across chunks in any way, never reaches the client:
+the scanner holds back only the text that could still be the start of a secret (the
+regex module's partial matching says exactly how much), and scans every character once,
+plus that bounded tail.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import regex
 
 from luthien_control.exceptions import PolicyBlocked
+from luthien_control.policies.backend import CLIENT_KEY_HEADERS
 from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
-from luthien_control.policies.text import (
-    RESPONSES_DELTAS,
-    ChatTextStream,
-    iter_strings,
-    rewrite_strings,
-)
-from luthien_control.transaction import StreamTransform, Transaction
+from luthien_control.policies.literals import minimal, required_prefixes
+from luthien_control.policies.text import TextStream
+from luthien_control.transaction import Message, ProxyRequest, StreamTransform, Transaction
 
 REDACTED = "[REDACTED]"
 _ASCII_LETTERS = frozenset(string.ascii_letters)
 
 # Name → pattern. Names appear in decisions and error messages; the secret never does.
-# A key never follows a letter: the "s" that ends "Thanks" is not held back in case it
-# begins "sk-...", while "%20sk-..." (URL-encoded) or "=sk-..." is still caught.
-# A letter that ends an escape does not count: URL encoding (%0Ask-...) or JSON (\nsk-...).
-_START = r"(?:(?<![A-Za-z])|(?<=%[0-9A-Fa-f]{2})|(?<=\\[nrtbf]))"
+#
+# A key whose prefix is distinctive (sk-proj-, sk-ant-api03-, AKIA, ghp_, xoxb-, xapp-1-,
+# AIza, glpat-, ...) is found whatever comes before it, a word included: no word ends in
+# those. Two prefixes are generic, and keep a word-boundary rule (``_START``): the bare
+# ``sk-`` of legacy OpenAI keys ("task-list-for-the-quarterly-report" would otherwise be
+# a key) and ``sk-ant-<letters>-`` without a version number ("ask-ant-colony-...").
+# After ``_START`` a key never follows an ASCII letter, unless that letter ends an escape
+# or a terminal code: URL encoding (%0Ask-...), JSON in JSON text (\nsk-..., \u004Bsk-...)
+# or an ANSI colour code (\x1b[31msk-...).
+_START = (
+    r"(?:(?<![A-Za-z])|(?<=%[0-9A-Fa-f]{2})|(?<=\\[nrtbf])|(?<=\\u[0-9A-Fa-f]{4})"
+    r"|(?<=\x1b\[[0-9;?]{0,16}[A-Za-z]))"
+)
+# The body of a PEM or PGP private key, up to its END line: base64, whitespace, armour
+# headers ("Proc-Type: 4,ENCRYPTED", "Version: ..."), and the escapes of JSON text.
+_KEY_BODY = (
+    r"(?:(?:(?<=\n)|(?<=\\n))[A-Za-z][A-Za-z0-9-]*+: [^\r\n\\]*+"
+    r"|[A-Za-z0-9+/=]++|\s++|\\++[nrt/])*+"
+)
 DEFAULT_PATTERNS: dict[str, str] = {
-    "anthropic_api_key": _START + r"sk-ant-[a-z]{2,8}\d{0,3}-[A-Za-z0-9_-]{20,}",
-    "openai_api_key": _START + r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
-    "aws_access_key_id": _START + r"(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
-    "github_token": _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
-    "slack_token": _START + r"xox[abposr]-[A-Za-z0-9-]{10,}",
-    "google_api_key": _START + r"AIza[0-9A-Za-z_-]{35}",
-    # The whole block when its END line is there, else the header and body.
+    "anthropic_api_key": (
+        r"(?:sk-ant-[a-z]{2,8}\d{1,3}-|" + _START + r"sk-ant-[a-z]{2,8}-)[A-Za-z0-9_-]{20,}"
+    ),
+    "openai_api_key": (r"(?:sk-(?:proj|svcacct|admin)-|" + _START + r"sk-)[A-Za-z0-9_-]{20,}"),
+    "aws_access_key_id": r"(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+    "github_token": r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+    # Not "xoxo-" (a sign-off, not a token type).
+    "slack_token": r"xox[abeprs]-[0-9][A-Za-z0-9-]{9,}",
+    "slack_app_token": r"xapp-[0-9]+-[A-Za-z0-9-]{10,}",
+    "google_api_key": r"AIza[0-9A-Za-z_-]{35}",
+    "gitlab_token": r"glpat-[A-Za-z0-9_-]{20,}",
+    # The whole block: header, body and END line (header and body when the END is not
+    # there, as in a key cut short).
+    "pgp_private_key": (
+        r"-----BEGIN PGP PRIVATE KEY BLOCK-----"
+        + _KEY_BODY
+        + r"(?:-----END PGP PRIVATE KEY BLOCK-----)?+"
+    ),
     "private_key": (
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s]*+"
-        r"(?:\\[nr][A-Za-z0-9+/=\s]*+)*+"  # a key inside JSON text: \n escapes
-        r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?+"
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+        + _KEY_BODY
+        + r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?+"
     ),
 }
-
-
-# What every default pattern's match begins with (see SecretPattern).
-DEFAULT_LITERALS = (
-    "sk-",
-    "AKIA",
-    "ASIA",
-    "ABIA",
-    "ACCA",
-    "ghp_",
-    "gho_",
-    "ghu_",
-    "ghs_",
-    "ghr_",
-    "github_pat_",
-    "xox",
-    "AIza",
-    "-----BEGIN ",
-)
+# What a lookbehind may need to see before a match (``_START``: an ANSI code).
+LOOKBEHIND_CHARS = 24
+# A header value (or path, or query) is also checked decoded, this many times over:
+# "%2573k-..." is "%73k-..." once decoded, and "sk-..." twice.
+PERCENT_DECODINGS = 3
 
 
 def default_secrets() -> SecretPattern:
-    return SecretPattern(DEFAULT_PATTERNS, DEFAULT_LITERALS)
+    return SecretPattern(DEFAULT_PATTERNS)
 
 
-def _key_may_start(preceding: str) -> bool:
-    """Whether a key may start right after ``preceding`` (the rule of ``_START``)."""
-    if not preceding or preceding[-1] not in _ASCII_LETTERS:
+def derived_literals(patterns: Iterable[str]) -> tuple[str, ...] | None:
+    """The prefilter of a set of patterns: strings one of which begins every match of
+    every pattern (``required_prefixes``), or ``None`` (always scan) when one pattern
+    has none."""
+    found: set[str] = set()
+    for pattern in patterns:
+        prefixes = required_prefixes(pattern)
+        if prefixes is None:
+            return None
+        found |= prefixes
+    return tuple(sorted(minimal(found))) or None
+
+
+_ANSI_END = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]\Z")
+
+
+def _key_may_start(preceding: str, tail: str) -> bool:
+    """Whether a key is likely to start with ``tail`` right after ``preceding``: what the
+    scanner holds back. A tail it releases (after a letter) is still watched: a key glued
+    to it is caught when the rest comes (``SecretScanner``), with the few characters of
+    its public prefix already out."""
+    if tail[0] not in _ASCII_LETTERS or not preceding or preceding[-1] not in _ASCII_LETTERS:
         return True
-    return (len(preceding) >= 3 and preceding[-3] == "%") or preceding[-2:-1] == "\\"
+    return (
+        (len(preceding) >= 3 and preceding[-3] == "%")
+        or preceding[-2:-1] == "\\"
+        or _ANSI_END.search(preceding) is not None
+    )
 
 
 class SecretPattern:
-    """All patterns as one regex with a named group each, compiled once.
+    """All patterns as one regex with a named group each, compiled once, and the literal
+    prefilter derived from them.
 
-    ``literals``, when given, are strings every match starts with: text that contains
+    ``literals`` are strings one of which every match starts with: text that contains
     none of them holds no secret, and only a tail that begins one of them could still
-    become one. Checking them (C substring search) spares the regex on most text.
+    become one. Checking them (C substring search) spares the regex on most text. They
+    are ``None`` when a pattern has no literal start: the regex then runs on all text.
     """
 
-    def __init__(self, patterns: dict[str, str], literals: tuple[str, ...] | None = None) -> None:
+    def __init__(self, patterns: dict[str, str]) -> None:
         self.names = list(patterns)
         joined = "|".join(f"(?P<p{i}>{p})" for i, p in enumerate(patterns.values()))
         self.regex = regex.compile(joined)
-        self.literals = literals
+        literals = self.literals = derived_literals(patterns.values())
         self._prefixes = frozenset(
             literal[:size] for literal in literals or () for size in range(1, len(literal))
         )
@@ -102,7 +140,14 @@ class SecretPattern:
             if literals
             else None
         )
+        # A literal with a character JSON escapes can hide behind any escape, not only \u.
+        self._json_escapable = any(
+            char in '"\\/' or char < " " for literal in literals or () for char in literal
+        )
         self._longest = max(map(len, literals or ("",)))
+        # The released text the stream scanner keeps: enough for a lookbehind, and for
+        # the start of a literal that a later piece may complete.
+        self.context_chars = self._longest + LOOKBEHIND_CHARS
         # A prefix of a literal at the very end of a text: the start of a secret that the
         # next piece could complete (searched only over the last characters).
         self._tail = (
@@ -111,7 +156,7 @@ class SecretPattern:
                 + "|".join(map(re.escape, sorted(self._prefixes, key=len, reverse=True)))
                 + r")\Z"
             )
-            if literals
+            if self._prefixes
             else None
         )
 
@@ -123,11 +168,11 @@ class SecretPattern:
         """True only when ``text`` holds no literal and does not end in the start of one:
         it can neither hold a secret nor begin one (two C searches, the second over the
         last few characters only)."""
+        if self._any_literal is None or self._any_literal.search(text) is not None:
+            return False
         return (
-            self._any_literal is not None
-            and self._tail is not None
-            and self._any_literal.search(text) is None
-            and self._tail.search(text, max(0, len(text) - self._longest + 1)) is None
+            self._tail is None
+            or self._tail.search(text, max(0, len(text) - self._longest + 1)) is None
         )
 
     def may_contain(self, text: str) -> bool:
@@ -135,36 +180,51 @@ class SecretPattern:
         return self._any_literal is None or self._any_literal.search(text) is not None
 
     def may_contain_json(self, body: bytes) -> bool:
-        """False only when no string of the JSON (or text) ``body`` can hold a secret:
-        none of the literals is in its bytes, and no ``\\u`` escape could spell one
-        (the other JSON escapes make no letter, digit, ``-`` or ``_``)."""
+        """False only when no string (or object key) of the JSON (or text) ``body`` can
+        hold a secret: none of the literals is in its bytes, and no escape could spell
+        one (a ``\\u`` escape any character; the others only ``"``, ``\\``, ``/`` and
+        control characters)."""
         return (
             self._any_literal_bytes is None
             or b"\\u" in body
+            or (self._json_escapable and b"\\" in body)
             or self._any_literal_bytes.search(body) is not None
         )
 
-    def open_tail(self, text: str, before: str) -> int:
-        """How many final characters of ``text`` could start a secret (text that may not
-        contain one: ``may_contain`` was False); ``before`` is the character that came
-        just before ``text``, for the word boundary keys start at."""
+    def tail(self, text: str) -> int:
+        """How many final characters of ``text`` are the start of a literal (the longest
+        such ending; 0 when none)."""
         first, prefixes = self._first, self._prefixes
         for size in range(min(len(text), self._longest - 1), 0, -1):
-            if (
-                text[-size] in first
-                and text[-size:] in prefixes
-                and (
-                    text[-size] == "-"
-                    or _key_may_start(
-                        before + text[max(0, len(text) - size - 3) : len(text) - size]
-                    )
-                )
-            ):
+            if text[-size] in first and text[-size:] in prefixes:
                 return size
+        return 0
+
+    def open_tail(self, text: str, before: str) -> int:
+        """How many final characters of ``text`` to hold back because they could start a
+        secret (text that may not contain one: ``may_contain`` was False); ``before`` is
+        the text that came just before ``text``, for the word boundary keys usually
+        start at."""
+        size = self.tail(text)
+        if size and _key_may_start(before + text[: len(text) - size], text[len(text) - size :]):
+            return size
         return 0
 
     def search(self, text: str) -> Any:
         return self.regex.search(text) if self.may_contain(text) else None
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret replaced, for what is stored or logged. When a key
+        shows only once ``text`` is decoded (a URL's percent escapes, JSON escapes in JSON
+        text: ``field_forms``), the decoded text, redacted."""
+        redacted = self.redact(text)[0]
+        if "%" not in redacted and "\\" not in redacted:
+            return redacted
+        for decoded in itertools.islice(field_forms(redacted), 1, None):
+            cleaned = self.redact(decoded)[0]
+            if cleaned != decoded:
+                return cleaned
+        return redacted
 
     def redact(self, text: str) -> tuple[str, list[str]]:
         if not self.may_contain(text):
@@ -178,25 +238,147 @@ class SecretPattern:
         return self.regex.sub(replace, text), found
 
 
-class SecretScanner:
-    """One text channel of a stream: releases text only once it cannot start a secret."""
+def json_strings(value: Any) -> list[str]:
+    """Every string of a JSON value, object keys included, at any depth (no recursion)."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.extend(key for key in item if isinstance(key, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
 
-    __slots__ = ("_before", "_held", "_policy", "_secrets", "_tx")
+
+def rewrite_json(value: Any, rewrite: Callable[[str], str]) -> tuple[Any, bool]:
+    """Apply ``rewrite`` to every string of a JSON value and to every object key, in
+    place, at any depth (no recursion); returns (the value, whether anything changed).
+    A renamed key keeps its place; two keys renamed alike keep the later value."""
+    if isinstance(value, str):
+        new = rewrite(value)
+        return new, new != value
+    changed = False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            renamed: dict[str, str] = {}
+            for key, child in item.items():
+                if isinstance(child, str):
+                    new = rewrite(child)
+                    if new != child:
+                        item[key] = new  # same key: allowed while iterating
+                        changed = True
+                elif isinstance(child, (dict, list)):
+                    stack.append(child)
+                if isinstance(key, str) and (new_key := rewrite(key)) != key:
+                    renamed[key] = new_key
+            if renamed:
+                entries = [(renamed.get(key, key), child) for key, child in item.items()]
+                item.clear()
+                item.update(entries)
+                changed = True
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                if isinstance(child, str):
+                    new = rewrite(child)
+                    if new != child:
+                        item[index] = new
+                        changed = True
+                elif isinstance(child, (dict, list)):
+                    stack.append(child)
+    return value, changed
+
+
+def percent_decodings(text: str) -> Iterator[str]:
+    """``text`` percent-decoded, once and again (up to ``PERCENT_DECODINGS`` times), each
+    form that differs from the one before."""
+    for _ in range(PERCENT_DECODINGS):
+        if "%" not in text:
+            return
+        decoded = unquote(text)
+        if decoded == text:
+            return
+        yield decoded
+        text = decoded
+
+
+_JSON_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|([\\/\"bfnrt]))")
+_JSON_CHARS = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_unescape(match: re.Match[str]) -> str:
+    code, char = match.groups()
+    return chr(int(code, 16)) if code else _JSON_CHARS.get(char, char)
+
+
+def field_forms(text: str) -> Iterator[str]:
+    """``text`` and what it says once its escapes are undone: percent-decoded (once and
+    again), and JSON string escapes (``\\u0073k-...``) in any of those forms. A header,
+    a path or a query is opaque to the proxy but not to the backend."""
+    yield text
+    forms = [text, *percent_decodings(text)]
+    yield from forms[1:]
+    for form in forms:
+        if "\\" in form:
+            unescaped = _JSON_ESCAPE.sub(_json_unescape, form)
+            if unescaped != form:
+                yield unescaped
+
+
+def request_fields(request: ProxyRequest) -> list[tuple[str, str]]:
+    """What a request carries besides its body, as (where, text): the path, the query
+    and every header (name and value) but the credential headers the proxy never
+    forwards (they carry the client's own key)."""
+    fields = [("request path", request.path)]
+    if request.query:
+        fields.append(("request query", request.query.decode("latin-1")))
+    fields.extend(
+        ("request headers", text)
+        for name, value in request.headers.items()
+        if name not in CLIENT_KEY_HEADERS
+        for text in (name, value)
+    )
+    return fields
+
+
+class SecretScanner:
+    """One text channel of a stream: releases text only once it cannot start a secret.
+
+    A few characters that could begin a key but follow a letter (the ``s`` that ends
+    ``Thanks``) are released all the same, and remembered (``_open``): when the next
+    piece completes a key glued to them, the key is caught there, its public prefix
+    already out."""
+
+    __slots__ = ("_before", "_context", "_held", "_open", "_policy", "_secrets", "_tx")
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
         self._policy = policy
         self._secrets = policy.secrets
+        self._context = self._secrets.context_chars
         self._tx = tx
         self._held = ""
-        self._before = ""  # the last characters released: what a key may not follow
+        self._before = ""  # the last characters released: what lookbehinds see
+        self._open = 0  # how many of them could begin a key that the next piece ends
 
     def feed(self, text: str) -> str:
         if self._held:
             text = self._held + text
             self._held = ""
-        if self._secrets.is_quiet(text):  # the usual piece: out as it came
+        before, opened = self._before, self._open
+        if self._secrets.is_quiet(before[len(before) - opened :] + text if opened else text):
+            # The usual piece: out as it came.
+            self._open = 0
             if text:
-                self._before = text[-3:] if len(text) >= 3 else (self._before + text)[-3:]
+                self._before = (
+                    text[-self._context :]
+                    if len(text) >= self._context
+                    else (before + text)[-self._context :]
+                )
             return text
         return self._scan(text, final=False)
 
@@ -207,36 +389,51 @@ class SecretScanner:
     def _scan(self, text: str, *, final: bool) -> str:
         released = self._release(text, final=final)
         if released:
-            self._before = (self._before + released)[-3:]
+            self._before = (self._before + released)[-self._context :]
         return released
 
     def _release(self, text: str, *, final: bool) -> str:
         secrets = self._secrets
-        if secrets.literals is not None and not secrets.may_contain(text):
-            hold = 0 if final else secrets.open_tail(text, self._before)
-            self._held = text[len(text) - hold :] if hold else ""
-            return text[: len(text) - hold] if hold else text
-        # The regex sees the character before the text too, for its word boundaries.
-        context = self._before
-        text = context + text
-        out: list[str] = []
-        position = len(context)
-        hold_from = len(text)
-        for match in self._secrets.regex.finditer(text, len(context), partial=not final):
-            if match.partial:
-                hold_from = match.start()
-                break
+        before, opened = self._before, self._open
+        probe = before[len(before) - opened :] + text if opened else text
+        if secrets.literals is not None and not secrets.may_contain(probe):
+            size = 0 if final else secrets.tail(probe)
+            self._open = 0
             if (
+                size
+                and (
+                    size > len(text)  # it began in what was released
+                    or not _key_may_start(before + text[: len(text) - size], probe[-size:])
+                )
+            ):
+                self._open = size
+            elif size:
+                self._held = text[len(text) - size :]
+                return text[: len(text) - size]
+            return text
+        # The regex sees the released text before ``text`` too: for its lookbehinds, and
+        # for a key that begins in the characters released open.
+        text = before + text
+        out: list[str] = []
+        position = len(before)
+        hold_from = len(text)
+        self._open = 0
+        for match in secrets.regex.finditer(text, position - opened, partial=not final):
+            if match.partial or (
                 not final
                 and self._policy.action == "redact"
-                and self._secrets.regex.fullmatch(text, match.start(), partial=True) is not None
+                # a complete secret that more text could extend
+                and secrets.regex.fullmatch(text, match.start(), partial=True) is not None
             ):
-                hold_from = match.start()  # a complete secret that more text could extend
+                hold_from = max(match.start(), position)
+                self._open = max(0, position - match.start())
                 break
-            self._policy.found(self._tx, self._secrets.kind(match), where="response")
+            if match.end() <= position:
+                continue  # within what was released (and found no key then)
+            self._policy.found(self._tx, secrets.kind(match), where="response")
             out.append(text[position : match.start()])
             out.append(REDACTED)
-            position = match.end()
+            position = max(position, match.end())
         out.append(text[position:hold_from])
         self._held = text[hold_from:]
         return "".join(out)
@@ -260,28 +457,49 @@ class LeakedApiKeyDetection(Policy):
         else:
             self.secrets = SecretPattern({f"pattern {i}": p for i, p in enumerate(config.patterns)})
 
-    def found(self, tx: Transaction, kind: str, *, where: str) -> None:
-        """Record a secret; raise ``PolicyBlocked`` when the action is ``block``."""
-        action = "blocked" if self.action == "block" else "redacted"
-        tx.record(self.name, action, f"{kind} in the {where}")
-        if self.action == "block":
+    def found(self, tx: Transaction, kind: str, *, where: str, block: bool = False) -> None:
+        """Record a secret; raise ``PolicyBlocked`` when the action is ``block`` (or
+        ``block`` is set: a secret where nothing can be redacted)."""
+        blocking = block or self.action == "block"
+        tx.record(self.name, "blocked" if blocking else "redacted", f"{kind} in the {where}")
+        if blocking:
+            verb = "contain" if where.endswith("headers") else "contains"
             raise PolicyBlocked(
-                f"blocked by {self.name}: the {where} contains a secret ({kind})", policy=self.name
+                f"blocked by {self.name}: the {where} {verb} a secret ({kind})",
+                policy=self.name,
             )
 
     async def on_request(self, tx: Transaction) -> None:
         request = tx.request
-        if request.query:
-            query, changed = self.scan_value(tx, request.query.decode("latin-1"), "request")
-            if changed:
-                request.query = query.encode("latin-1")
+        self._check_fields(tx, request_fields(request))
         self._check_message(tx, request, where="request")
 
     async def on_response(self, tx: Transaction) -> None:
-        assert tx.response is not None
-        self._check_message(tx, tx.response, where="response")
+        response = tx.response
+        assert response is not None
+        self._check_fields(
+            tx,
+            [
+                ("response headers", text)
+                for name, value in response.headers.items()
+                for text in (name, value)
+            ],
+        )
+        self._check_message(tx, response, where="response")
 
-    def _check_message(self, tx: Transaction, message: Any, *, where: str) -> None:
+    def _check_fields(self, tx: Transaction, fields: list[tuple[str, str]]) -> None:
+        """Headers, the path, the query: a secret there blocks, even with ``redact`` (a
+        path or a header cannot be meaningfully redacted). Each is also checked
+        decoded (``field_forms``)."""
+        joined = "\n".join(text for _, text in fields)
+        if "%" not in joined and "\\" not in joined and not self.secrets.may_contain(joined):
+            return  # one C search (and two character checks) for all of them
+        for where, text in fields:
+            for form in field_forms(text):
+                if (match := self.secrets.search(form)) is not None:
+                    self.found(tx, self.secrets.kind(match), where=where, block=True)
+
+    def _check_message(self, tx: Transaction, message: Message, *, where: str) -> None:
         if not self.secrets.may_contain_json(message.body):
             return  # one C search over the bytes instead of a walk over every string
         payload = message.payload
@@ -293,10 +511,11 @@ class LeakedApiKeyDetection(Policy):
             message.mark_changed()
 
     def scan_value(self, tx: Transaction, value: Any, where: str) -> tuple[Any, bool]:
-        """Check every string of a JSON value; block, or redact in place (→ changed)."""
+        """Check every string and object key of a JSON value; block, or redact in place
+        (→ changed)."""
         if self.action == "block":
-            for string in iter_strings(value):
-                if (match := self.secrets.search(string)) is not None:
+            for text in json_strings(value):
+                if (match := self.secrets.search(text)) is not None:
                     self.found(tx, self.secrets.kind(match), where=where)
             return value, False
         kinds: list[str] = []
@@ -306,7 +525,7 @@ class LeakedApiKeyDetection(Policy):
             kinds.extend(found)
             return new_text
 
-        value, changed = rewrite_strings(value, redact)
+        value, changed = rewrite_json(value, redact)
         for kind in kinds:
             self.found(tx, kind, where=where)
         return value, changed
@@ -315,11 +534,13 @@ class LeakedApiKeyDetection(Policy):
         return _SecretStream(self, tx)
 
 
-class _SecretStream(ChatTextStream):
-    """Channels of text deltas scanned across chunks; other events scanned whole."""
+class _SecretStream(TextStream):
+    """The dialect's text channels scanned across events; every other string and key of
+    an event (tool names, item fields, errors, logprobs) scanned within the event, after
+    the text its channels held back has been released."""
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
-        super().__init__(lambda: SecretScanner(policy, tx))
+        super().__init__(lambda: SecretScanner(policy, tx), tx.dialect)
         self._policy = policy
         self._tx = tx
 
@@ -327,11 +548,10 @@ class _SecretStream(ChatTextStream):
         data = chunk.data
         if not isinstance(data, dict):
             return [chunk]
-        if isinstance(data.get("choices"), list) or data.get("type") in RESPONSES_DELTAS:
-            return self.on_data(chunk, data)
-        # Any other event (Responses API items and results, errors) is scanned whole,
-        # after the text its deltas held back has been released.
+        # One C search over the event's bytes: without a key literal (or an escape that
+        # could spell one) only a channel can hold the start of a secret.
+        whole = self._policy.secrets.may_contain_json(chunk.raw)
         out = self.on_data(chunk, data)
-        if self._policy.scan_value(self._tx, data, "response")[1]:
+        if whole and self._policy.scan_value(self._tx, data, "response")[1]:
             chunk.mark_changed()
         return out

@@ -23,15 +23,10 @@ import pytest
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
+from luthien_control.dialects.reading import answer_text, request_text
 from luthien_control.exceptions import PolicyBlocked, PolicyConfigError
 from luthien_control.mock_backend.app import MockBackend
-from luthien_control.policies.judge import (
-    LLMJudgePolicy,
-    _JudgeError,
-    answer_text,
-    parse_verdict,
-    request_text,
-)
+from luthien_control.policies.judge import LLMJudgePolicy, _JudgeError, parse_verdict
 from luthien_control.policies.loader import load_policy
 from luthien_control.settings import Limits, Timeouts
 from luthien_control.sse import Chunk

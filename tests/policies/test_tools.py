@@ -12,7 +12,7 @@ import orjson
 import pytest
 import regex
 
-from luthien_control.chat import StreamAssembler
+from luthien_control.dialects.chat import ChatAssembler as StreamAssembler
 from luthien_control.exceptions import PolicyBlocked, PolicyConfigError
 from luthien_control.mock_backend import responses as mock_responses
 from luthien_control.mock_backend.scenario import Scenario

@@ -10,6 +10,7 @@ import regex
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
 from luthien_control.policies.secrets import SecretPattern, default_secrets
+from luthien_control.policies.tools import messages as anthropic
 from luthien_control.policies.tools.call import ToolCall, argument_texts
 from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
 from luthien_control.policies.tools.chat_stream import ChatCalls
@@ -84,6 +85,10 @@ class ToolCallPolicy(Policy):
         if not isinstance(payload, dict):
             return
         messages = payload.get("messages")
+        if tx.dialect.name == "messages":
+            if isinstance(messages, list) and anthropic.filter_history(self, tx, messages):
+                tx.request.mark_changed()
+            return
         if isinstance(messages, list) and filter_history(self, tx, messages):
             tx.request.mark_changed()
         items = payload.get("input")  # the Responses API
@@ -93,6 +98,10 @@ class ToolCallPolicy(Policy):
     async def on_response(self, tx: Transaction) -> None:
         assert tx.response is not None
         payload = tx.response.payload
+        if tx.dialect.name == "messages":
+            if isinstance(payload, dict) and anthropic.filter_answer(self, tx, payload):
+                tx.response.mark_changed()
+            return
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list):
             output = payload.get("output") if isinstance(payload, dict) else None
@@ -103,6 +112,8 @@ class ToolCallPolicy(Policy):
             tx.response.mark_changed()
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
+        if tx.dialect.name == "messages":
+            return _MessagesStream(anthropic.MessagesCalls(self, tx))
         return _ToolCallStream(self, tx)
 
 
@@ -154,3 +165,17 @@ class _ToolCallStream:
         if self._responses is not None:
             out.extend(self._responses.on_end())
         return out
+
+
+class _MessagesStream:
+    """Anthropic Messages events to their holder (``tools/messages.py``)."""
+
+    def __init__(self, calls: anthropic.MessagesCalls) -> None:
+        self._calls = calls
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        data = chunk.data
+        return self._calls.on_event(chunk, data) if isinstance(data, dict) else [chunk]
+
+    async def on_end(self) -> list[Chunk]:
+        return self._calls.on_end()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from luthien_control.chat import RESPONSES_TERMINAL
+from luthien_control.dialects.responses import RESPONSES_TERMINAL
 from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.policies.tools.responses_items import (

@@ -1,0 +1,230 @@
+"""The interface every API dialect implements, and what the dialect-neutral view is made of.
+
+The proxy speaks several APIs (OpenAI chat completions, OpenAI Responses, Anthropic
+Messages, the legacy completions and embeddings). Each has its own JSON shapes; a dialect
+module is the only place that knows them. Policies and the recorder ask the transaction's
+dialect (``tx.dialect``) instead:
+
+- ``text_slots(data)``: where the text is in a stream event, a request or a buffered
+  answer, as ``TextSlot``s. A slot's ``key`` names its *channel*: the pieces of one
+  channel are concatenated by the client across events (a choice's content, a tool
+  call's arguments, a content block's text), so a rewriter sees the channel as it grows.
+- ``closing(data)``: which channels end with a stream event, and ``release()`` /
+  ``release_at_end()``: how text a policy held back goes out before they end.
+- ``tool_calls``: each dialect's tool-call stream holder lives beside it
+  (``policies/tools``), the shapes of calls in requests and answers here.
+- ``new_assembler()``: folds a stream into the message it spells out, for the record.
+- ``error_body()`` / ``error_event()`` / ``stream_complete()``: how the dialect reports
+  an error and how a stream ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import orjson
+
+from luthien_control.dialects import reading
+from luthien_control.responses import error_status_and_body
+
+if TYPE_CHECKING:
+    from luthien_control.sse import Chunk
+    from luthien_control.transaction import Transaction, Usage
+
+ChannelKey = tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class TextSlot:
+    """One string the client will show or use: ``holder[field]``.
+
+    ``key`` is its channel (strings of one channel are joined by the client across
+    events); ``kind`` says what the text is: ``text`` (the model's message), ``refusal``,
+    ``reasoning``, ``arguments`` (a tool call's input), ``name`` (a tool's name),
+    ``audio`` (a transcript).
+    """
+
+    key: ChannelKey
+    holder: Any  # a dict, or a list for a string inside an array
+    field: Any  # the key in a dict, or the index in a list
+    kind: str
+
+    @property
+    def text(self) -> str:
+        value: str = self.holder[self.field]
+        return value
+
+    def set(self, text: str) -> None:
+        self.holder[self.field] = text
+
+
+@dataclass(slots=True)
+class Released:
+    """Text a rewriter held back on a channel, going out as the channel ends."""
+
+    key: ChannelKey
+    kind: str
+    text: str
+
+
+class StreamAssembler(Protocol):
+    """Folds a stream's events into what they spell out, for the record and the logs."""
+
+    chunks: int
+    usage: dict[str, Any] | None
+    terminal: str | None
+
+    def feed(self, data: Any) -> None: ...
+
+    def copy(self) -> StreamAssembler: ...
+
+    def summary(self) -> dict[str, Any]:
+        """The assembled answer, as the record stores it."""
+        ...
+
+
+class Dialect:
+    """One API's shapes. The base is a raw OpenAI-style route: no text, no channels."""
+
+    name: ClassVar[str] = "raw"
+    # The stream ends with ``data: [DONE]`` (OpenAI's chat and legacy completions).
+    done_marker: ClassVar[bool] = False
+    # The proxy may ask the backend for usage the client did not ask for (chat only).
+    injects_usage: ClassVar[bool] = False
+
+    # --- requests ---------------------------------------------------------------------
+
+    def validate_request(self, payload: Any) -> None:
+        """Raise ``MalformedRequest`` unless the request is well-formed for this API.
+        Only what the backend itself would refuse: clients send more than the docs say."""
+
+    def request_slots(self, payload: Any) -> list[TextSlot]:
+        """The texts of a request's conversation (messages, instructions, inputs)."""
+        return []
+
+    def answer_slots(self, payload: Any) -> list[TextSlot]:
+        """The texts of a buffered answer."""
+        return []
+
+    def request_text(self, payload: Any) -> str:
+        """The conversation as a reader (a judge) sees it: ``role: text`` paragraphs."""
+        return reading.request_text(payload)
+
+    def answer_text(self, payload: Any) -> str:
+        """A buffered answer as a reader sees it: text, then ``[tool call] name: args``."""
+        return reading.answer_text(payload)
+
+    def stream_text(self, data: dict[str, Any], state: dict[Any, Any]) -> list[tuple[int, str]]:
+        """The text one stream event adds for a reader, per choice; ``state`` is the
+        caller's, one per stream."""
+        return reading.stream_text(data, state)
+
+    def usage(self, raw: dict[str, Any]) -> Usage:
+        from luthien_control.transaction import Usage
+
+        return Usage(
+            prompt_tokens=_int(raw.get("prompt_tokens", raw.get("input_tokens"))),
+            completion_tokens=_int(raw.get("completion_tokens", raw.get("output_tokens"))),
+            total_tokens=_int(raw.get("total_tokens")),
+            raw=raw,
+        )
+
+    def answer_usage(self, payload: Any) -> dict[str, Any] | None:
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        return usage if isinstance(usage, dict) else None
+
+    # --- streams ----------------------------------------------------------------------
+
+    def new_assembler(self) -> StreamAssembler:
+        return RawAssembler()
+
+    def text_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        """The channel texts of one stream event."""
+        return []
+
+    def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
+        """Key prefixes of the channels that end with this event."""
+        return []
+
+    def release(self, chunk: Chunk, data: dict[str, Any], held: list[Released]) -> list[Chunk]:
+        """Put ``held`` text out as its channels end at ``chunk``; returns the events to send."""
+        return [chunk]
+
+    def release_at_end(self, held: list[Released], template: dict[str, Any]) -> list[Chunk]:
+        """Held text of channels still open when the stream ended."""
+        return []
+
+    def emptied(self, data: dict[str, Any]) -> bool:
+        """After a rewrite, the event carries nothing the client needs (all text held)."""
+        return False
+
+    def template(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        """What a new event of this stream copies from its first event (id, model...)."""
+        return None
+
+    def stream_complete(self, received: StreamAssembler, *, done: bool, pending: bytes) -> bool:
+        """The backend's stream ended as a complete answer (not cut short)."""
+        return not pending.strip()
+
+    # --- errors -----------------------------------------------------------------------
+
+    def error_body(
+        self, exc: BaseException, transaction_id: str, *, dev: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and this API's error body for ``exc``."""
+        return error_status_and_body(exc, transaction_id, dev=dev)
+
+    def error_event(
+        self, exc: BaseException, tx: Transaction, sent: StreamAssembler, *, dev: bool
+    ) -> bytes:
+        """The last event of a stream that failed after it began."""
+        _, payload = self.error_body(exc, tx.id, dev=dev)
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class RawAssembler:
+    """Counts the events of a stream on a route whose shapes the proxy does not know."""
+
+    __slots__ = ("chunks", "terminal", "usage")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.usage: dict[str, Any] | None = None
+        self.terminal: str | None = None
+
+    def feed(self, data: Any) -> None:
+        self.chunks += 1
+
+    def copy(self) -> RawAssembler:
+        other = RawAssembler()
+        other.chunks = self.chunks
+        return other
+
+    def summary(self) -> dict[str, Any]:
+        return {"chunks": self.chunks}
+
+
+def string_slots(value: Any, key: ChannelKey, kind: str) -> list[TextSlot]:
+    """Every string inside a JSON value as a slot of its own (``key`` + its position)."""
+    out: list[TextSlot] = []
+    stack: list[tuple[Any, ChannelKey]] = [(value, key)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            for name, child in item.items():
+                if isinstance(child, str):
+                    out.append(TextSlot((*where, name), item, name, kind))
+                elif isinstance(child, dict | list):
+                    stack.append((child, (*where, name)))
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                if isinstance(child, str):
+                    out.append(TextSlot((*where, index), item, index, kind))
+                elif isinstance(child, dict | list):
+                    stack.append((child, (*where, index)))
+    return out

@@ -1,0 +1,464 @@
+"""OpenAI's chat completions (``/chat/completions``): the only module that knows its shapes.
+
+Requests: ``messages`` (content a string or a list of parts), ``tools``; buffered
+answers: ``choices[].message``; streams: ``choices[].delta`` chunks whose strings the SDK
+concatenates per choice (content, refusal, reasoning, each tool call's name and
+arguments), ended by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from luthien_control.dialects.base import ChannelKey, Dialect, Released, TextSlot
+from luthien_control.exceptions import MalformedRequest
+from luthien_control.sse import Chunk
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Message(_Strict):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _ChatRequest(_Strict):
+    model: str
+    messages: list[_Message]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "content", "str")`` → ``messages[0].content`` (union tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            break
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """``X | None`` → ``X`` when X is a plain scalar (bool, int, float), else None."""
+    kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
+
+
+# Optional scalar fields of the model and the one type each may have (``None`` aside),
+# read from the model itself; a field the quick check does not know sends the request
+# to pydantic, so a field added to the model is never let through unchecked.
+_PLAIN_FIELDS: dict[str, type] = {
+    name: kind
+    for name, field in _ChatRequest.model_fields.items()
+    if (kind := _scalar_type(field.annotation)) is not None
+}
+_UNKNOWN_TO_QUICK_CHECK = tuple(
+    set(_ChatRequest.model_fields)
+    - set(_PLAIN_FIELDS)
+    - {"model", "messages", "stream_options", "tools"}
+)
+
+
+def _plainly_valid(payload: dict[str, Any]) -> bool:
+    """True only for a request whose every known field has the plainest valid shape
+    (exact types: a bool is no int here, an int no float), which ``_ChatRequest``
+    accepts; anything else goes to pydantic, which also words the errors. Most requests
+    are plain, and pydantic's validation cost ~50 µs of CPU on a cold request path."""
+    if type(payload.get("model")) is not str:
+        return False
+    if any(name in payload for name in _UNKNOWN_TO_QUICK_CHECK):
+        return False
+    messages = payload.get("messages")
+    if type(messages) is not list:
+        return False
+    for message in messages:
+        if type(message) is not dict or type(message.get("role")) is not str:
+            return False
+        content = message.get("content")
+        if content is not None and type(content) is not str:
+            return False
+    for name, kind in _PLAIN_FIELDS.items():
+        value = payload.get(name)
+        if value is not None and type(value) is not kind:
+            return False
+    options = payload.get("stream_options")
+    if options is not None:
+        if type(options) is not dict:
+            return False
+        include_usage = options.get("include_usage")
+        if include_usage is not None and type(include_usage) is not bool:
+            return False
+    tools = payload.get("tools")
+    return tools is None or (type(tools) is list and all(type(tool) is dict for tool in tools))
+
+
+def validate_chat_request(payload: Any) -> None:
+    """Raise ``MalformedRequest`` (400, naming the parameter) unless ``payload`` is a
+    well-typed chat completion request. Unknown fields are the backend's business."""
+    if not isinstance(payload, dict):
+        raise MalformedRequest("the request body must be a JSON object")
+    if _plainly_valid(payload):
+        return
+    try:
+        _ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param(first["loc"])
+        raise MalformedRequest(f"invalid value for '{param}': {first['msg']}", param=param) from exc
+
+
+def client_wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+# Delta fields the SDK concatenates across chunks, and what their text is.
+_DELTA_KINDS = {
+    "content": "text",
+    "refusal": "refusal",
+    "reasoning": "reasoning",
+    "reasoning_content": "reasoning",
+}
+_NOT_TEXT = frozenset({"role"})
+_TEMPLATE_FIELDS = ("id", "object", "created", "model")
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One tool call, reassembled from its deltas."""
+
+    index: int
+    id: str | None = None
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, ToolCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+
+@dataclass(slots=True)
+class ChatAssembler:
+    """Folds chat-completion chunks into the message each choice spells out."""
+
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    terminal: str | None = None
+
+    def copy(self) -> ChatAssembler:
+        """An independent copy (the relay's "as sent" assembler, split from "as received"
+        at the first chunk a policy changes)."""
+        return ChatAssembler(
+            choices={
+                index: ChoiceState(
+                    list(state.content),
+                    {
+                        key: ToolCall(call.index, call.id, call.name, call.arguments)
+                        for key, call in state.tool_calls.items()
+                    },
+                    state.finish_reason,
+                )
+                for index, state in self.choices.items()
+            },
+            chunks=self.chunks,
+            usage=self.usage,
+            terminal=self.terminal,
+        )
+
+    def feed(self, data: Any) -> None:
+        self.chunks += 1
+        if type(data) is not dict:
+            return
+        usage = data.get("usage")
+        if usage is not None and type(usage) is dict:
+            self.usage = usage
+        choices = data.get("choices")
+        if not choices or type(choices) is not list:
+            return
+        for choice in choices:  # once per chunk of every stream: kept lean
+            if type(choice) is not dict:
+                continue
+            index = choice.get("index", 0)
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = ChoiceState()
+            delta = choice.get("delta")
+            if delta and type(delta) is dict:
+                content = delta.get("content")
+                if content is not None and type(content) is str:
+                    state.content.append(content)
+                calls = delta.get("tool_calls")
+                if calls:
+                    self._feed_tool_calls(state, calls)
+            elif type(choice.get("text")) is str:  # legacy completions
+                state.content.append(choice["text"])
+            finish_reason = choice.get("finish_reason")
+            if finish_reason:
+                state.finish_reason = finish_reason
+
+    @staticmethod
+    def _feed_tool_calls(state: ChoiceState, calls: Any) -> None:
+        if type(calls) is not list:
+            return
+        for call in calls:
+            if type(call) is not dict:
+                continue
+            index = call.get("index", 0)
+            tool = state.tool_calls.setdefault(index, ToolCall(index))
+            tool.id = call.get("id") or tool.id
+            function = call.get("function")
+            if type(function) is not dict:
+                continue
+            name, arguments = function.get("name"), function.get("arguments")
+            tool.name += name if isinstance(name, str) else ""
+            tool.arguments += arguments if isinstance(arguments, str) else ""
+
+    def message(self, index: int = 0) -> dict[str, Any]:
+        """The assembled message of one choice, in the non-streamed response's shape."""
+        state = self.choices.get(index, ChoiceState())
+        message: dict[str, Any] = {"role": "assistant", "content": state.text or None}
+        if state.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for _, call in sorted(state.tool_calls.items())
+            ]
+        return message
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [self.message(index) for index in sorted(self.choices)]
+
+    def summary(self) -> dict[str, Any]:
+        choices = []
+        for index, state in sorted(self.choices.items()):
+            message = self.message(index)
+            for call in message.get("tool_calls", ()):
+                parsed = _json_or_none(call["function"]["arguments"])
+                if parsed is not None:
+                    call["function"]["parsed_arguments"] = parsed
+            choices.append(
+                {"index": index, "message": message, "finish_reason": state.finish_reason}
+            )
+        return {"chunks": self.chunks, "choices": choices}
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _emptied_choice(choice: Any) -> bool:
+    """A choice with nothing left in it (its text was all held back)."""
+    if not isinstance(choice, dict) or choice.get("finish_reason"):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return all(_empty(value) for value in delta.values())
+    return choice.get("text") == ""
+
+
+def _empty(value: Any) -> bool:
+    if value == "" or value is None or value == []:
+        return True
+    if isinstance(value, dict):  # a tool call or audio part whose strings are all held
+        return all(_empty(item) for key, item in value.items() if key not in ("index", "type"))
+    if isinstance(value, list):
+        return all(_empty(item) for item in value)
+    return False
+
+
+def _message_slots(message: Any, key: ChannelKey) -> list[TextSlot]:
+    """The texts of one message: content (string or parts), refusal, tool calls."""
+    slots: list[TextSlot] = []
+    if not isinstance(message, dict):
+        return slots
+    content = message.get("content")
+    if isinstance(content, str):
+        slots.append(TextSlot((*key, "content"), message, "content", "text"))
+    elif isinstance(content, list):
+        for position, part in enumerate(content):
+            if isinstance(part, dict):
+                for name in ("text", "refusal"):
+                    if isinstance(part.get(name), str):
+                        kind = "text" if name == "text" else "refusal"
+                        slots.append(TextSlot((*key, "content", position), part, name, kind))
+    for name, kind in (("refusal", "refusal"), ("reasoning_content", "reasoning")):
+        if isinstance(message.get(name), str):
+            slots.append(TextSlot((*key, name), message, name, kind))
+    calls = message.get("tool_calls")
+    for position, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            for name, kind in (("name", "name"), ("arguments", "arguments")):
+                if isinstance(function.get(name), str):
+                    slots.append(TextSlot((*key, "tool_calls", position), function, name, kind))
+    return slots
+
+
+class ChatDialect(Dialect):
+    """``POST /chat/completions``."""
+
+    name = "chat"
+    done_marker = True
+    injects_usage = True
+
+    def validate_request(self, payload: Any) -> None:
+        validate_chat_request(payload)
+
+    def request_slots(self, payload: Any) -> list[TextSlot]:
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        slots: list[TextSlot] = []
+        for index, message in enumerate(messages if isinstance(messages, list) else ()):
+            slots.extend(_message_slots(message, ("messages", index)))
+        return slots
+
+    def answer_slots(self, payload: Any) -> list[TextSlot]:
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        slots: list[TextSlot] = []
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                slots.extend(_message_slots(choice.get("message"), (choice.get("index", 0),)))
+        return slots
+
+    def new_assembler(self) -> ChatAssembler:
+        return ChatAssembler()
+
+    def text_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        choices = data.get("choices")
+        if not choices or not isinstance(choices, list):
+            return []
+        slots: list[TextSlot] = []
+        for choice in choices:
+            # isinstance, not type(): a subclass an earlier policy put there is still
+            # text that goes out (orjson writes it as a plain object or string).
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                _delta_slots(choice.get("index", 0), delta, slots)
+        return slots
+
+    def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
+        choices = data.get("choices")
+        if not choices or not isinstance(choices, list):
+            return []
+        return [
+            (choice.get("index", 0),)
+            for choice in choices
+            if isinstance(choice, dict) and choice.get("finish_reason")
+        ]
+
+    def release(self, chunk: Chunk, data: dict[str, Any], held: list[Released]) -> list[Chunk]:
+        """Held text goes into the chunk that finishes its choice."""
+        by_index = {
+            choice.get("index", 0): choice
+            for choice in data.get("choices") or ()
+            if isinstance(choice, dict)
+        }
+        for piece in held:
+            choice = by_index.get(piece.key[0])
+            if choice is not None:
+                _put_back(choice.setdefault("delta", {}), piece)
+        chunk.mark_changed()
+        return [chunk]
+
+    def release_at_end(self, held: list[Released], template: dict[str, Any]) -> list[Chunk]:
+        choices: dict[int, dict[str, Any]] = {}
+        for piece in held:
+            index = piece.key[0]
+            choice = choices.setdefault(index, {"index": index, "delta": {}})
+            _put_back(choice["delta"], piece)
+        return [Chunk.from_data({**template, "choices": [choices[i] for i in sorted(choices)]})]
+
+    def emptied(self, data: dict[str, Any]) -> bool:
+        choices = data.get("choices")
+        return "usage" not in data and all(_emptied_choice(choice) for choice in choices or ())
+
+    def template(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        return {k: data[k] for k in _TEMPLATE_FIELDS if k in data}
+
+    def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
+        return done
+
+
+def _delta_slots(index: int, delta: dict[str, Any], slots: list[TextSlot]) -> None:
+    for field_name, value in delta.items():
+        if isinstance(value, str):
+            if field_name not in _NOT_TEXT:
+                kind = _DELTA_KINDS.get(field_name, "other")
+                slots.append(TextSlot((index, field_name, -1), delta, field_name, kind))
+        elif field_name == "tool_calls" and isinstance(value, list):
+            for call in value:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    _function_slots(index, call.get("index", 0), function, slots)
+        elif field_name == "function_call" and isinstance(value, dict):  # the legacy call
+            _function_slots(index, -1, value, slots)
+        elif (
+            field_name == "audio"
+            and isinstance(value, dict)
+            and isinstance(value.get("transcript"), str)
+        ):
+            slots.append(TextSlot((index, "audio", -1), value, "transcript", "audio"))
+
+
+def _function_slots(
+    index: int, call_index: int, function: dict[str, Any], slots: list[TextSlot]
+) -> None:
+    for name in ("name", "arguments"):
+        if isinstance(function.get(name), str):
+            slots.append(TextSlot((index, name, call_index), function, name, name))
+
+
+def _put_back(delta: dict[str, Any], piece: Released) -> None:
+    """Append held text to its field in a choice's ``delta``."""
+    _, field_name, call_index = piece.key
+    if field_name in ("name", "arguments"):
+        if call_index == -1:
+            function = delta.setdefault("function_call", {})
+        else:
+            calls = delta.setdefault("tool_calls", [])
+            call = next((c for c in calls if c.get("index", 0) == call_index), None)
+            if call is None:
+                call = {"index": call_index, "function": {}}
+                calls.append(call)
+            function = call.setdefault("function", {})
+        function[field_name] = (function.get(field_name) or "") + piece.text
+    elif field_name == "audio":
+        audio = delta.setdefault("audio", {})
+        audio["transcript"] = (audio.get("transcript") or "") + piece.text
+    else:
+        delta[field_name] = (delta.get(field_name) or "") + piece.text

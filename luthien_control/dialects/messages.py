@@ -1,0 +1,349 @@
+"""Anthropic's Messages API (``/messages``): the only module that knows its shapes.
+
+Requests: ``system`` (a string or text blocks) and ``messages`` whose ``content`` is a
+string or a list of blocks (``text``, ``thinking``, ``tool_use`` with an ``input``
+object, ``tool_result`` with a string or blocks). Buffered answers: a ``message`` with
+``content`` blocks, ``stop_reason`` and ``usage``. Streams: named events
+(``message_start``, ``content_block_start``, ``content_block_delta``,
+``content_block_stop``, ``message_delta``, ``message_stop``, ``ping``, ``error``); each
+content block's deltas (``text_delta``, ``thinking_delta``, ``input_json_delta``) are a
+channel the SDK joins, closed by the block's ``content_block_stop``. A complete stream
+ends with ``message_stop``; a failure after it began ends it with ``event: error``.
+Errors are ``{"type": "error", "error": {"type", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from luthien_control.dialects.base import (
+    ChannelKey,
+    Dialect,
+    Released,
+    StreamAssembler,
+    TextSlot,
+    string_slots,
+)
+from luthien_control.exceptions import MalformedRequest
+from luthien_control.sse import Chunk
+
+if TYPE_CHECKING:
+    from luthien_control.transaction import Transaction, Usage
+
+# content_block_delta types → (the field holding their text, the channel, its kind)
+_DELTAS = {
+    "text_delta": ("text", "text", "text"),
+    "thinking_delta": ("thinking", "thinking", "reasoning"),
+    "input_json_delta": ("partial_json", "input", "arguments"),
+}
+_CHANNEL_DELTA = {channel: (kind, name) for kind, (name, channel, _) in _DELTAS.items()}
+# content_block_start blocks whose first text the deltas continue.
+_START_TEXT = {"text": ("text", "text", "text"), "thinking": ("thinking", "thinking", "reasoning")}
+
+# HTTP status → Anthropic's error type.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+@dataclass(slots=True)
+class MessagesAssembler:
+    """Folds Messages stream events into the message they spell out."""
+
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    terminal: str | None = None
+    message: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    partial: dict[int, list[str]] = field(default_factory=dict)  # tool inputs as JSON text
+
+    def copy(self) -> MessagesAssembler:
+        return MessagesAssembler(
+            self.chunks,
+            dict(self.usage) if self.usage is not None else None,
+            self.terminal,
+            dict(self.message),
+            {index: dict(block) for index, block in self.blocks.items()},
+            {index: list(parts) for index, parts in self.partial.items()},
+        )
+
+    def feed(self, data: Any) -> None:
+        self.chunks += 1
+        if type(data) is not dict:
+            return
+        kind = data.get("type")
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            block = self.blocks.get(data.get("index"))  # type: ignore[arg-type]
+            if type(delta) is not dict or block is None:
+                return
+            spec = _DELTAS.get(delta.get("type"))  # type: ignore[arg-type]
+            text = delta.get(spec[0]) if spec is not None else None
+            if spec is None or type(text) is not str:
+                if delta.get("type") == "signature_delta":
+                    block["signature"] = block.get("signature", "") + str(delta.get("signature"))
+                return
+            if spec[1] == "input":
+                self.partial.setdefault(data["index"], []).append(text)
+            else:
+                block[spec[1]] = (block.get(spec[1]) or "") + text
+        elif kind == "content_block_start":
+            block = data.get("content_block")
+            if type(block) is dict and type(data.get("index")) is int:
+                self.blocks[data["index"]] = dict(block)
+        elif kind == "message_start":
+            message = data.get("message")
+            if type(message) is dict:
+                self.message = {k: v for k, v in message.items() if k != "content"}
+                self._usage(message.get("usage"))
+        elif kind == "message_delta":
+            delta = data.get("delta")
+            if type(delta) is dict:
+                self.message.update(delta)
+            self._usage(data.get("usage"))
+        elif kind in ("message_stop", "error"):
+            self.terminal = kind
+
+    def _usage(self, usage: Any) -> None:
+        if type(usage) is dict:
+            self.usage = {**(self.usage or {}), **usage}
+
+    def content(self) -> list[dict[str, Any]]:
+        """The content blocks, tool inputs parsed (left as text when not JSON)."""
+        out = []
+        for index, block in sorted(self.blocks.items()):
+            block = dict(block)
+            if index in self.partial:
+                text = "".join(self.partial[index])
+                try:
+                    block["input"] = orjson.loads(text) if text else {}
+                except orjson.JSONDecodeError:
+                    block["input"] = text
+            out.append(block)
+        return out
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [{"role": "assistant", "content": self.content()}]
+
+    def summary(self) -> dict[str, Any]:
+        message = {**self.message, "role": "assistant", "content": self.content()}
+        if self.usage is not None:
+            message["usage"] = self.usage
+        return {"chunks": self.chunks, "message": message}
+
+
+def _block_slots(block: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
+    if not isinstance(block, dict):
+        return
+    kind = block.get("type")
+    if kind == "text" and isinstance(block.get("text"), str):
+        slots.append(TextSlot(key, block, "text", "text"))
+    elif kind == "thinking" and isinstance(block.get("thinking"), str):
+        slots.append(TextSlot(key, block, "thinking", "reasoning"))
+    elif kind in ("tool_use", "server_tool_use"):
+        if isinstance(block.get("name"), str):
+            slots.append(TextSlot((*key, "name"), block, "name", "name"))
+        slots.extend(string_slots(block.get("input"), (*key, "input"), "arguments"))
+    elif kind == "tool_result":
+        _content_slots(block.get("content"), (*key, "content"), slots)
+
+
+def _content_slots(content: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
+    if isinstance(content, str):
+        return  # the caller adds it: only it knows the holder
+    for index, block in enumerate(content if isinstance(content, list) else ()):
+        _block_slots(block, (*key, index), slots)
+
+
+def _blocks_text(content: Any) -> str:
+    """A string, or content blocks as a reader sees them (tool calls and results named)."""
+    if isinstance(content, str):
+        return content
+    lines = []
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            lines.append(block["text"])
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            lines.append(f"[thinking] {block['thinking']}")
+        elif kind in ("tool_use", "server_tool_use"):
+            arguments = orjson.dumps(block.get("input")).decode()
+            lines.append(f"[tool call] {block.get('name') or ''}: {arguments}")
+        elif kind == "tool_result":
+            lines.append(f"[tool result] {_blocks_text(block.get('content'))}")
+        else:
+            lines.append(f"[{kind}]")
+    return "\n".join(line for line in lines if line)
+
+
+class AnthropicDialect(Dialect):
+    """Any ``/messages/*`` route (``count_tokens``): Anthropic's error shapes, raw bodies."""
+
+    name = "anthropic"
+
+    def error_body(
+        self, exc: BaseException, transaction_id: str, *, dev: bool
+    ) -> tuple[int, dict[str, Any]]:
+        status, payload = super().error_body(exc, transaction_id, dev=dev)
+        return status, {
+            "type": "error",
+            "error": {"type": error_type(status), "message": payload["error"]["message"]},
+        }
+
+    def error_event(
+        self, exc: BaseException, tx: Transaction, sent: StreamAssembler, *, dev: bool
+    ) -> bytes:
+        _, payload = self.error_body(exc, tx.id, dev=dev)
+        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class MessagesDialect(AnthropicDialect):
+    """``POST /messages``."""
+
+    name = "messages"
+
+    def validate_request(self, payload: Any) -> None:
+        """What Anthropic itself refuses, no more: agents send fields the docs do not
+        list (Claude Code puts a ``system`` role message inside ``messages``)."""
+        if not isinstance(payload, dict):
+            raise MalformedRequest("the request body must be a JSON object")
+        if not isinstance(payload.get("model"), str):
+            raise MalformedRequest("model: Field required", param="model")
+        if not isinstance(payload.get("messages"), list):
+            raise MalformedRequest("messages: Field required", param="messages")
+        tokens = payload.get("max_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            raise MalformedRequest("max_tokens: Field required", param="max_tokens")
+
+    def request_slots(self, payload: Any) -> list[TextSlot]:
+        slots: list[TextSlot] = []
+        if not isinstance(payload, dict):
+            return slots
+        system = payload.get("system")
+        if isinstance(system, str):
+            slots.append(TextSlot(("system",), payload, "system", "text"))
+        else:
+            _content_slots(system, ("system",), slots)
+        messages = payload.get("messages")
+        for index, message in enumerate(messages if isinstance(messages, list) else ()):
+            if not isinstance(message, dict):
+                continue
+            if isinstance(message.get("content"), str):
+                slots.append(TextSlot(("messages", index), message, "content", "text"))
+            else:
+                _content_slots(message.get("content"), ("messages", index), slots)
+        return slots
+
+    def answer_slots(self, payload: Any) -> list[TextSlot]:
+        slots: list[TextSlot] = []
+        if isinstance(payload, dict):
+            _content_slots(payload.get("content"), ("content",), slots)
+        return slots
+
+    def usage(self, raw: dict[str, Any]) -> Usage:
+        """Prompt tokens are every token the model read: plain input and the cache's."""
+        from luthien_control.transaction import Usage
+
+        read = [raw.get(name) for name in _INPUT_FIELDS]
+        output = raw.get("output_tokens")
+        counts = [n for n in (*read, output) if isinstance(n, int) and not isinstance(n, bool)]
+        prompt = sum(n for n in read if isinstance(n, int) and not isinstance(n, bool))
+        return Usage(
+            prompt_tokens=prompt if any(isinstance(n, int) for n in read) else None,
+            completion_tokens=output if isinstance(output, int) else None,
+            total_tokens=sum(counts) if counts else None,
+            raw=raw,
+        )
+
+    def request_text(self, payload: Any) -> str:
+        if not isinstance(payload, dict):
+            return ""
+        paragraphs = []
+        system = _blocks_text(payload.get("system"))
+        if system:
+            paragraphs.append(f"system: {system}")
+        messages = payload.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, dict) and (text := _blocks_text(message.get("content"))):
+                paragraphs.append(f"{message.get('role') or 'user'}: {text}")
+        return "\n\n".join(paragraphs)
+
+    def answer_text(self, payload: Any) -> str:
+        return _blocks_text(payload.get("content")) if isinstance(payload, dict) else ""
+
+    def stream_text(self, data: dict[str, Any], state: dict[Any, Any]) -> list[tuple[int, str]]:
+        kind = data.get("type")
+        if kind == "content_block_start":
+            block = data.get("content_block")
+            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
+                return [(0, f"\n[tool call] {block.get('name') or ''}: ")]
+        return [(0, slot.text) for slot in self.text_slots(data) if slot.text]
+
+    def new_assembler(self) -> MessagesAssembler:
+        return MessagesAssembler()
+
+    def text_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        kind = data.get("type")
+        index = data.get("index")
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            if isinstance(delta, dict):
+                spec = _DELTAS.get(delta.get("type"))  # type: ignore[arg-type]
+                if spec is not None and isinstance(delta.get(spec[0]), str):
+                    return [TextSlot((index, spec[1]), delta, spec[0], spec[2])]
+        elif kind == "content_block_start":
+            block = data.get("content_block")
+            if isinstance(block, dict):
+                start = _START_TEXT.get(block.get("type"))  # type: ignore[arg-type]
+                if start is not None and isinstance(block.get(start[0]), str):
+                    return [TextSlot((index, start[1]), block, start[0], start[2])]
+        return []
+
+    def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
+        if data.get("type") == "content_block_stop":
+            return [(data.get("index"),)]
+        return []
+
+    def release(self, chunk: Chunk, data: dict[str, Any], held: list[Released]) -> list[Chunk]:
+        """Held text goes out as one more delta just before ``content_block_stop``."""
+        return [*(_delta_event(piece) for piece in held), chunk]
+
+    def release_at_end(self, held: list[Released], template: dict[str, Any]) -> list[Chunk]:
+        return [_delta_event(piece) for piece in held]
+
+    def emptied(self, data: dict[str, Any]) -> bool:
+        if data.get("type") != "content_block_delta":
+            return False
+        delta = data.get("delta")
+        spec = _DELTAS.get(delta.get("type")) if isinstance(delta, dict) else None  # type: ignore[arg-type]
+        return spec is not None and delta[spec[0]] == ""  # type: ignore[index]
+
+    def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
+        return bool(received.terminal == "message_stop")
+
+
+_INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _delta_event(piece: Released) -> Chunk:
+    index, channel = piece.key
+    kind, name = _CHANNEL_DELTA[channel]
+    delta = {"type": kind, name: piece.text}
+    data = {"type": "content_block_delta", "index": index, "delta": delta}
+    return Chunk.from_data(data, event="content_block_delta")

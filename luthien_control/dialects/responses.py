@@ -1,0 +1,234 @@
+"""OpenAI's Responses API (``/responses``): the only module that knows its shapes.
+
+Requests: ``instructions`` and ``input`` (a string or a list of items); buffered answers:
+``output`` items; streams: typed events (``event: response.output_text.delta`` and a
+``data:`` object with the same ``type``). Every ``*.delta`` event with a string ``delta``
+is a channel (output text, refusal, reasoning, reasoning summary, function-call and
+custom-tool arguments, audio transcript...), closed by its ``*.done`` event. A stream
+ends with a terminal event (``response.completed``, ``response.failed``,
+``response.incomplete``); a failure after it began ends it with ``response.failed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from luthien_control.dialects.base import ChannelKey, Dialect, Released, TextSlot
+from luthien_control.sse import Chunk
+
+if TYPE_CHECKING:
+    from luthien_control.transaction import Transaction
+
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
+OUTPUT_TEXT_DELTA = "response.output_text.delta"
+
+
+def _kind(base: str) -> str:
+    """What a delta event's text is, from its type without ``.delta``."""
+    if base.endswith(("output_text", "text.annotation")):
+        return "text"
+    if base.endswith("refusal"):
+        return "refusal"
+    if "reasoning" in base:
+        return "reasoning"
+    if base.endswith(("arguments", "input", "code", "patch")):
+        return "arguments"
+    if "transcript" in base:
+        return "audio"
+    return "other"
+
+
+def _channel(data: dict[str, Any], base: str) -> ChannelKey:
+    part = data.get("content_index", data.get("summary_index", 0))
+    return (data.get("output_index", 0), part, base)
+
+
+@dataclass(slots=True)
+class ResponsesAssembler:
+    """Follows a Responses API stream: the latest response object, the last sequence
+    number, the terminal event, and the text of each output item."""
+
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    sequence_number: int = -1
+    terminal: str | None = None
+    texts: dict[ChannelKey, list[str]] = field(default_factory=dict)
+
+    def copy(self) -> ResponsesAssembler:
+        return ResponsesAssembler(
+            self.chunks,
+            self.usage,
+            self.response,
+            self.sequence_number,
+            self.terminal,
+            {key: list(parts) for key, parts in self.texts.items()},
+        )
+
+    def feed(self, data: Any) -> None:
+        self.chunks += 1
+        if type(data) is not dict:
+            return
+        kind = data.get("type")
+        if type(kind) is not str:
+            return
+        if type(data.get("sequence_number")) is int:
+            self.sequence_number = data["sequence_number"]
+        response = data.get("response")
+        if type(response) is dict:
+            self.response = response
+            if type(response.get("usage")) is dict:
+                self.usage = response["usage"]
+        if kind in RESPONSES_TERMINAL:
+            self.terminal = kind
+        elif kind.endswith(".delta") and type(data.get("delta")) is str:
+            self.texts.setdefault(_channel(data, kind[:-6]), []).append(data["delta"])
+
+    @property
+    def output_text(self) -> str:
+        return "".join(
+            "".join(parts)
+            for key, parts in sorted(self.texts.items(), key=lambda item: item[0][:2])
+            if key[2] == OUTPUT_TEXT_DELTA[:-6]
+        )
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [{"role": "assistant", "content": self.output_text or None}]
+
+    def summary(self) -> dict[str, Any]:
+        status = self.response.get("status") if self.response else None
+        return {
+            "chunks": self.chunks,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.output_text or None},
+                    "finish_reason": status or self.terminal,
+                }
+            ],
+        }
+
+
+def _item_slots(item: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
+    """The texts of an input or output item."""
+    if isinstance(item, str):
+        return
+    if not isinstance(item, dict):
+        return
+    content = item.get("content")
+    if isinstance(content, str):
+        slots.append(TextSlot((*key, "content"), item, "content", "text"))
+    elif isinstance(content, list):
+        for position, part in enumerate(content):
+            if isinstance(part, dict):
+                for name in ("text", "refusal"):
+                    if isinstance(part.get(name), str):
+                        kind = "text" if name == "text" else "refusal"
+                        slots.append(TextSlot((*key, position), part, name, kind))
+    for name, kind in (("name", "name"), ("arguments", "arguments"), ("input", "arguments")):
+        if isinstance(item.get(name), str):
+            slots.append(TextSlot((*key, name), item, name, kind))
+    if isinstance(item.get("output"), str):
+        slots.append(TextSlot((*key, "output"), item, "output", "text"))
+    for position, part in enumerate(item.get("summary") or ()):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            slots.append(TextSlot((*key, "summary", position), part, "text", "reasoning"))
+
+
+class ResponsesDialect(Dialect):
+    """``POST /responses``."""
+
+    name = "responses"
+
+    def request_slots(self, payload: Any) -> list[TextSlot]:
+        slots: list[TextSlot] = []
+        if not isinstance(payload, dict):
+            return slots
+        if isinstance(payload.get("instructions"), str):
+            slots.append(TextSlot(("instructions",), payload, "instructions", "text"))
+        items = payload.get("input")
+        if isinstance(items, str):
+            slots.append(TextSlot(("input",), payload, "input", "text"))
+        elif isinstance(items, list):
+            for index, item in enumerate(items):
+                _item_slots(item, ("input", index), slots)
+        return slots
+
+    def answer_slots(self, payload: Any) -> list[TextSlot]:
+        slots: list[TextSlot] = []
+        output = payload.get("output") if isinstance(payload, dict) else None
+        for index, item in enumerate(output if isinstance(output, list) else ()):
+            _item_slots(item, ("output", index), slots)
+        return slots
+
+    def new_assembler(self) -> ResponsesAssembler:
+        return ResponsesAssembler()
+
+    def text_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        kind = data.get("type")
+        if not isinstance(kind, str) or not kind.endswith(".delta"):
+            return []
+        if not isinstance(data.get("delta"), str):
+            return []
+        base = kind[:-6]
+        return [TextSlot(_channel(data, base), data, "delta", _kind(base))]
+
+    def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
+        kind = data.get("type")
+        if isinstance(kind, str) and kind.endswith(".done"):
+            return [_channel(data, kind[:-5])]
+        return []
+
+    def release(self, chunk: Chunk, data: dict[str, Any], held: list[Released]) -> list[Chunk]:
+        """Held text goes out as one more delta just before the part's ``.done`` event."""
+        out = [_delta_event(piece, data) for piece in held]
+        out.append(chunk)
+        return out
+
+    def release_at_end(self, held: list[Released], template: dict[str, Any]) -> list[Chunk]:
+        return [
+            _delta_event(piece, {"output_index": piece.key[0], "content_index": piece.key[1]})
+            for piece in held
+        ]
+
+    def emptied(self, data: dict[str, Any]) -> bool:
+        return data.get("delta") == "" and str(data.get("type", "")).endswith(".delta")
+
+    def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
+        return received.terminal is not None
+
+    def error_event(self, exc: BaseException, tx: Transaction, sent: Any, *, dev: bool) -> bytes:
+        """``response.failed``, numbered after the last event the client got (``sent``:
+        the stream as it got it, never as received: the backend's own last response
+        object may hold what a policy redacted or refused)."""
+        _, payload = self.error_body(exc, tx.id, dev=dev)
+        error = payload["error"]
+        response = dict(sent.response or {"id": f"resp_{tx.id}", "object": "response"})
+        # No output: what the backend produced may be exactly what a policy refused.
+        response.update(
+            status="failed",
+            output=[],
+            error={"code": error["code"], "message": error["message"]},
+        )
+        data = {
+            "type": "response.failed",
+            "sequence_number": sent.sequence_number + 1,
+            "response": response,
+        }
+        return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _delta_event(piece: Released, done: dict[str, Any]) -> Chunk:
+    """One more delta carrying ``piece``, with the place fields of its ``.done`` event."""
+    kind = piece.key[2] + ".delta"
+    data: dict[str, Any] = {"type": kind, "sequence_number": done.get("sequence_number")}
+    for name in ("item_id", "output_index", "content_index", "summary_index"):
+        if name in done:
+            data[name] = done[name]
+    data["delta"] = piece.text
+    if kind == OUTPUT_TEXT_DELTA:
+        data["logprobs"] = []
+    return Chunk.from_data(data, event=kind)

@@ -1,0 +1,178 @@
+"""The tool calls of Anthropic's Messages API: ``tool_use`` blocks in a request's
+history, in a buffered answer, and in a stream.
+
+A streamed ``tool_use`` block is held from its ``content_block_start`` to its
+``content_block_stop`` (id, name and the ``input_json_delta`` pieces joined and parsed)
+and so is every event after it until it is decided: blocks are sent one after another,
+so nothing overtakes it. A dropped block's events are never sent; the blocks after it
+are renumbered (``index``), and ``stop_reason`` ``tool_use`` becomes ``end_turn`` when
+no ``tool_use`` block is left.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from luthien_control.policies.tools.call import ToolCall, text_of, versions
+from luthien_control.policies.tools.hold import CallJudge, Held
+from luthien_control.sse import Chunk
+from luthien_control.transaction import Transaction
+
+if TYPE_CHECKING:
+    from luthien_control.policies.tools.policy import ToolCallPolicy
+
+CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
+
+
+def _block_calls(block: dict[str, Any]) -> list[ToolCall]:
+    call_id = block.get("id")
+    arguments = orjson.dumps(block.get("input", {})).decode()
+    return versions(
+        call_id if isinstance(call_id, str) else None, [text_of(block.get("name"))], [arguments]
+    )
+
+
+def _filter_blocks(
+    policy: ToolCallPolicy, tx: Transaction, content: list[Any], *, where: str
+) -> list[str | None]:
+    """Judge the ``tool_use`` blocks of a content list, removing the dropped ones;
+    returns their ids."""
+    dropped: list[str | None] = []
+    kept = []
+    for block in content:
+        if (
+            isinstance(block, dict)
+            and block.get("type") in CALL_BLOCKS
+            and not all(policy.judge(tx, call, where=where) for call in _block_calls(block))
+        ):
+            call_id = block.get("id")
+            dropped.append(call_id if isinstance(call_id, str) else None)
+            continue
+        kept.append(block)
+    content[:] = kept
+    return dropped
+
+
+def filter_answer(policy: ToolCallPolicy, tx: Transaction, payload: dict[str, Any]) -> bool:
+    """A buffered message: dropped blocks removed, ``stop_reason`` kept consistent."""
+    content = payload.get("content")
+    if not isinstance(content, list) or not _filter_blocks(policy, tx, content, where="response"):
+        return False
+    if payload.get("stop_reason") == "tool_use" and not any(
+        isinstance(block, dict) and block.get("type") in CALL_BLOCKS for block in content
+    ):
+        payload["stop_reason"] = "end_turn"
+    return True
+
+
+def filter_history(policy: ToolCallPolicy, tx: Transaction, messages: list[Any]) -> bool:
+    """Drop violating ``tool_use`` blocks from the history, with their ``tool_result``
+    blocks (Anthropic refuses a result without its call)."""
+    dropped: set[str | None] = set()
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            if isinstance(content, list):
+                dropped.update(_filter_blocks(policy, tx, content, where="request"))
+    if not dropped:
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            content[:] = [
+                block
+                for block in content
+                if not (
+                    isinstance(block, dict)
+                    and block.get("type") == "tool_result"
+                    and block.get("tool_use_id") in dropped
+                )
+            ]
+    return True
+
+
+class MessagesCalls:
+    """Holds each streamed ``tool_use`` block until it is complete, then lets it go or
+    drops it (renumbering the blocks after it)."""
+
+    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
+        self._judge = CallJudge(policy, tx)
+        self._open: Held[Chunk] | None = None  # the tool_use block being held
+        self._index = -1
+        self._block: dict[str, Any] = {}
+        self._pieces: list[str] = []
+        self._queue: list[Chunk] = []  # events after the held block, in order
+        self._dropped = 0  # blocks dropped so far: later indexes move down by this
+        self._kept_calls = 0
+
+    def on_event(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
+        kind = data.get("type")
+        if self._open is not None:
+            if data.get("index") != self._index:
+                self._queue.append(chunk)
+                return []
+            self._open.held.append(chunk)
+            delta = data.get("delta")
+            if kind == "content_block_delta" and isinstance(delta, dict):
+                if isinstance(delta.get("partial_json"), str):
+                    self._pieces.append(delta["partial_json"])
+            elif kind == "content_block_stop":
+                return self._settle()
+            return []
+        if kind == "content_block_start":
+            block = data.get("content_block")
+            if isinstance(block, dict) and block.get("type") in CALL_BLOCKS:
+                self._open = Held(held=[chunk])
+                self._index = data.get("index")  # type: ignore[assignment]
+                self._block = block
+                self._pieces = []
+                return []
+        return [self._renumbered(chunk, data)]
+
+    def on_end(self) -> list[Chunk]:
+        """A block still open when the stream ended is decided as far as it got."""
+        return self._settle() if self._open is not None else []
+
+    def _settle(self) -> list[Chunk]:
+        held = self._open
+        assert held is not None
+        self._open = None
+        block = self._block
+        call_id = block.get("id")
+        initial = orjson.dumps(block.get("input", {})).decode()
+        texts = ["".join(self._pieces)] if self._pieces else [initial]
+        calls = versions(
+            call_id if isinstance(call_id, str) else None, [text_of(block.get("name"))], texts
+        )
+        out: list[Chunk] = []
+        if self._judge.settle(held, calls):
+            self._kept_calls += 1
+            out.extend(self._renumbered(event, event.data) for event in held.take())
+        else:
+            held.take()
+            self._dropped += 1
+        queued, self._queue = self._queue, []
+        for event in queued:
+            data = event.data
+            out.extend(self.on_event(event, data) if isinstance(data, dict) else [event])
+        return out
+
+    def _renumbered(self, chunk: Chunk, data: Any) -> Chunk:
+        if not self._dropped or not isinstance(data, dict):
+            return chunk
+        index = data.get("index")
+        if isinstance(index, int) and data.get("type", "").startswith("content_block_"):
+            data["index"] = index - self._dropped
+            chunk.mark_changed()
+        elif data.get("type") == "message_delta":
+            delta = data.get("delta")
+            if (
+                isinstance(delta, dict)
+                and delta.get("stop_reason") == "tool_use"
+                and not self._kept_calls
+            ):
+                delta["stop_reason"] = "end_turn"
+                chunk.mark_changed()
+        return chunk
