@@ -7,6 +7,7 @@ with ``luthien-control logs`` and the admin API, and look into the database file
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from luthien_control.recording import LogRecorder, Redactor, build_record
+from luthien_control.transaction import ProxyRequest, Transaction
 from tests.conftest import (
     CLIENT_KEY,
     MockBackendServer,
@@ -30,14 +33,15 @@ SECRET = "sk-proj-" + "Qq1Ww2Ee3Rr4Tt5Yy6Uu7Ii8"
 ADMIN_KEY = "admin-test-key-123"
 
 
-def policy(backend: str) -> dict[str, Any]:
+def policy(backend: str, *, check_requests: bool = True) -> dict[str, Any]:
+    request_check = [{"type": "LeakedApiKeyDetection", "config": {}}] if check_requests else []
     return {
         "type": "SerialPolicy",
         "config": {
-            "name": "audited",
+            "name": "audited" if check_requests else "audited-answers",
             "policies": [
                 {"type": "ClientApiKeyAuth", "config": {}},
-                {"type": "LeakedApiKeyDetection", "config": {}},
+                *request_check,
                 {"type": "AddApiKeyHeader", "config": {}},
                 {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
                 {"type": "SendBackendRequest", "config": {}},
@@ -50,6 +54,13 @@ def policy(backend: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
     return start_proxy(policy=policy(mock_backend.api_base), env={"ADMIN_API_KEY": ADMIN_KEY})
+
+
+@pytest.fixture(scope="module")
+def answering_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    """Secrets redacted in answers only: a request that scripts a secret in the mock's
+    answer (an ``x-mock-content`` header) carries it, and a request-side check blocks it."""
+    return start_proxy(policy=policy(mock_backend.api_base, check_requests=False))
 
 
 def directives(**values: Any) -> dict[str, str]:
@@ -74,7 +85,10 @@ def chat(
         return response
 
 
-def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer) -> None:
+def test_streamed_transaction_is_recorded_whole_and_redacted(
+    answering_proxy: ProxyServer,
+) -> None:
+    proxy = answering_proxy
     text = f"Your key is {SECRET} as requested."
     response = chat(proxy, stream=True, **directives(content=text, chunk_size=4))
     assert response.status_code == 200
@@ -82,7 +96,7 @@ def test_streamed_transaction_is_recorded_whole_and_redacted(proxy: ProxyServer)
     record = proxy.record(response.headers["x-luthien-transaction-id"])
 
     assert record["outcome"] == "ok" and record["status"] == 200 and record["streamed"] is True
-    assert record["client_key_name"] == "e2e" and record["policy_name"] == "audited"
+    assert record["client_key_name"] == "e2e" and record["policy_name"] == "audited-answers"
     assert record["endpoint"] == "/chat/completions" and record["model"] == "gpt-4o-mini"
     assert record["prompt_tokens"] == 1 and record["completion_tokens"] > 0
     assert record["total_tokens"] == record["prompt_tokens"] + record["completion_tokens"]
@@ -138,6 +152,25 @@ def test_secret_in_the_query_string_is_blocked(proxy: ProxyServer) -> None:
     assert record["request"]["received"]["query"] == "token=[REDACTED]"
 
 
+def test_secret_in_a_header_or_the_path_is_blocked_and_stored_redacted(proxy: ProxyServer) -> None:
+    # A scripted answer is a header too: the request that carries a key is refused.
+    scripted = chat(proxy, stream=True, **directives(content=f"answer {SECRET}"))
+    assert scripted.status_code == 403
+    record = proxy.record(scripted.headers["x-luthien-transaction-id"])
+    assert record["decisions"][0]["detail"] == "openai_api_key in the request headers"
+    assert record["request"]["received"]["headers"]["x-mock-content"] == "answer%20[REDACTED]"
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{proxy.api_base}/files/{SECRET}",
+            json={"model": "gpt-4o-mini", "messages": []},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+    assert response.status_code == 403
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
+    assert record["endpoint"] == "/files/[REDACTED]"
+    assert SECRET not in json.dumps(record)
+
+
 def test_oversized_values_are_fitted_to_their_columns(proxy: ProxyServer) -> None:
     with httpx.Client(timeout=30) as client:
         response = client.post(
@@ -189,25 +222,30 @@ def test_disconnected_stream_is_recorded_as_such(proxy: ProxyServer) -> None:
     assert record["usage_partial"] is True  # cut short: no complete usage exists
 
 
-def test_nothing_secret_in_the_database_file(proxy: ProxyServer) -> None:
-    chat(proxy, stream=True, **directives(content=f"leak {SECRET} leak", chunk_size=3))
+def test_nothing_secret_in_the_database_file(
+    proxy: ProxyServer, answering_proxy: ProxyServer
+) -> None:
     chat(proxy, stream=False, content=f"in the request {SECRET}")
-    chat(proxy, stream=True, **directives(content=f"after a newline:\n{SECRET}", chunk_size=5))
+    chat(proxy, stream=True, **directives(content=f"leak {SECRET} leak", chunk_size=3))
+    for text in (f"leak {SECRET} leak", f"after a newline:\n{SECRET}", f"\x1b[31m{SECRET}"):
+        chat(answering_proxy, stream=True, **directives(content=text, chunk_size=5))
+        chat(answering_proxy, stream=False, **directives(content=text))
     time.sleep(1.0)  # let the recorder's batch land (records are written in the background)
-    path = Path(proxy.database_url.split("///", 1)[1])
-    dump = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sqlite3; print(list(sqlite3.connect({str(path)!r}).iterdump()))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "transactions" in dump
-    assert SECRET not in dump and SECRET[:16] not in dump
-    assert CLIENT_KEY not in dump
+    for server in (proxy, answering_proxy):
+        path = Path(server.database_url.split("///", 1)[1])
+        dump = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sqlite3; print(list(sqlite3.connect({str(path)!r}).iterdump()))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "transactions" in dump
+        assert SECRET not in dump and SECRET[:16] not in dump
+        assert CLIENT_KEY not in dump
 
 
 def test_logs_lists_filters_and_follows(proxy: ProxyServer) -> None:
@@ -307,3 +345,102 @@ def test_sigterm_lets_streams_finish_and_flushes_every_record(
         result = proxy.cli("logs", "--transaction", transaction_id, "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["outcome"] == "ok"
+
+
+# The Redactor on its own: what is stored and logged holds no key, however it is written.
+
+LEGACY_KEY = "sk-" + "T3BlbkFJ" * 6  # no distinctive prefix: found after a non-letter only
+PEM_BODY = "\n".join(["MIIEowIBAAKCAQEAx9Rk2Fq3Y+abc/def" * 2] * 4)
+PEM = f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----"
+
+
+def stored(document: Any, redactor: Redactor | None = None) -> str:
+    """The text of a JSON column, as ``build_record`` hands it to the database."""
+    text = (redactor or Redactor()).document(document)
+    json.loads(text)  # valid JSON
+    return text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "my key:\x0b" + LEGACY_KEY,  # serialized "\u000bsk-...": an escape ending in a letter
+        "my key:\x1b" + LEGACY_KEY,  # "\u001bsk-..."
+        "\x1b[31m" + LEGACY_KEY + "\x1b[0m",  # an ANSI colour code
+        "glued:mykey" + SECRET,
+        "line\n" + SECRET,
+    ],
+    ids=["vertical-tab", "escape", "ansi", "glued", "newline"],
+)
+def test_redactor_works_on_decoded_strings(content: str) -> None:
+    document = {"body": {"messages": [{"role": "user", "content": content}]}}
+    text = stored(document)
+    assert "[REDACTED]" in text
+    assert LEGACY_KEY[3:] not in text and SECRET[8:] not in text
+
+
+def test_redactor_redacts_object_keys_and_json_in_strings() -> None:
+    arguments = json.dumps({"key": PEM, "then": "done"})  # JSON text inside a JSON string
+    document = {
+        "metadata": {SECRET: "x"},
+        "tools": [{"parameters": {"properties": {"n" + SECRET: {}}}}],
+        "tool_calls": [{"function": {"name": "f", "arguments": arguments}}],
+    }
+    text = stored(document)
+    assert SECRET[8:] not in text
+    for line in [*PEM_BODY.splitlines(), "END RSA"]:
+        assert line not in text  # the whole key, not only its header line
+    parsed = json.loads(text)
+    assert parsed["metadata"] == {"[REDACTED]": "x"}
+    assert json.loads(parsed["tool_calls"][0]["function"]["arguments"]) == {
+        "key": "[REDACTED]",
+        "then": "done",
+    }
+
+
+def test_redactor_decodes_json_escapes_in_json_text() -> None:
+    hidden = "\\u0073\\u006b-" + SECRET[3:]  # "sk-..." spelled with JSON escapes
+    arguments = '{"token": "' + hidden + '", "n": 1}'
+    text = stored({"tool_calls": [{"function": {"arguments": arguments}}]})
+    assert SECRET[8:] not in text
+    assert "[REDACTED]" in text
+    plain = {"arguments": '{"path": "C:\\\\new\\ttable", "n": 1}'}  # escapes, no key
+    assert json.loads(stored(plain)) == plain
+
+
+def test_redactor_decodes_percent_escapes() -> None:
+    encoded = "".join(f"%{ord(char):02X}" for char in SECRET)
+    text = stored({"query": f"token={encoded}", "url": f"http://b/v1/x?t={encoded}&a=1"})
+    parsed = json.loads(text)
+    assert parsed == {"query": "token=[REDACTED]", "url": "http://b/v1/x?t=[REDACTED]&a=1"}
+    clean = {"query": "a=%20b&c=100%25"}
+    assert json.loads(stored(clean)) == clean  # stored as it came when nothing is hidden
+
+
+def test_redactor_custom_patterns_and_deep_documents() -> None:
+    redactor = Redactor([r"internal-\d{6}"])
+    deep: Any = {"k": f"internal-123456 and {SECRET}"}
+    for _ in range(600):  # deeper than orjson writes, deeper than Python recurses
+        deep = [deep]
+    text = stored({"body": deep}, redactor)
+    assert "internal-123456" not in text and SECRET not in text
+    assert text.count("[REDACTED]") == 2 and text.count("[") >= 600
+
+
+def test_build_record_redacts_the_endpoint_model_query_and_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    encoded = "".join(f"%{ord(char):02X}" for char in SECRET)
+    body = json.dumps({"model": "m-" + SECRET, "messages": []}).encode()
+    request = ProxyRequest("POST", f"/files/{SECRET}", f"t={encoded}".encode(), {}, body)
+    tx = Transaction(request=request, services=None)
+    tx.trail.request_body = body
+    record = build_record(tx, Redactor())
+    assert record["endpoint"] == "/files/[REDACTED]"
+    assert record["model"] == "m-[REDACTED]"
+    received = json.loads(record["request"])["received"]
+    assert received["query"] == "t=[REDACTED]"
+    assert received["body"]["model"] == "m-[REDACTED]"
+    with caplog.at_level(logging.DEBUG, logger="luthien_control.transactions"):
+        LogRecorder().record(tx)
+    assert "/files/[REDACTED]" in caplog.text and SECRET not in caplog.text
