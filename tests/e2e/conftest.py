@@ -1,16 +1,21 @@
-"""The proxies the end-to-end tests talk to.
+"""The proxies the end-to-end tests talk to, and the dialects they speak to them.
 
 By default: a real ``luthien-control serve`` process per configuration (policy file,
 database policy) in front of the built-in mock backend, all on free loopback ports.
 With ``--e2e-target-url URL``: an already running proxy (its client key from
 ``TEST_CLIENT_API_KEY``). With ``E2E_REAL_BACKEND=1`` and ``OPENAI_API_KEY``: the
-started proxies forward to the real OpenAI API instead of the mock.
+started proxies forward to the real OpenAI API instead of the mock, and only chat
+completions are tried (OpenAI does not serve Anthropic's Messages API).
+
+``dialect`` runs a test on chat completions and on the Messages API (``/v1/messages``,
+model ``$E2E_MESSAGES_MODEL``, default ``claude-sonnet-4-5``).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -24,8 +29,10 @@ from tests.conftest import (
     ProxyStarter,
     e2e_policy,
 )
+from tests.e2e.dialects import DIALECTS, Dialect, Messages
 
 REAL_BACKEND = os.environ.get("E2E_REAL_BACKEND") == "1"
+MESSAGES_MODEL = os.environ.get("E2E_MESSAGES_MODEL", "claude-sonnet-4-5")
 
 
 @dataclass
@@ -48,16 +55,22 @@ class Backend:
 
 
 @pytest.fixture(scope="session")
-def backend(request: pytest.FixtureRequest) -> Backend:
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     target = request.config.getoption("--e2e-target-url")
     if REAL_BACKEND and not target:
-        return Backend(mock=None, model=os.environ.get("E2E_MODEL", "gpt-4o-mini"))
-    if target:
-        mock_url = request.config.getoption("--e2e-mock-url")
-        mock = MockBackendServer(mock_url.rstrip("/")) if mock_url else None
-        return Backend(mock=mock, model=os.environ.get("E2E_MODEL", "gpt-3.5-turbo"))
-    mock = request.getfixturevalue("mock_backend")
-    return Backend(mock=mock, model="gpt-3.5-turbo")
+        yield Backend(mock=None, model=os.environ.get("E2E_MODEL", "gpt-4o-mini"))
+        return
+    if not target:
+        yield Backend(mock=request.getfixturevalue("mock_backend"), model="gpt-3.5-turbo")
+        return
+    model = os.environ.get("E2E_MODEL", "gpt-3.5-turbo")
+    mock_url = request.config.getoption("--e2e-mock-url")
+    if not mock_url:
+        yield Backend(mock=None, model=model)
+        return
+    mock = MockBackendServer(mock_url.rstrip("/"))
+    with mock.client:  # the mock is another process's: only our client to close
+        yield Backend(mock=mock, model=model)
 
 
 def _backend_url(backend: Backend) -> str:
@@ -116,3 +129,14 @@ def proxy(request: pytest.FixtureRequest, backend: Backend) -> ProxyServer:
         proxy: ProxyServer = request.getfixturevalue("file_proxy")
         return proxy
     return _db_proxy(request, backend, request.param)
+
+
+@pytest.fixture(params=list(DIALECTS))
+def dialect(request: pytest.FixtureRequest, backend: Backend) -> Dialect:
+    """Each test that takes it runs on chat completions and on the Messages API."""
+    kind = DIALECTS[request.param]
+    if kind is Messages:
+        if REAL_BACKEND and not request.config.getoption("--e2e-target-url"):
+            pytest.skip("the real backend is OpenAI's, which has no Messages API")
+        return kind(MESSAGES_MODEL)
+    return kind(backend.model)

@@ -1,4 +1,10 @@
-"""``collect_sse_events``: read a streamed response as the seed describes it."""
+"""``collect_sse_events``: read a streamed response as the seed describes it.
+
+It reads both dialects' streams: chat completions' ``data:`` lines ending in
+``data: [DONE]``, and the Messages API's ``event:`` plus ``data:`` lines (the event names
+are kept in ``names``); ``tests/e2e/dialects.py`` knows which ending makes a stream
+complete in each.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 @dataclass
 class SSEResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # parsed JSON data, in order
+    names: list[str] = field(default_factory=list)  # each event's ``event:`` field, or ""
     done: bool = False  # the stream ended with ``data: [DONE]``
     malformed: list[str] = field(default_factory=list)  # data that was not JSON
     raw: bytes = b""  # every byte received, as received
@@ -46,7 +53,9 @@ class _Parser:
             self._event(event)
 
     def _event(self, event: bytes) -> None:
-        lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        fields = event.split(b"\n")
+        lines = [line[5:].lstrip(b" ") for line in fields if line.startswith(b"data:")]
+        names = [line[6:].strip() for line in fields if line.startswith(b"event:")]
         if not lines:
             return  # comments and keep-alives
         data = b"\n".join(lines).decode("utf-8", "replace")
@@ -63,6 +72,7 @@ class _Parser:
             return
         if isinstance(parsed, dict):
             result.events.append(parsed)
+            result.names.append(names[-1].decode("utf-8", "replace") if names else "")
         else:
             result.malformed.append(data)
 

@@ -1,9 +1,11 @@
 """The seed's end-to-end streaming tests, against a real proxy process.
 
-Each test runs against the proxy configured from a policy file and from the database
-(``proxy`` is parametrized), unless its name says which one. Against the built-in mock
-backend the tests know the exact content to expect and can look at what the backend
-saw; against a real backend (``E2E_REAL_BACKEND=1``) they check the shape only.
+Each test runs on chat completions and on Anthropic's Messages API (``dialect`` is
+parametrized, ``tests/e2e/dialects.py`` knows each one's shapes), against the proxy
+configured from a policy file and from the database (``proxy`` is parametrized), unless
+its name says which configuration. Against the built-in mock backend the tests know the
+exact content to expect and can look at what the backend saw; against a real backend
+(``E2E_REAL_BACKEND=1``) they check the shape only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import pytest
 from luthien_control.mock_backend.content import words as words_text
 from tests.conftest import ProxyServer
 from tests.e2e.conftest import Backend
-from tests.e2e.sse import acollect_sse_events, collect_sse_events
+from tests.e2e.dialects import Dialect
+from tests.e2e.sse import SSEResult, acollect_sse_events, collect_sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -28,27 +31,17 @@ STREAM_HEADERS = {
 }
 
 
-def chat(model: str, content: str = "Say hello.", *, stream: bool = True) -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+def client_for(proxy: ProxyServer, dialect: Dialect, timeout: float = 60) -> httpx.Client:
+    return httpx.Client(base_url=proxy.api_base, headers=dialect.auth(proxy.key), timeout=timeout)
 
 
-def client_for(proxy: ProxyServer, timeout: float = 60) -> httpx.Client:
-    return httpx.Client(
-        base_url=proxy.api_base,
-        headers={"Authorization": f"Bearer {proxy.key}"},
-        timeout=timeout,
-    )
-
-
-def assert_complete_stream(proxy: ProxyServer, backend: Backend) -> None:
+def assert_complete_stream(proxy: ProxyServer, dialect: Dialect, backend: Backend) -> None:
     request_id = backend.request_id()
     text = "Streaming through Luthien, chunk by chunk."
     headers = backend.directives(content=text, delay_ms=80, request_id=request_id)
     with (
-        client_for(proxy) as client,
-        client.stream(
-            "POST", "/chat/completions", json=chat(backend.model), headers=headers
-        ) as response,
+        client_for(proxy, dialect) as client,
+        client.stream("POST", dialect.path, json=dialect.body(), headers=headers) as response,
     ):
         assert response.status_code == 200
         for name, value in STREAM_HEADERS.items():
@@ -63,59 +56,59 @@ def assert_complete_stream(proxy: ProxyServer, backend: Backend) -> None:
             assert record is not None and record["outcome"] == "in_progress"
         result = collect_sse_events([first, *chunks])
 
-    assert result.done and result.after_done == 0
+    assert dialect.complete(result)
     assert result.malformed == [] and result.errors == []
-    assert result.raw.endswith(b"data: [DONE]\n\n")
-    assert all(event["object"] == "chat.completion.chunk" for event in result.events)
-    assert result.events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert result.events[-1]["choices"][0]["finish_reason"] == "stop"
-    # The client did not ask for usage: no usage chunk and no "usage" key anywhere.
-    assert all("usage" not in event for event in result.events)
+    dialect.check_stream(result)
     if backend.mock is not None:
-        assert result.content == text
-        assert len(result.events) == len(text.split(" ")) + 2  # role, words, finish
+        assert dialect.text(result) == text
+        words = len(text.split(" "))
+        assert len(dialect.pieces(result)) == words
+        assert len(result.events) == words + dialect.framing_events
     else:
-        assert result.content
+        assert dialect.text(result)
 
 
-def test_streaming_chat_completion_file_based(file_proxy: ProxyServer, backend: Backend) -> None:
-    assert_complete_stream(file_proxy, backend)
+def test_streaming_chat_completion_file_based(
+    dialect: Dialect, file_proxy: ProxyServer, backend: Backend
+) -> None:
+    assert_complete_stream(file_proxy, dialect, backend)
 
 
-def test_streaming_chat_completion_db_based(db_proxy: ProxyServer, backend: Backend) -> None:
-    assert_complete_stream(db_proxy, backend)
+def test_streaming_chat_completion_db_based(
+    dialect: Dialect, db_proxy: ProxyServer, backend: Backend
+) -> None:
+    assert_complete_stream(db_proxy, dialect, backend)
 
 
-def test_non_streaming_still_works_file_based(file_proxy: ProxyServer, backend: Backend) -> None:
+def test_non_streaming_still_works_file_based(
+    dialect: Dialect, file_proxy: ProxyServer, backend: Backend
+) -> None:
     text = "A plain, buffered answer."
-    with client_for(file_proxy) as client:
+    with client_for(file_proxy, dialect) as client:
         response = client.post(
-            "/chat/completions",
-            json=chat(backend.model, stream=False),
+            dialect.path,
+            json=dialect.body(stream=False),
             headers=backend.directives(content=text),
         )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     assert len(response.headers["x-luthien-transaction-id"]) == 32
-    body = response.json()
-    assert body["object"] == "chat.completion"
-    assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"]["total_tokens"] == (
-        body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
-    )
+    answer = dialect.answer_text(response.json())
     if backend.mock is not None:
-        assert body["choices"][0]["message"]["content"] == text
+        assert answer == text
+    else:
+        assert answer
 
 
-def test_streaming_with_early_client_disconnect(proxy: ProxyServer, backend: Backend) -> None:
+def test_streaming_with_early_client_disconnect(
+    dialect: Dialect, proxy: ProxyServer, backend: Backend
+) -> None:
     request_id = backend.request_id()
     headers = backend.directives(words=500, delay_ms=20, request_id=request_id)
     received = b""
     with (
-        client_for(proxy) as client,
-        client.stream(
-            "POST", "/chat/completions", json=chat(backend.model), headers=headers
-        ) as response,
+        client_for(proxy, dialect) as client,
+        client.stream("POST", dialect.path, json=dialect.body(), headers=headers) as response,
     ):
         assert response.status_code == 200
         for data in response.iter_bytes():
@@ -123,82 +116,92 @@ def test_streaming_with_early_client_disconnect(proxy: ProxyServer, backend: Bac
             if received.count(b"\n\n") >= 3:
                 break
     # Leaving the block closed the connection after three events.
-    assert received.count(b"data: ") >= 3 and b"[DONE]" not in received
+    assert received.count(b"data: ") >= 3 and dialect.final_event not in received
     if backend.mock is not None:
         record = backend.mock.wait_for_record(request_id, lambda r: r["outcome"] != "in_progress")
         assert record is not None
         assert record["outcome"] == "cancelled"
         assert record["chunks_sent"] < 500
     # The proxy is unharmed: the next request is answered in full.
-    with client_for(proxy) as client:
-        response = client.post("/chat/completions", json=chat(backend.model, stream=False))
+    with client_for(proxy, dialect) as client:
+        response = client.post(dialect.path, json=dialect.body(stream=False))
     assert response.status_code == 200
 
 
-def test_streaming_with_invalid_model(proxy: ProxyServer, backend: Backend) -> None:
+def test_streaming_with_invalid_model(
+    dialect: Dialect, proxy: ProxyServer, backend: Backend
+) -> None:
+    model = "no-such-model-e2e"
+    request_id = backend.request_id()
     with (
-        client_for(proxy) as client,
-        client.stream("POST", "/chat/completions", json=chat("no-such-model-e2e")) as response,
+        client_for(proxy, dialect) as client,
+        client.stream(
+            "POST",
+            dialect.path,
+            json=dialect.body(model=model),
+            headers=backend.directives(request_id=request_id),
+        ) as response,
     ):
         response.read()
-    # An error before the first byte is a real HTTP error with a JSON body, not a stream.
+    # An error before the first byte is a real HTTP error with a JSON body, not a stream:
+    # the backend's own 404, passed through in the dialect's shape.
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "param", "code"}
-    assert error["code"] == "model_not_found"
-    assert "no-such-model-e2e" in error["message"]
+    dialect.check_not_found(response.json(), model)
+    if backend.mock is not None:
+        record = backend.mock.wait_for_record(request_id, lambda r: r["outcome"] != "in_progress")
+        assert record is not None
+        assert (record["path"], record["status"]) == ("/v1" + dialect.path, 404)
 
 
-def test_concurrent_streaming_requests(proxy: ProxyServer, backend: Backend) -> None:
+def test_concurrent_streaming_requests(
+    dialect: Dialect, proxy: ProxyServer, backend: Backend
+) -> None:
     count = 12
 
-    async def one(client: httpx.AsyncClient, n: int) -> tuple[int, str, object]:
+    async def one(client: httpx.AsyncClient, n: int) -> tuple[str, SSEResult]:
         text = f"Stream number {n} says: " + " ".join(f"token{n}-{i}" for i in range(40))
         async with client.stream(
             "POST",
-            "/chat/completions",
-            json=chat(backend.model, f"request {n}"),
+            dialect.path,
+            json=dialect.body(f"request {n}"),
             headers=backend.directives(content=text, delay_ms=5),
         ) as response:
             assert response.status_code == 200
             result = await acollect_sse_events(response.aiter_bytes())
-        return n, text, result
+        return text, result
 
-    async def run() -> list[tuple[int, str, object]]:
+    async def run() -> list[tuple[str, SSEResult]]:
         async with httpx.AsyncClient(
-            base_url=proxy.api_base,
-            headers={"Authorization": f"Bearer {proxy.key}"},
-            timeout=60,
+            base_url=proxy.api_base, headers=dialect.auth(proxy.key), timeout=60
         ) as client:
             return await asyncio.gather(*(one(client, n) for n in range(count)))
 
     results = asyncio.run(run())
     assert len(results) == count
-    for _n, text, result in results:
-        assert result.done and result.errors == [] and result.malformed == []  # type: ignore[attr-defined]
+    for text, result in results:
+        assert dialect.complete(result) and result.errors == [] and result.malformed == []
         if backend.mock is not None:
-            assert result.content == text  # type: ignore[attr-defined]
+            assert dialect.text(result) == text
         else:
-            assert result.content  # type: ignore[attr-defined]
+            assert dialect.text(result)
 
 
-def test_streaming_with_large_response(proxy: ProxyServer, backend: Backend) -> None:
+def test_streaming_with_large_response(
+    dialect: Dialect, proxy: ProxyServer, backend: Backend
+) -> None:
     words = 20_000
     headers = backend.directives(words=words, chunk_size=16)
     with (
-        client_for(proxy, timeout=120) as client,
-        client.stream(
-            "POST", "/chat/completions", json=chat(backend.model), headers=headers
-        ) as response,
+        client_for(proxy, dialect, timeout=120) as client,
+        client.stream("POST", dialect.path, json=dialect.body(), headers=headers) as response,
     ):
         assert response.status_code == 200
         result = collect_sse_events(response.iter_bytes())
-    assert result.done and result.errors == [] and result.malformed == []
+    assert dialect.complete(result) and result.errors == [] and result.malformed == []
     if backend.mock is not None:
         expected = words_text(words)
-        assert result.content == expected  # every byte arrived, in order
-        content_events = [e for e in result.events if e["choices"][0]["delta"].get("content")]
-        assert len(content_events) == -(-len(expected) // 16)
+        assert dialect.text(result) == expected  # every byte arrived, in order
+        assert len(dialect.pieces(result)) == -(-len(expected) // 16)
     else:
-        assert len(result.content) > 100
+        assert len(dialect.text(result)) > 100
