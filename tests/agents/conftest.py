@@ -321,7 +321,8 @@ def claude_env(sandbox: AgentSandbox, target: Target, headers: dict[str, str]) -
         "DISABLE_TELEMETRY": "1",
         "DISABLE_ERROR_REPORTING": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        # A stream that ends in an error event reads to it as "overloaded": it would retry.
+        # An error it takes for a passing one (429, 5xx, overloaded) would be retried with
+        # back-off for up to a minute: none of that here, the run stays short.
         "CLAUDE_CODE_MAX_RETRIES": "0",
         # Extra request headers, one "Name: Value" a line: here the mock's directives.
         "ANTHROPIC_CUSTOM_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items()),
