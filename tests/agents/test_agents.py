@@ -44,6 +44,13 @@ def decisions(record: dict[str, Any]) -> list[tuple[str, str]]:
     return [(d["policy"], d["action"]) for d in record["decisions"]]
 
 
+def assert_every_attempt_blocked(records: list[dict[str, Any]]) -> None:
+    """The agent's requests (one, or more if it asked again) were all blocked by the policy."""
+    assert records, "no transaction recorded"
+    assert {r["outcome"] for r in records} == {"blocked"}, records
+    assert {d for r in records for d in decisions(r)} == {("ToolCallPolicy", "blocked")}
+
+
 def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A TOML document as dotted keys: ``{"model_providers.luthien.base_url": ...}``."""
     items: dict[str, Any] = {}
@@ -136,12 +143,7 @@ def test_codex_is_stopped_by_a_blocking_tool_call_policy(
     assert run.returncode != 0, run
     assert "blocked by ToolCallPolicy" in run.stderr, run
     assert not sandbox.marker.exists()
-    records = records_after(proxy, before)
-    # Every attempt is blocked (Claude Code may retry a block that came mid-stream).
-    assert records and {r["outcome"] for r in records} == {"blocked"}, records
-    assert {decision for r in records for decision in decisions(r)} == {
-        ("ToolCallPolicy", "blocked")
-    }
+    assert_every_attempt_blocked(records_after(proxy, before))
 
 
 # --- Claude Code (Anthropic's Messages API) ------------------------------------------------
@@ -210,6 +212,4 @@ def test_claude_code_is_stopped_by_a_blocking_tool_call_policy(
     assert run.returncode != 0, run
     assert "403 blocked by ToolCallPolicy" in run.stdout + run.stderr, run
     assert not sandbox.marker.exists()
-    records = records_after(proxy, before)
-    assert {r["outcome"] for r in records} == {"blocked"}, records
-    assert decisions(records[0]) == [("ToolCallPolicy", "blocked")]
+    assert_every_attempt_blocked(records_after(proxy, before))
