@@ -56,6 +56,16 @@ def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxySe
 
 
 @pytest.fixture(scope="module")
+def answer_blocking_proxy(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer
+) -> ProxyServer:
+    """Secrets blocked in answers only: a request that scripts one into the mock's answer
+    carries it in a header, which a request-side check refuses."""
+    leak = {"type": "LeakedApiKeyDetection", "config": {}}
+    return start_proxy(policy=chain(after=[leak], backend=mock_backend.api_base))
+
+
+@pytest.fixture(scope="module")
 def redacting_proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
     leak = {"type": "LeakedApiKeyDetection", "config": {"action": "redact"}}
     return start_proxy(policy=chain(after=[leak], backend=mock_backend.api_base))
@@ -364,14 +374,19 @@ def test_secret_in_a_buffered_answer_is_a_403(client: httpx.Client) -> None:
     assert SECRET[:10] not in response.text
 
 
-def test_secret_after_the_stream_began_ends_it_with_an_error_event(client: httpx.Client) -> None:
+def test_secret_after_the_stream_began_ends_it_with_an_error_event(
+    answer_blocking_proxy: ProxyServer,
+) -> None:
     text = "Here is some harmless text first. And now the key: " + SECRET + " trailing"
-    with client.stream(
-        "POST",
-        "/v1/chat/completions",
-        json=chat(stream=True),
-        headers=directives(content=text, chunk_size=5),
-    ) as response:
+    with (
+        httpx.Client(headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=30) as c,
+        c.stream(
+            "POST",
+            f"{answer_blocking_proxy.api_base}/chat/completions",
+            json=chat(stream=True),
+            headers=directives(content=text, chunk_size=5),
+        ) as response,
+    ):
         assert response.status_code == 200
         result = collect_sse_events(response.iter_bytes())
     assert not result.done

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from luthien_control.policies.audit_log import TransactionContextLoggingPolicy
 from luthien_control.recording import LogRecorder, Redactor, build_record
 from luthien_control.transaction import ProxyRequest, Transaction
 from tests.conftest import (
@@ -444,3 +445,20 @@ def test_build_record_redacts_the_endpoint_model_query_and_log_line(
     with caplog.at_level(logging.DEBUG, logger="luthien_control.transactions"):
         LogRecorder().record(tx)
     assert "/files/[REDACTED]" in caplog.text and SECRET not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_the_logging_policy_redacts_decoded_values(caplog: pytest.LogCaptureFixture) -> None:
+    body = (
+        '{"model": "m", "metadata": {"' + SECRET + '": 1}, "messages": [{"role": "user", '
+        '"content": "a\\u001b' + LEGACY_KEY + '"}]}'
+    ).encode()
+    request = ProxyRequest("POST", f"/files/{SECRET}", b"", {"x-note": f"%73k-{SECRET[3:]}"}, body)
+    tx = Transaction(request=request, services=None)
+    policy = TransactionContextLoggingPolicy(TransactionContextLoggingPolicy.Config(), {})
+    with caplog.at_level(logging.INFO, logger="luthien_control.policies.transaction_log"):
+        await policy.apply(tx)
+    logged = caplog.text
+    assert "transaction_id" in logged and logged.count("[REDACTED]") == 4
+    assert SECRET[8:] not in logged and LEGACY_KEY[3:] not in logged
+    assert tx.request.body == body  # the request itself is untouched

@@ -8,8 +8,7 @@ from typing import Any, Literal
 import orjson
 
 from luthien_control.policies.base import Policy, PolicyConfig
-from luthien_control.policies.secrets import default_secrets
-from luthien_control.policies.text import rewrite_strings
+from luthien_control.policies.secrets import copy_json, default_secrets, rewrite_json
 from luthien_control.sse import Chunk
 from luthien_control.transaction import Message, StreamTransform, Transaction
 
@@ -26,12 +25,12 @@ def redacted_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def redacted_body(message: Message) -> Any:
-    """The body as JSON (or text) with every known secret pattern replaced."""
+    """The body as JSON (or text) with every known secret pattern replaced, in every
+    decoded string and object key (a copy: the message is not touched)."""
     payload = message.payload
     if payload is None:
-        return _SECRETS.redact(message.body.decode("utf-8", "replace"))[0]
-    copy = orjson.loads(orjson.dumps(payload))
-    return rewrite_strings(copy, lambda text: _SECRETS.redact(text)[0])[0]
+        return _SECRETS.scrub(message.body.decode("utf-8", "replace"))
+    return rewrite_json(copy_json(payload), _SECRETS.scrub)[0]
 
 
 class TransactionContextLoggingPolicy(Policy):
@@ -49,6 +48,9 @@ class TransactionContextLoggingPolicy(Policy):
     def _log(self, tx: Transaction, side: str, entry: dict[str, Any]) -> None:
         if logger.isEnabledFor(self.level):
             record = {"transaction_id": tx.id, "side": side, **entry}
+            # Every decoded string and key of what is logged (path, headers, body,
+            # assembled stream), never the serialized line: no escape hides a key.
+            rewrite_json(record, _SECRETS.scrub)
             logger.log(self.level, "%s", orjson.dumps(record).decode())
 
     async def on_request(self, tx: Transaction) -> None:
@@ -101,15 +103,13 @@ class _StreamLog:
 
     async def on_end(self) -> list[Chunk]:
         assembler = self._assembler
-        summary = assembler.summary()
-        redacted = rewrite_strings(summary, lambda text: _SECRETS.redact(text)[0])[0]
-        self._policy._log(
+        self._policy._log(  # redacts what it logs
             self._tx,
             "response",
             {
                 "status": self._tx.response.status if self._tx.response else None,
                 "streamed": True,
-                **redacted,  # chunks, and the message(s) the stream spelled out
+                **assembler.summary(),  # chunks, and the message(s) the stream spelled out
             },
         )
         return []

@@ -294,6 +294,28 @@ def rewrite_json(value: Any, rewrite: Callable[[str], str]) -> tuple[Any, bool]:
     return value, changed
 
 
+def copy_json(value: Any) -> Any:
+    """A copy of a JSON value, every object and array copied, at any depth (no
+    recursion): something to redact without touching the original."""
+    if not isinstance(value, (dict, list)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack = [(value, root)]
+    while stack:
+        source, target = stack.pop()
+        children = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, child in children:
+            if isinstance(child, (dict, list)):
+                copied: Any = {} if isinstance(child, dict) else []
+                stack.append((child, copied))
+                child = copied
+            if isinstance(target, dict):
+                target[key] = child
+            else:
+                target.append(child)
+    return root
+
+
 def percent_decodings(text: str) -> Iterator[str]:
     """``text`` percent-decoded, once and again (up to ``PERCENT_DECODINGS`` times), each
     form that differs from the one before."""
