@@ -82,9 +82,14 @@ class PolicyBlocked(PolicyError):
     error_type = "permission_error"
     code = "policy_blocked"
 
-    def __init__(self, message: str, *, policy: str, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, policy: str, param: str | None = None, as_message: bool = False
+    ) -> None:
         super().__init__(message, param=param)
         self.policy = policy
+        # The policy's ``block_with: message``: the client gets a normal, complete answer
+        # that says what was blocked and why, not an error (agents retry errors).
+        self.as_message = as_message
 
 
 class PolicyConfigError(PolicyError):

@@ -245,7 +245,11 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
         tx.response_complete = True
         # Built from the stream as the client got it: what the backend sent may hold
         # what a policy redacted or refused.
-        last = dialect.error_event(exc, tx, sent or received, dev=dev)
+        last = None
+        if isinstance(exc, PolicyBlocked) and exc.as_message:  # block_with: message
+            last = dialect.blocked_ending(exc.message, tx, sent or received)
+        if last is None:
+            last = dialect.error_event(exc, tx, sent or received, dev=dev)
         await send({"type": "http.response.body", "body": last, "more_body": False})
     finally:
         metrics.ACTIVE_STREAMS.dec()

@@ -27,10 +27,17 @@ from luthien_control.exceptions import (
     LuthienError,
     MalformedRequest,
     NotFound,
+    PolicyBlocked,
     RequestTooLarge,
 )
 from luthien_control.relay import note_usage, outcome_for, relay_stream, send_buffered
-from luthien_control.responses import json_headers, send_error, send_json
+from luthien_control.responses import (
+    STREAM_HEADERS,
+    TRANSACTION_HEADER,
+    json_headers,
+    send_error,
+    send_json,
+)
 from luthien_control.settings import Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
 from luthien_control.upstream.client import DOT_SEGMENT_REFUSED, has_dot_segment
@@ -234,7 +241,7 @@ class LuthienProxy:
             tx.error = failure
             if tx.outcome in ("pending", "ok"):
                 tx.outcome = outcome_for(failure)
-            if tx.status is None:
+            if tx.status is None and not await _blocked_answer(tx, failure, send):
                 status, payload = tx.dialect.error_body(failure, tx.id, dev=dev)
                 tx.status = status
                 body = await send_json(send, status, payload, tx.id)
@@ -273,6 +280,29 @@ class LuthienProxy:
             note_usage(tx, response.payload if response.status < 400 else None)
         if tx.outcome == "pending":
             tx.outcome = "ok" if response.status < 400 else "backend_error_status"
+
+
+async def _blocked_answer(tx: Transaction, failure: Exception, send: Send) -> bool:
+    """A block with ``block_with: message``, before anything was sent: the client gets
+    a complete, normal answer in its dialect (streamed if it asked for a stream) that
+    says what was blocked and why. False when that does not apply."""
+    if not (isinstance(failure, PolicyBlocked) and failure.as_message):
+        return False
+    stream = tx.request.wants_stream
+    make = tx.dialect.blocked_stream if stream else tx.dialect.blocked_answer
+    body = make(failure.message, tx)
+    if body is None:
+        return False
+    if stream:
+        headers = [*STREAM_HEADERS, (TRANSACTION_HEADER, tx.id.encode())]
+    else:
+        headers = json_headers(body, tx.id)
+    tx.status = 200
+    tx.trail.client_body = body
+    tx.trail.client_headers = headers
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return True
 
 
 def create_app(settings: Settings | None = None) -> LuthienProxy:

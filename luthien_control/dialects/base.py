@@ -182,6 +182,38 @@ class Dialect:
         _, payload = self.error_body(exc, tx.id, dev=dev)
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
+    # --- a block as the model's reply (``block_with: message``) ------------------------
+    # A complete, normal answer whose text is ``notice`` (what was blocked and why): the
+    # client, an agent above all, takes it as the model's reply instead of retrying an
+    # error. ``None``: this dialect has no such answer (the block is an error then).
+
+    def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
+        """A buffered answer (JSON) saying ``notice``."""
+        return None
+
+    def blocked_stream(self, notice: str, tx: Transaction) -> bytes | None:
+        """A whole stream, from its first event to its end, saying ``notice``."""
+        return None
+
+    def blocked_ending(self, notice: str, tx: Transaction, sent: StreamAssembler) -> bytes | None:
+        """How a stream already begun ends as a complete answer: whatever is open is
+        closed, ``notice`` added as the last text, the stop reason a normal one (no tool
+        call left pending). ``sent``: the stream as the client got it."""
+        return None
+
+
+def request_model(tx: Transaction) -> str:
+    """The model the client asked for (what a made-up answer names)."""
+    payload = tx.request.payload
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else "unknown"
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None

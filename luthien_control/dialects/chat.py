@@ -8,15 +8,26 @@ arguments), ended by ``data: [DONE]``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from luthien_control.dialects.base import ChannelKey, Dialect, Released, TextSlot
+from luthien_control.dialects.base import (
+    ChannelKey,
+    Dialect,
+    Released,
+    TextSlot,
+    request_model,
+    sse,
+)
 from luthien_control.exceptions import MalformedRequest
-from luthien_control.sse import Chunk
+from luthien_control.sse import DONE_EVENT, Chunk
+
+if TYPE_CHECKING:
+    from luthien_control.transaction import Transaction
 
 
 class _Strict(BaseModel):
@@ -412,6 +423,48 @@ class ChatDialect(Dialect):
 
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return done
+
+    def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
+        message = {"role": "assistant", "content": notice, "refusal": None}
+        return orjson.dumps(
+            {
+                **_made_up(tx, "chat.completion"),
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            }
+        )
+
+    def blocked_stream(self, notice: str, tx: Transaction) -> bytes | None:
+        base = _made_up(tx, "chat.completion.chunk")
+        start = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        return (
+            sse({**base, "choices": [start]}) + self._closing_chunk(base, [0], notice) + DONE_EVENT
+        )
+
+    def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        base = _made_up(tx, "chat.completion.chunk")
+        indexes = sorted(sent.choices) or [0]
+        return self._closing_chunk(base, indexes, "\n\n" + notice) + DONE_EVENT
+
+    @staticmethod
+    def _closing_chunk(base: dict[str, Any], indexes: list[int], text: str) -> bytes:
+        choices = [
+            {"index": index, "delta": {"content": text}, "finish_reason": "stop"}
+            for index in indexes
+        ]
+        return sse({**base, "choices": choices})
+
+
+def _made_up(tx: Transaction, kind: str) -> dict[str, Any]:
+    """The head of an answer the proxy writes itself."""
+    return {
+        "id": f"chatcmpl-{tx.id}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": request_model(tx),
+    }
 
 
 def _delta_slots(index: int, delta: dict[str, Any], slots: list[TextSlot]) -> None:

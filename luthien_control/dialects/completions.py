@@ -7,11 +7,24 @@ text only in the request's ``input``.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from luthien_control.dialects.base import ChannelKey, Dialect, Released, TextSlot
+import orjson
+
+from luthien_control.dialects.base import (
+    ChannelKey,
+    Dialect,
+    Released,
+    TextSlot,
+    request_model,
+    sse,
+)
 from luthien_control.dialects.chat import ChatDialect
-from luthien_control.sse import Chunk
+from luthien_control.sse import DONE_EVENT, Chunk
+
+if TYPE_CHECKING:
+    from luthien_control.transaction import Transaction
 
 
 def _strings_of(payload: Any, name: str) -> list[TextSlot]:
@@ -75,6 +88,29 @@ class CompletionsDialect(ChatDialect):
             texts[piece.key[0]] = texts.get(piece.key[0], "") + piece.text
         choices = [{"index": index, "text": texts[index]} for index in sorted(texts)]
         return [Chunk.from_data({**template, "choices": choices})]
+
+    def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
+        choice = {"index": 0, "text": notice, "logprobs": None, "finish_reason": "stop"}
+        return orjson.dumps({**self._head(tx), "choices": [choice]})
+
+    def blocked_stream(self, notice: str, tx: Transaction) -> bytes | None:
+        return self._ending(tx, [0], notice)
+
+    def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        return self._ending(tx, sorted(sent.choices) or [0], "\n\n" + notice)
+
+    def _ending(self, tx: Transaction, indexes: list[int], text: str) -> bytes:
+        choices = [{"index": i, "text": text, "finish_reason": "stop"} for i in indexes]
+        return sse({**self._head(tx), "choices": choices}) + DONE_EVENT
+
+    @staticmethod
+    def _head(tx: Transaction) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{tx.id}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request_model(tx),
+        }
 
     def emptied(self, data: dict[str, Any]) -> bool:
         choices = data.get("choices") or ()

@@ -25,6 +25,8 @@ from luthien_control.dialects.base import (
     Released,
     StreamAssembler,
     TextSlot,
+    request_model,
+    sse,
     string_slots,
 )
 from luthien_control.exceptions import MalformedRequest
@@ -70,6 +72,7 @@ class MessagesAssembler:
     message: dict[str, Any] = field(default_factory=dict)
     blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
     partial: dict[int, list[str]] = field(default_factory=dict)  # tool inputs as JSON text
+    stopped: set[int] = field(default_factory=set)  # blocks whose content_block_stop came
 
     def copy(self) -> MessagesAssembler:
         return MessagesAssembler(
@@ -79,6 +82,7 @@ class MessagesAssembler:
             dict(self.message),
             {index: dict(block) for index, block in self.blocks.items()},
             {index: list(parts) for index, parts in self.partial.items()},
+            set(self.stopped),
         )
 
     def feed(self, data: Any) -> None:
@@ -115,6 +119,9 @@ class MessagesAssembler:
             if type(delta) is dict:
                 self.message.update(delta)
             self._usage(data.get("usage"))
+        elif kind == "content_block_stop":
+            if type(data.get("index")) is int:
+                self.stopped.add(data["index"])
         elif kind in ("message_stop", "error"):
             self.terminal = kind
 
@@ -337,7 +344,80 @@ class MessagesDialect(AnthropicDialect):
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return bool(received.terminal == "message_stop")
 
+    def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
+        return orjson.dumps(
+            {
+                **_message_head(tx),
+                "content": [{"type": "text", "text": notice}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            }
+        )
 
+    def blocked_stream(self, notice: str, tx: Transaction) -> bytes | None:
+        start = {
+            **_message_head(tx),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        return sse({"type": "message_start", "message": start}, "message_start") + _notice_end(
+            0, notice, 0
+        )
+
+    def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        out = [
+            sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            for index in sorted(sent.blocks)
+            if index not in sent.stopped  # begun, and cut: closed as far as it got
+        ]
+        index = max(sent.blocks, default=-1) + 1
+        output = (sent.usage or {}).get("output_tokens", 0)
+        return b"".join(out) + _notice_end(index, notice, output if isinstance(output, int) else 0)
+
+
+def _message_head(tx: Transaction) -> dict[str, Any]:
+    return {
+        "id": f"msg_{tx.id}",
+        "type": "message",
+        "role": "assistant",
+        "model": request_model(tx),
+    }
+
+
+def _notice_end(index: int, notice: str, output_tokens: int) -> bytes:
+    """A text block saying ``notice`` at ``index``, then the message's normal end."""
+    return b"".join(
+        [
+            sse(
+                {"type": "content_block_start", "index": index, "content_block": _TEXT},
+                "content_block_start",
+            ),
+            sse(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": notice},
+                },
+                "content_block_delta",
+            ),
+            sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
+            sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": output_tokens},
+                },
+                "message_delta",
+            ),
+            sse({"type": "message_stop"}, "message_stop"),
+        ]
+    )
+
+
+_TEXT = {"type": "text", "text": ""}
 _INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 

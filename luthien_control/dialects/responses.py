@@ -11,12 +11,20 @@ ends with a terminal event (``response.completed``, ``response.failed``,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from luthien_control.dialects.base import ChannelKey, Dialect, Released, TextSlot
+from luthien_control.dialects.base import (
+    ChannelKey,
+    Dialect,
+    Released,
+    TextSlot,
+    request_model,
+    sse,
+)
 from luthien_control.sse import Chunk
 
 if TYPE_CHECKING:
@@ -41,6 +49,21 @@ def _kind(base: str) -> str:
     return "other"
 
 
+def _closed(item: dict[str, Any], index: int, sent: ResponsesAssembler) -> dict[str, Any]:
+    """An item the client saw begin but not end, closed with what it got of it."""
+    item = {**item, "status": "incomplete"}
+    if item.get("type") == "message":
+        parts = sorted(
+            (key[1], "".join(texts))
+            for key, texts in sent.texts.items()
+            if key[0] == index and key[2] == OUTPUT_TEXT_DELTA[:-6]
+        )
+        item["content"] = [
+            {"type": "output_text", "text": text, "annotations": []} for _, text in parts
+        ]
+    return item
+
+
 def _channel(data: dict[str, Any], base: str) -> ChannelKey:
     part = data.get("content_index", data.get("summary_index", 0))
     return (data.get("output_index", 0), part, base)
@@ -57,6 +80,9 @@ class ResponsesAssembler:
     sequence_number: int = -1
     terminal: str | None = None
     texts: dict[ChannelKey, list[str]] = field(default_factory=dict)
+    # Output items by output_index, as last seen (added, then done), and which are done.
+    items: dict[int, dict[str, Any]] = field(default_factory=dict)
+    done_items: set[int] = field(default_factory=set)
 
     def copy(self) -> ResponsesAssembler:
         return ResponsesAssembler(
@@ -66,6 +92,8 @@ class ResponsesAssembler:
             self.sequence_number,
             self.terminal,
             {key: list(parts) for key, parts in self.texts.items()},
+            dict(self.items),
+            set(self.done_items),
         )
 
     def feed(self, data: Any) -> None:
@@ -84,6 +112,12 @@ class ResponsesAssembler:
                 self.usage = response["usage"]
         if kind in RESPONSES_TERMINAL:
             self.terminal = kind
+        elif kind.startswith("response.output_item."):
+            item, index = data.get("item"), data.get("output_index")
+            if type(item) is dict and type(index) is int:
+                self.items[index] = item
+                if kind == "response.output_item.done":
+                    self.done_items.add(index)
         elif kind.endswith(".delta") and type(data.get("delta")) is str:
             self.texts.setdefault(_channel(data, kind[:-6]), []).append(data["delta"])
 
@@ -200,6 +234,33 @@ class ResponsesDialect(Dialect):
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return received.terminal is not None
 
+    def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
+        write = _Writer(-1)  # the events are thrown away: only the item is wanted
+        item = _notice_events(write, 0, f"msg_{tx.id}", notice)
+        return orjson.dumps(_response_object(tx, [item], "completed"))
+
+    def blocked_stream(self, notice: str, tx: Transaction) -> bytes | None:
+        write = _Writer(-1)
+        write("response.created", response=_response_object(tx, [], "in_progress"))
+        item = _notice_events(write, 0, f"msg_{tx.id}", notice)
+        write("response.completed", response=_response_object(tx, [item], "completed"))
+        return b"".join(write.out)
+
+    def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        write = _Writer(sent.sequence_number)
+        output: list[Any] = []
+        for index, item in sorted(sent.items.items()):
+            if index not in sent.done_items:
+                item = _closed(item, index, sent)
+                write("response.output_item.done", output_index=index, item=item)
+            output.append(item)
+        index = max(sent.items, default=-1) + 1
+        output.append(_notice_events(write, index, f"msg_{tx.id}", notice))
+        response = {**(sent.response or _response_object(tx, [], "completed"))}
+        response.update(status="completed", output=output)
+        write("response.completed", response=response)
+        return b"".join(write.out)
+
     def error_event(self, exc: BaseException, tx: Transaction, sent: Any, *, dev: bool) -> bytes:
         """``response.failed``, numbered after the last event the client got (``sent``:
         the stream as it got it, never as received: the backend's own last response
@@ -219,6 +280,56 @@ class ResponsesDialect(Dialect):
             "response": response,
         }
         return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Writer:
+    """Numbers the events of an ending the proxy writes itself."""
+
+    def __init__(self, after: int) -> None:
+        self.sequence = after
+        self.out: list[bytes] = []
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        self.sequence += 1
+        self.out.append(sse({"type": kind, "sequence_number": self.sequence, **fields}, kind))
+
+
+def _notice_events(write: _Writer, index: int, item_id: str, notice: str) -> dict[str, Any]:
+    """A message output item saying ``notice``, event by event; returns the item."""
+    part = {"type": "output_text", "text": notice, "annotations": [], "logprobs": []}
+    item = {
+        "id": item_id,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [part],
+    }
+    place = {"item_id": item_id, "output_index": index}
+    write(
+        "response.output_item.added",
+        output_index=index,
+        item={**item, "status": "in_progress", "content": []},
+    )
+    write("response.content_part.added", **place, content_index=0, part={**part, "text": ""})
+    write("response.output_text.delta", **place, content_index=0, delta=notice, logprobs=[])
+    write("response.output_text.done", **place, content_index=0, text=notice, logprobs=[])
+    write("response.content_part.done", **place, content_index=0, part=part)
+    write("response.output_item.done", output_index=index, item=item)
+    return item
+
+
+def _response_object(tx: Transaction, output: list[Any], status: str) -> dict[str, Any]:
+    return {
+        "id": f"resp_{tx.id}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": request_model(tx),
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
 
 
 def _delta_event(piece: Released, done: dict[str, Any]) -> Chunk:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import regex
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from luthien_control.exceptions import PolicyBlocked
 from luthien_control.transaction import StreamTransform, Transaction
 
 
@@ -44,6 +45,18 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: str | None = None
+
+
+BlockWith = Literal["error", "message"]
+
+
+class BlockingConfig(PolicyConfig):
+    """Config of a policy that can block. ``block_with: message`` answers a block with a
+    normal, complete answer in the client's dialect that says what was blocked and why
+    (an agent takes it as the model's reply instead of retrying an error); ``error``
+    (the default) answers 403, or ends a stream with the dialect's error event."""
+
+    block_with: BlockWith = "error"
 
 
 class Policy:
@@ -92,6 +105,11 @@ class Policy:
     def stream_transform(self, tx: Transaction) -> StreamTransform | None:
         """A transform for this transaction's streamed response, or None to leave it alone."""
         return None
+
+    def refuse(self, message: str) -> PolicyBlocked:
+        """The ``PolicyBlocked`` this policy raises, ending as its ``block_with`` says."""
+        block_with = getattr(self.config, "block_with", "error")
+        return PolicyBlocked(message, policy=self.name, as_message=block_with == "message")
 
     def children(self) -> list[Policy]:
         """The policies this one contains (composites override it)."""

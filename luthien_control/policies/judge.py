@@ -45,8 +45,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from luthien_control.dialects import Dialect
 from luthien_control.dialects.reading import join_choices
-from luthien_control.exceptions import BackendError, PolicyBlocked
-from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
+from luthien_control.exceptions import BackendError
+from luthien_control.policies.base import BlockingConfig, HttpUrl, Policy
 from luthien_control.policies.secrets import default_secrets
 from luthien_control.sse import Chunk
 from luthien_control.transaction import StreamTransform, Transaction
@@ -163,7 +163,7 @@ class LLMJudgePolicy(Policy):
 
     type_name = "LLMJudgePolicy"
 
-    class Config(PolicyConfig):
+    class Config(BlockingConfig):
         backend_url: HttpUrl
         api_key_env_var_name: str | None = Field(default=None, min_length=1)
         model: str = Field(min_length=1)
@@ -245,9 +245,8 @@ class LLMJudgePolicy(Policy):
         except _JudgeError as exc:
             self._record(tx, "judge_error", None, str(exc), started, mode, window)
             if enforce and self.on_error == "block":
-                raise PolicyBlocked(
-                    f"blocked by {self.name}: the judge failed ({exc}) and on_error is 'block'",
-                    policy=self.name,
+                raise self.refuse(
+                    f"blocked by {self.name}: the judge failed ({exc}) and on_error is 'block'"
                 ) from exc
             return
         if verdict.allow:
@@ -261,10 +260,9 @@ class LLMJudgePolicy(Policy):
             what = "request" if subject == "request" else "response"
             # The rule, never the judge's reason: it may quote what it found (the record
             # keeps it, redacted).
-            raise PolicyBlocked(
+            raise self.refuse(
                 f"blocked by {self.name}: the judge found the {what} non-compliant with "
-                "the policy's instructions",
-                policy=self.name,
+                "the policy's instructions"
             )
 
     def _record(

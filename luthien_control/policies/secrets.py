@@ -19,9 +19,8 @@ from urllib.parse import unquote
 
 import regex
 
-from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.backend import CLIENT_KEY_HEADERS
-from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
+from luthien_control.policies.base import BlockingConfig, Policy, RegexPattern
 from luthien_control.policies.literals import minimal, required_prefixes
 from luthien_control.policies.text import TextStream
 from luthien_control.transaction import Message, ProxyRequest, StreamTransform, Transaction
@@ -99,20 +98,28 @@ def derived_literals(patterns: Iterable[str]) -> tuple[str, ...] | None:
 
 
 _ANSI_END = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]\Z")
+_ANSI_PARAMETERS = frozenset("0123456789;?[")  # what comes before an ANSI code's letter
 
 
-def _key_may_start(preceding: str, tail: str) -> bool:
-    """Whether a key is likely to start with ``tail`` right after ``preceding``: what the
-    scanner holds back. A tail it releases (after a letter) is still watched: a key glued
-    to it is caught when the rest comes (``SecretScanner``), with the few characters of
-    its public prefix already out."""
-    if tail[0] not in _ASCII_LETTERS or not preceding or preceding[-1] not in _ASCII_LETTERS:
+def _key_may_start(before: str, text: str, cut: int) -> bool:
+    """Whether a key is likely to start at ``text[cut:]`` (``before`` came just before
+    ``text``): what the scanner holds back. A tail it releases (after a letter) is still
+    watched: a key glued to it is caught when the rest comes (``SecretScanner``), with
+    the few characters of its public prefix already out."""
+    if text[cut] not in _ASCII_LETTERS:
         return True
-    return (
-        (len(preceding) >= 3 and preceding[-3] == "%")
-        or preceding[-2:-1] == "\\"
-        or _ANSI_END.search(preceding) is not None
-    )
+    last = text[cut - 3 : cut] if cut >= 3 else (before[-3:] + text[:cut])[-3:]
+    if not last or last[-1] not in _ASCII_LETTERS:
+        return True
+    # A letter that ends an escape (%0A, \n) or a terminal code (\x1b[31m) does not count.
+    if (len(last) == 3 and last[0] == "%") or last[-2:-1] == "\\":
+        return True
+    if len(last) < 2 or last[-2] not in _ANSI_PARAMETERS:
+        return False  # the usual case: a letter after a letter
+    preceding = text[max(0, cut - LOOKBEHIND_CHARS) : cut]
+    if len(preceding) < LOOKBEHIND_CHARS:
+        preceding = before[max(0, len(before) - LOOKBEHIND_CHARS + len(preceding)) :] + preceding
+    return _ANSI_END.search(preceding) is not None
 
 
 class SecretPattern:
@@ -206,7 +213,7 @@ class SecretPattern:
         the text that came just before ``text``, for the word boundary keys usually
         start at."""
         size = self.tail(text)
-        if size and _key_may_start(before + text[: len(text) - size], text[len(text) - size :]):
+        if size and _key_may_start(before, text, len(text) - size):
             return size
         return 0
 
@@ -376,12 +383,13 @@ class SecretScanner:
     piece completes a key glued to them, the key is caught there, its public prefix
     already out."""
 
-    __slots__ = ("_before", "_context", "_held", "_open", "_policy", "_secrets", "_tx")
+    __slots__ = ("_before", "_context", "_held", "_limit", "_open", "_policy", "_secrets", "_tx")
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
         self._policy = policy
         self._secrets = policy.secrets
         self._context = self._secrets.context_chars
+        self._limit = 2 * self._context
         self._tx = tx
         self._held = ""
         self._before = ""  # the last characters released: what lookbehinds see
@@ -391,16 +399,15 @@ class SecretScanner:
         if self._held:
             text = self._held + text
             self._held = ""
-        before, opened = self._before, self._open
-        if self._secrets.is_quiet(before[len(before) - opened :] + text if opened else text):
+        opened = self._open
+        if self._secrets.is_quiet(self._before[-opened:] + text if opened else text):
             # The usual piece: out as it came.
-            self._open = 0
+            if opened:
+                self._open = 0
             if text:
-                self._before = (
-                    text[-self._context :]
-                    if len(text) >= self._context
-                    else (before + text)[-self._context :]
-                )
+                before = self._before + text
+                # Cut now and then, not at every piece: it grows to twice the context.
+                self._before = before[-self._context :] if len(before) > self._limit else before
             return text
         return self._scan(text, final=False)
 
@@ -411,7 +418,8 @@ class SecretScanner:
     def _scan(self, text: str, *, final: bool) -> str:
         released = self._release(text, final=final)
         if released:
-            self._before = (self._before + released)[-self._context :]
+            before = self._before + released
+            self._before = before[-self._context :] if len(before) > self._limit else before
         return released
 
     def _release(self, text: str, *, final: bool) -> str:
@@ -420,18 +428,12 @@ class SecretScanner:
         probe = before[len(before) - opened :] + text if opened else text
         if secrets.literals is not None and not secrets.may_contain(probe):
             size = 0 if final else secrets.tail(probe)
-            self._open = 0
-            if (
-                size
-                and (
-                    size > len(text)  # it began in what was released
-                    or not _key_may_start(before + text[: len(text) - size], probe[-size:])
-                )
-            ):
-                self._open = size
-            elif size:
-                self._held = text[len(text) - size :]
-                return text[: len(text) - size]
+            cut = len(text) - size
+            if size and cut >= 0 and _key_may_start(before, text, cut):
+                self._open = 0
+                self._held = text[cut:]
+                return text[:cut]
+            self._open = size  # released (it may have begun in what was released before)
             return text
         # The regex sees the released text before ``text`` too: for its lookbehinds, and
         # for a key that begins in the characters released open.
@@ -466,7 +468,7 @@ class LeakedApiKeyDetection(Policy):
 
     type_name = "LeakedApiKeyDetection"
 
-    class Config(PolicyConfig):
+    class Config(BlockingConfig):
         patterns: list[RegexPattern] | None = None
         action: Literal["block", "redact"] = "block"
 
@@ -486,10 +488,7 @@ class LeakedApiKeyDetection(Policy):
         tx.record(self.name, "blocked" if blocking else "redacted", f"{kind} in the {where}")
         if blocking:
             verb = "contain" if where.endswith("headers") else "contains"
-            raise PolicyBlocked(
-                f"blocked by {self.name}: the {where} {verb} a secret ({kind})",
-                policy=self.name,
-            )
+            raise self.refuse(f"blocked by {self.name}: the {where} {verb} a secret ({kind})")
 
     async def on_request(self, tx: Transaction) -> None:
         request = tx.request

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 import regex
 
-from luthien_control.exceptions import PolicyBlocked
-from luthien_control.policies.base import Policy, PolicyConfig, RegexPattern
+from luthien_control.policies.base import BlockingConfig, Policy, RegexPattern
 from luthien_control.policies.secrets import SecretPattern, default_secrets
 from luthien_control.policies.tools import messages as anthropic
 from luthien_control.policies.tools.call import ToolCall, argument_texts
@@ -26,7 +25,7 @@ class ToolCallPolicy(Policy):
 
     type_name = "ToolCallPolicy"
 
-    class Config(PolicyConfig):
+    class Config(BlockingConfig):
         allowed_tools: list[str] | None = None
         denied_tools: list[str] = []
         argument_patterns: list[RegexPattern] = []
@@ -73,10 +72,7 @@ class ToolCallPolicy(Policy):
             return True
         if block or self.action == "block":
             tx.record(self.name, "blocked", _detail(call))
-            raise PolicyBlocked(
-                f"blocked by {self.name}: a tool call in the {where}: {reason}",
-                policy=self.name,
-            )
+            raise self.refuse(f"blocked by {self.name}: a tool call in the {where}: {reason}")
         tx.record(self.name, "dropped", _detail(call))
         return False
 
