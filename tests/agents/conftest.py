@@ -63,9 +63,12 @@ def agent_binary(name: str) -> Path:
 
 def agent_policy(backend_url: str, *, action: str) -> dict[str, Any]:
     """Client keys checked, the backend key added, the request sent to the mock, and a
-    ``ToolCallPolicy`` on the answer that denies the shell tools (``block`` or
-    ``drop_call``)."""
-    tools = {"type": "ToolCallPolicy", "config": {"denied_tools": DENIED_TOOLS, "action": action}}
+    ``ToolCallPolicy`` on the answer that denies the shell tools (``block``,
+    ``drop_call``, or ``message``: a block with ``block_with: message``)."""
+    config: dict[str, Any] = {"denied_tools": DENIED_TOOLS, "action": action}
+    if action == "message":
+        config.update(action="block", block_with="message")
+    tools = {"type": "ToolCallPolicy", "config": config}
     policies = [
         {"type": "ClientApiKeyAuth", "config": {}},
         {"type": "AddApiKeyHeader", "config": {}},
@@ -83,6 +86,7 @@ class GuardedProxies:
 
     blocking: ProxyServer
     dropping: ProxyServer
+    messaging: ProxyServer  # blocks with block_with: message
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +99,8 @@ def guarded_proxies(start_proxy: ProxyStarter, mock_backend: MockBackendServer) 
         )
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        blocking, dropping = pool.map(start, ["block", "drop_call"])
-    return GuardedProxies(blocking, dropping)
+        blocking, dropping, messaging = pool.map(start, ["block", "drop_call", "message"])
+    return GuardedProxies(blocking, dropping, messaging)
 
 
 class Target(Protocol):

@@ -213,3 +213,40 @@ def test_claude_code_is_stopped_by_a_blocking_tool_call_policy(
     assert "403 blocked by ToolCallPolicy" in run.stdout + run.stderr, run
     assert not sandbox.marker.exists()
     assert_every_attempt_blocked(records_after(proxy, before))
+
+
+# --- a block both agents take as the model's reply (block_with: message) ----------------
+
+NOTICE = "blocked by ToolCallPolicy: a tool call in the response: the tool is in denied_tools"
+
+
+def test_claude_code_shows_a_block_with_message_and_does_not_retry(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.messaging
+    before = last_seq(proxy)
+    headers = mock_directives(content=SAYS, tool_calls=[CLAUDE_BASH])
+
+    run = run_claude(sandbox, proxy, "Create the marker", headers=headers)
+
+    assert run.returncode == 0, run
+    assert NOTICE in run.stdout, run
+    assert not sandbox.marker.exists()
+    [record] = records_after(proxy, before)  # one request: no retry
+    assert (record["status"], record["outcome"]) == (200, "blocked")
+
+
+def test_codex_shows_a_block_with_message_and_does_not_retry(
+    sandbox: AgentSandbox, guarded_proxies: GuardedProxies
+) -> None:
+    proxy = guarded_proxies.messaging
+    before = last_seq(proxy)
+    headers = mock_directives(content=SAYS, tool_calls=[CODEX_SHELL])
+
+    run = run_codex(sandbox, proxy, "Create the marker", headers=headers)
+
+    assert run.returncode == 0, run
+    assert NOTICE in run.stdout, run
+    assert not sandbox.marker.exists()
+    [record] = records_after(proxy, before)
+    assert (record["status"], record["outcome"]) == (200, "blocked")
