@@ -132,6 +132,13 @@ def test_the_tool_call_check_drops_what_it_forbids(
     ("path", "body", "text_of"),
     [
         (
+            "/responses",
+            {"model": "gpt-4o-mini", "input": "hi", "stream": True},
+            lambda data: (
+                data.get("delta", "") if data.get("type") == "response.output_text.delta" else ""
+            ),
+        ),
+        (
             "/messages",
             {
                 "model": "claude-sonnet-4-5",

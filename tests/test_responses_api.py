@@ -179,3 +179,33 @@ def test_secret_split_across_function_call_argument_deltas_is_redacted(
         if line.startswith("data: ") and '"response.function_call_arguments.delta"' in line
     )
     assert arguments == '{"token":"[REDACTED]"}'
+
+
+def test_a_rewrite_reaches_the_final_response_object_too(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer
+) -> None:
+    """The SDK's final object is built from the events that repeat the text whole
+    (``*.done``, ``output_item.done``, ``response.completed``): they say what was sent."""
+    increment = {"type": "IncrementIntegers", "config": {}}
+    proxy = start_proxy(policy=policy(mock_backend.api_base, increment))
+    with (
+        sdk(proxy) as client,
+        client.responses.stream(
+            model="gpt-4o-mini",
+            input="count",
+            extra_headers=directives(content="41 apples and 1999 pears", chunk_size=2),
+        ) as stream,
+    ):
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "42 apples and 2000 pears"
+    assert final.output_text == "42 apples and 2000 pears"
+    raw = httpx.post(
+        proxy.api_base + "/responses",
+        json={"model": "gpt-4o-mini", "input": "count", "stream": True},
+        headers={
+            "authorization": f"Bearer {CLIENT_KEY}",
+            **directives(content="41 apples and 1999 pears", chunk_size=2),
+        },
+    )
+    assert "1999" not in raw.text and "41 apples" not in raw.text

@@ -143,6 +143,15 @@ class Dialect:
         """The channel texts of one stream event."""
         return []
 
+    # The stream repeats a channel's whole text in later events (the Responses API's
+    # ``*.done``, ``output_item.done``, ``response.completed``): ``summary_slots`` finds
+    # those, and a rewriter makes them say what the channel's deltas said as sent.
+    has_summaries: ClassVar[bool] = False
+
+    def summary_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        """Strings of one event that repeat a channel whole (``key``: that channel)."""
+        return []
+
     def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
         """Key prefixes of the channels that end with this event."""
         return []

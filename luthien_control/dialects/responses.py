@@ -172,10 +172,79 @@ def _item_slots(item: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
             slots.append(TextSlot((*key, "summary", position), part, "text", "reasoning"))
 
 
+# ``*.done`` events: the field that holds the channel's whole text.
+_DONE_FIELDS = ("text", "refusal", "arguments", "input", "code", "transcript", "delta")
+# Content part types → the delta event base of their channel.
+_PART_CHANNELS = {
+    "output_text": ("text", "response.output_text"),
+    "refusal": ("refusal", "response.refusal"),
+}
+# Output item types whose own field is one channel (content index 0).
+_ITEM_CHANNELS = {
+    "function_call": ("arguments", "response.function_call_arguments"),
+    "custom_tool_call": ("input", "response.custom_tool_call_input"),
+    "mcp_call": ("arguments", "response.mcp_call_arguments"),
+    "code_interpreter_call": ("code", "response.code_interpreter_call_code"),
+}
+
+
+def _part_slot(part: Any, index: int, position: int, out: list[TextSlot]) -> None:
+    if not isinstance(part, dict):
+        return
+    spec = _PART_CHANNELS.get(str(part.get("type")))
+    if spec is not None and isinstance(part.get(spec[0]), str):
+        kind = "text" if spec[0] == "text" else "refusal"
+        out.append(TextSlot((index, position, spec[1]), part, spec[0], kind))
+
+
+def _item_summaries(item: Any, index: int, out: list[TextSlot]) -> None:
+    """The channel texts an output item repeats whole."""
+    if not isinstance(item, dict):
+        return
+    kind = item.get("type")
+    for position, part in enumerate(item.get("content") or () if kind == "message" else ()):
+        _part_slot(part, index, position, out)
+    for position, part in enumerate(item.get("summary") or () if kind == "reasoning" else ()):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            key = (index, position, "response.reasoning_summary_text")
+            out.append(TextSlot(key, part, "text", "reasoning"))
+    spec = _ITEM_CHANNELS.get(kind) if isinstance(kind, str) else None
+    if spec is not None and isinstance(item.get(spec[0]), str):
+        out.append(TextSlot((index, 0, spec[1]), item, spec[0], "arguments"))
+
+
 class ResponsesDialect(Dialect):
     """``POST /responses``."""
 
     name = "responses"
+    has_summaries = True
+
+    def summary_slots(self, data: dict[str, Any]) -> list[TextSlot]:
+        kind = data.get("type")
+        out: list[TextSlot] = []
+        if not isinstance(kind, str):
+            return out
+        index = data.get("output_index", 0)
+        if kind in RESPONSES_TERMINAL or kind == "response.created":
+            response = data.get("response")
+            output = response.get("output") if isinstance(response, dict) else None
+            for position, item in enumerate(output if isinstance(output, list) else ()):
+                _item_summaries(item, position, out)
+        elif kind == "response.output_item.done":
+            _item_summaries(data.get("item"), index, out)
+        elif kind == "response.content_part.done":
+            _part_slot(data.get("part"), index, data.get("content_index", 0), out)
+        elif kind == "response.reasoning_summary_part.done":
+            part = data.get("part")
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                key = (index, data.get("summary_index", 0), "response.reasoning_summary_text")
+                out.append(TextSlot(key, part, "text", "reasoning"))
+        elif kind.endswith(".done"):
+            base = kind[:-5]
+            name = next((f for f in _DONE_FIELDS if isinstance(data.get(f), str)), None)
+            if name is not None:
+                out.append(TextSlot(_channel(data, base), data, name, _kind(base)))
+        return out
 
     def request_slots(self, payload: Any) -> list[TextSlot]:
         slots: list[TextSlot] = []

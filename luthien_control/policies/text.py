@@ -85,6 +85,8 @@ class TextStream:
         self._kinds = kinds
         self._channels: dict[ChannelKey, tuple[TextRewriter, str]] = {}
         self._template: dict[str, Any] | None = None
+        # Each channel's text as sent, for a dialect that repeats it whole later on.
+        self._sent: dict[ChannelKey, list[str]] | None = {} if dialect.has_summaries else None
 
     async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data
@@ -99,6 +101,7 @@ class TextStream:
             self._template = dialect.template(data)
         changed = False
         kinds = self._kinds
+        sent = self._sent
         for slot in dialect.text_slots(data):
             if kinds is not None and slot.kind not in kinds:
                 continue
@@ -107,10 +110,18 @@ class TextStream:
             if out != text:
                 slot.set(out)
                 changed = True
+            if sent is not None:
+                sent.setdefault(slot.key, []).append(out)
+        if sent:
+            changed |= self._summaries(data)
         if self._channels:
             closing = dialect.closing(data)
             if closing:
                 held = self._flush(closing)
+                if held and sent is not None:
+                    for piece in held:
+                        sent.setdefault(piece.key, []).append(piece.text)
+                    changed |= self._summaries(data)
                 if held:
                     if changed:
                         chunk.mark_changed()
@@ -125,6 +136,21 @@ class TextStream:
             return []
         held = self._flush(None)
         return self._dialect.release_at_end(held, self._template or {}) if held else []
+
+    def _summaries(self, data: dict[str, Any]) -> bool:
+        """Make the strings that repeat a channel whole say what was sent of it."""
+        sent = self._sent
+        assert sent is not None
+        changed = False
+        for slot in self._dialect.summary_slots(data):
+            parts = sent.get(slot.key)
+            if parts is None:
+                continue
+            text = "".join(parts)
+            if slot.text != text:
+                slot.set(text)
+                changed = True
+        return changed
 
     def _rewriter(self, key: ChannelKey, kind: str) -> TextRewriter:
         channel = self._channels.get(key)
