@@ -4,9 +4,14 @@ It runs in a process of its own, pinned to one core (``LoadSpec.cpus``), on uvlo
 one aiohttp session, and prints one JSON object on stdout: counts, errors, percentiles,
 and its own CPU time, so that a saturated generator can be told from a slow target.
 
+Two APIs (``LoadSpec.api``): OpenAI's chat completions (``/chat/completions``, content
+deltas are the chunks, ``data: [DONE]`` the end) and Anthropic's Messages API
+(``/messages``, ``content_block_delta`` events are the chunks, ``message_stop`` the end).
+
 Every request is checked, not just timed: the status, the exact content the mock was
-asked for, a stream that ends with ``[DONE]``, and, for paced streams, a first content
-delta that came long before the last one (a response collected and replayed is an error).
+asked for, a stream that ends as its API ends one, and, for paced streams, a first
+content delta that came long before the last one (a response collected and replayed is
+an error).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import aiohttp
 import orjson
 
 MODEL = "gpt-4o-mini"
+MESSAGES_MODEL = "claude-sonnet-4-5"  # any claude-* name is one the mock serves
+MESSAGES_MAX_TOKENS = 4096  # above the deltas of any scenario: the mock never cuts short
+ANTHROPIC_VERSION = "2023-06-01"
+APIS = ("chat", "messages")
 PROMPT = "Benchmark: answer with the scripted words."
 # A paced stream must spread its content over at least this share of its scripted length.
 STREAMED_SHARE = 0.5
@@ -40,11 +49,13 @@ class LoadSpec:
     ``duration`` 0 means each client makes exactly one request (the open-streams test);
     otherwise each client keeps starting requests until ``duration`` seconds after the
     start. Client ``i`` starts ``i * stagger / clients`` seconds after the start.
+    ``api``: ``chat`` (chat completions) or ``messages`` (Anthropic's Messages API).
     """
 
     url: str
     key: str
     clients: int
+    api: str = "chat"
     stream: bool = True
     duration: float = 0.0
     stagger: float = 0.0
@@ -136,21 +147,22 @@ class Client:
         self.session = session
         self.spec = spec
         self.tally = tally
-        self.url = spec.url.rstrip("/") + "/chat/completions"
+        self.messages = spec.api == "messages"
+        self.url = spec.url.rstrip("/") + api_path(spec.api)
         self.expected = expected_content(spec.words)
         self.headers = {
-            "Authorization": f"Bearer {spec.key}",
+            **auth_headers(spec.api, spec.key),
             "Content-Type": "application/json",
             "x-mock-words": str(spec.words),
         }
-        self.body = _body(stream=spec.stream)
+        self.body = request_body(spec.api, stream=spec.stream)
         if spec.stream:
             self.headers["x-mock-chunks"] = str(spec.chunks)
             if spec.delay_ms:
                 self.headers["x-mock-delay-ms"] = repr(spec.delay_ms)
         self.warm_headers = {**self.headers, "x-mock-words": "1"}
         self.warm_headers.pop("x-mock-delay-ms", None)
-        self.warm_body = _body(stream=False)
+        self.warm_body = request_body(spec.api, stream=False)
 
     async def warm(self) -> None:
         """One small untimed request, so that the timed ones find an open connection."""
@@ -197,10 +209,9 @@ class Client:
         ended = time.monotonic()
         if status != 200:
             raise RequestFailed(f"HTTP {status}")
-        try:
-            content = orjson.loads(raw)["choices"][0]["message"]["content"]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise RequestFailed("not a chat completion") from None
+        content = answer_content(self.spec.api, raw)
+        if content is None:
+            raise RequestFailed("not a message" if self.messages else "not a chat completion")
         if content != self.expected:
             raise RequestFailed("wrong content")
         self.tally.latency.append(ended - started)
@@ -236,10 +247,14 @@ class Client:
                         if not line.startswith(b"data:"):
                             continue  # comments, event names, ids
                         payload = line[5:].strip()
-                        if payload == b"[DONE]":
+                        if self.messages:
+                            text, end = _messages_delta(payload)
+                            done = done or end
+                        elif payload == b"[DONE]":
                             done = True
                             continue
-                        text = _delta_content(payload)
+                        else:
+                            text = _delta_content(payload)
                         if text:
                             if not times:
                                 tally.first_content(now)
@@ -247,7 +262,11 @@ class Client:
                             times.append(now)
         tally.chunks += len(times)
         if not done:
-            raise RequestFailed("stream ended without [DONE]")
+            raise RequestFailed(
+                "stream ended without message_stop"
+                if self.messages
+                else "stream ended without [DONE]"
+            )
         if "".join(parts) != self.expected:
             raise RequestFailed("wrong content")
         spec = self.spec
@@ -278,10 +297,67 @@ def _delta_content(payload: bytes) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def _body(*, stream: bool) -> bytes:
-    return orjson.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
-    )
+def _messages_delta(payload: bytes) -> tuple[str | None, bool]:
+    """The text of a Messages stream event (a ``text_delta``), and whether it ends the
+    stream (``message_stop``)."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise RequestFailed("malformed event") from None
+    if not isinstance(event, dict):
+        raise RequestFailed("malformed event")
+    kind = event.get("type")
+    if kind == "content_block_delta":
+        delta = event.get("delta")
+        if isinstance(delta, dict) and delta.get("type") == "text_delta":
+            text = delta.get("text")
+            return (text if isinstance(text, str) else None), False
+        return None, False
+    if kind == "message_stop":
+        return None, True
+    if kind == "error" or "error" in event:
+        raise RequestFailed("error event in the stream")
+    return None, False
+
+
+def api_path(api: str) -> str:
+    """The endpoint of ``api``, below the base URL (which ends in ``/v1``)."""
+    return "/messages" if api == "messages" else "/chat/completions"
+
+
+def auth_headers(api: str, key: str) -> dict[str, str]:
+    """The client key as each API's clients send it: Anthropic's in ``x-api-key``."""
+    if api == "messages":
+        return {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
+    return {"Authorization": f"Bearer {key}"}
+
+
+def request_body(api: str, *, stream: bool, prompt: str = PROMPT) -> bytes:
+    """A minimal request of ``api``; the answer is scripted by ``x-mock-*`` headers."""
+    messages = [{"role": "user", "content": prompt}]
+    if api == "messages":
+        return orjson.dumps(
+            {
+                "model": MESSAGES_MODEL,
+                "max_tokens": MESSAGES_MAX_TOKENS,
+                "messages": messages,
+                "stream": stream,
+            }
+        )
+    return orjson.dumps({"model": MODEL, "messages": messages, "stream": stream})
+
+
+def answer_content(api: str, raw: bytes) -> str | None:
+    """The text of a non-streamed answer (None: not an answer of ``api``)."""
+    try:
+        answer = orjson.loads(raw)
+        if api == "messages":
+            texts = [block["text"] for block in answer["content"] if block["type"] == "text"]
+            return "".join(texts) if all(isinstance(t, str) for t in texts) else None
+        content = answer["choices"][0]["message"]["content"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 def _error_kind(exc: BaseException) -> str:

@@ -2,6 +2,11 @@
 
 Every scenario runs against both sides (the mock directly, and the proxy) with the same
 ``LoadSpec``; only the URL and the key differ.
+
+Chat completions are measured in every kind of scenario; Anthropic's Messages API in the
+streamed ones (``messages_stream_N``, ``messages_unpaced_N``). Beside chat it is paced at
+64 clients only, which keeps the full run near five minutes; measured alone
+(``--api messages``) it is paced at 1, 16 and 64 clients, as chat is.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from luthien_control.bench.load import LoadSpec
+from luthien_control.bench.load import APIS, LoadSpec
 
 DEFAULT_ROUNDS = 3
 DEFAULT_DURATION = 5.0
@@ -19,6 +24,8 @@ QUICK_STREAMS = 200
 KINDS = ("stream", "nonstream", "unpaced", "open")
 # Scenarios measured on a freshly started proxy, after all the others: memory only grows.
 MEMORY_KINDS = ("open",)
+# The paced clients of the Messages API beside chat (all of ``stream_clients`` alone).
+MESSAGES_BESIDE_CHAT = (64,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +44,16 @@ class Plan:
     ramp: float
     hold: float
     quick: bool
+    apis: tuple[str, ...] = ("chat",)
+
+    @property
+    def messages_stream_clients(self) -> tuple[int, ...]:
+        """The paced Messages scenarios: all of chat's when Messages runs alone."""
+        return MESSAGES_BESIDE_CHAT if "chat" in self.apis else self.stream_clients
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
+        apis = tuple(api for api in APIS if api in (getattr(args, "apis", None) or ("chat",)))
         if args.quick:
             return cls(
                 rounds=args.rounds or 1,
@@ -54,6 +68,7 @@ class Plan:
                 ramp=0.3,
                 hold=0.3,
                 quick=True,
+                apis=apis,
             )
         return cls(
             rounds=args.rounds or DEFAULT_ROUNDS,
@@ -68,6 +83,7 @@ class Plan:
             ramp=1.0,
             hold=2.0,
             quick=False,
+            apis=apis,
         )
 
     @property
@@ -75,32 +91,37 @@ class Plan:
         return (self.chunks - 1) * self.delay_ms / 1000.0
 
     def scenarios(self, only: set[str] | None) -> dict[str, dict[str, Any]]:
-        """Name → kind and clients, in the order they run within a round."""
+        """Name → kind, clients and API, in the order they run within a round: chat's,
+        then the Messages API's, the memory scenarios (chat) last."""
+        wanted: list[tuple[str, str, int, str]] = []  # (API, kind, clients, name)
+        if "chat" in self.apis:
+            wanted += [("chat", "stream", c, f"stream_{c}") for c in self.stream_clients]
+            wanted += [
+                ("chat", "nonstream", self.request_clients, f"nonstream_{self.request_clients}"),
+                ("chat", "unpaced", self.unpaced_clients, f"unpaced_{self.unpaced_clients}"),
+            ]
+        if "messages" in self.apis:
+            wanted += [
+                ("messages", "stream", c, f"messages_stream_{c}")
+                for c in self.messages_stream_clients
+            ]
+            unpaced = self.unpaced_clients
+            wanted.append(("messages", "unpaced", unpaced, f"messages_unpaced_{unpaced}"))
+        if "chat" in self.apis:
+            wanted += [("chat", "open", 64, "open_64"), ("chat", "open", self.streams, "open_many")]
         found: dict[str, dict[str, Any]] = {}
-        if only is None or "stream" in only:
-            for clients in self.stream_clients:
-                found[f"stream_{clients}"] = {"kind": "stream", "clients": clients}
-        if only is None or "nonstream" in only:
-            found[f"nonstream_{self.request_clients}"] = {
-                "kind": "nonstream",
-                "clients": self.request_clients,
-            }
-        if only is None or "unpaced" in only:
-            found[f"unpaced_{self.unpaced_clients}"] = {
-                "kind": "unpaced",
-                "clients": self.unpaced_clients,
-            }
-        if only is None or "open" in only:
-            found["open_64"] = {"kind": "open", "clients": 64}
-            found["open_many"] = {"kind": "open", "clients": self.streams}
+        for api, kind, clients, name in wanted:
+            if only is None or kind in only:
+                found[name] = {"kind": kind, "clients": clients, "api": api}
         return found
 
-    def spec(self, kind: str, clients: int, url: str, key: str) -> LoadSpec:
+    def spec(self, kind: str, clients: int, url: str, key: str, api: str = "chat") -> LoadSpec:
         if kind == "stream":
             return LoadSpec(
                 url=url,
                 key=key,
                 clients=clients,
+                api=api,
                 duration=self.duration,
                 # Clients that start together stay in lock-step; spread them over one stream.
                 stagger=self.stream_seconds if clients > 1 else 0.0,
@@ -115,6 +136,7 @@ class Plan:
                 url=url,
                 key=key,
                 clients=clients,
+                api=api,
                 duration=self.duration,
                 words=self.words,
                 chunks=self.chunks,

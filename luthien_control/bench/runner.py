@@ -141,6 +141,7 @@ class Bench:
             self.proxy.key,
             self.plan.words,
             check_backend_key=self.own_proxy is not None,
+            apis=self.plan.apis,
         )
         for problem in problems:
             self.progress(f"verification: {problem}")
@@ -211,7 +212,9 @@ class Bench:
 
     def _measure(self, scenario: dict[str, Any], side: Side) -> dict[str, Any]:
         assert self.generator is not None
-        spec = self.plan.spec(scenario["kind"], scenario["clients"], side.url, side.key)
+        spec = self.plan.spec(
+            scenario["kind"], scenario["clients"], side.url, side.key, scenario.get("api", "chat")
+        )
         spec = LoadSpec(**{**asdict(spec), "cpus": self.load_cores})
         limit = spec.stagger + spec.duration + spec.stream_seconds + spec.timeout
         sample = self.generator.measure(

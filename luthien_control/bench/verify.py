@@ -4,18 +4,26 @@ A proxy that answered from a cache, retried behind the client's back or never fo
 the ``x-mock-*`` directives would be measured doing something else than relaying. A few
 tagged requests per side are sent, streamed and not, and the mock's request log must
 then hold exactly those, each completed; through the proxy, the backend must have seen
-the backend key, never the client's.
+the backend key, never the client's. Each API the run measures is checked (chat
+completions, and Anthropic's Messages API).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.error
 import urllib.request
 from collections import Counter
 from typing import Any
 
-from luthien_control.bench.load import MODEL, expected_content
+from luthien_control.bench.load import (
+    answer_content,
+    api_path,
+    auth_headers,
+    expected_content,
+    request_body,
+)
 
 REQUESTS_PER_KIND = 3
 TIMEOUT = 10.0
@@ -32,15 +40,16 @@ def _call(
         return exc.code, exc.read()
 
 
-def _check_answer(status: int, raw: bytes, stream: bool, expected: str) -> str | None:
+def _check_answer(status: int, raw: bytes, stream: bool, expected: str, api: str) -> str | None:
     if status != 200:
         return f"HTTP {status}: {raw[:200]!r}"
     if not stream:
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return "not a chat completion"
+        content = answer_content(api, raw)
+        if content is None:
+            return "not a message" if api == "messages" else "not a chat completion"
         return None if content == expected else "wrong content"
+    if api == "messages":
+        return _check_messages_stream(raw, expected)
     text = []
     for line in raw.decode(errors="replace").splitlines():
         if line.startswith("data:") and line[5:].strip() != "[DONE]":
@@ -52,8 +61,31 @@ def _check_answer(status: int, raw: bytes, stream: bool, expected: str) -> str |
     return None if "".join(text) == expected else "wrong content"
 
 
+def _check_messages_stream(raw: bytes, expected: str) -> str | None:
+    text = []
+    kinds = []
+    for line in raw.decode(errors="replace").splitlines():
+        if line.startswith("data:"):
+            event = json.loads(line[5:])
+            kinds.append(event.get("type"))
+            delta = event.get("delta") if event.get("type") == "content_block_delta" else None
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                text.append(delta.get("text") or "")
+    if "error" in kinds:
+        return "an error event in the stream"
+    if not kinds or kinds[-1] != "message_stop":
+        return "the stream did not end with message_stop"
+    return None if "".join(text) == expected else "wrong content"
+
+
 def verify_side(
-    side: str, url: str, key: str, mock_base: str, backend_key: str | None, words: int
+    side: str,
+    url: str,
+    key: str,
+    mock_base: str,
+    backend_key: str | None,
+    words: int,
+    apis: tuple[str, ...] = ("chat",),
 ) -> list[str]:
     """Problems found with ``side``, each with how many requests had it (empty: all well).
     ``backend_key``: the key the backend must see instead of the client's, when known."""
@@ -63,27 +95,27 @@ def verify_side(
     found: Counter[str] = Counter()
     expected = expected_content(words)
     sent: set[str] = set()
-    for index in range(2 * REQUESTS_PER_KIND):
+    for api, index in itertools.product(apis, range(2 * REQUESTS_PER_KIND)):
         stream = index % 2 == 0
-        request_id = f"bench-verify-{side}-{index}"
+        request_id = f"bench-verify-{side}-{api}-{index}"
         sent.add(request_id)
         headers = {
-            "Authorization": f"Bearer {key}",
+            **auth_headers(api, key),
             "Content-Type": "application/json",
             "x-mock-words": str(words),
             "x-mock-chunks": str(min(words, 8)),
             "x-mock-request-id": request_id,
         }
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-        kind = "streamed" if stream else "non-streamed"
+        body = request_body(api, stream=stream, prompt="hi")
+        kind = ("streamed" if stream else "non-streamed") + (
+            " Messages" if api == "messages" else ""
+        )
         try:
-            status, raw = _call(
-                f"{url}/chat/completions", "POST", json.dumps(body).encode(), headers
-            )
+            status, raw = _call(f"{url}{api_path(api)}", "POST", body, headers)
         except OSError as exc:
             found[f"{kind} request failed: {exc}"] += 1
             continue
-        problem = _check_answer(status, raw, stream, expected)
+        problem = _check_answer(status, raw, stream, expected, api)
         if problem is not None:
             found[f"{kind} request: {problem}"] += 1
     status, raw = _call(f"{mock_base}/_mock/requests", "GET")
@@ -100,10 +132,12 @@ def verify_side(
     for record in records:
         if record["outcome"] != "completed":
             found[f"request ended {record['outcome']} at the backend"] += 1
-        authorization = record["headers"].get("authorization")
-        if backend_key is not None and authorization == f"Bearer {key}":
+        if backend_key is None:
+            continue
+        presented = {record["headers"].get("authorization"), record["headers"].get("x-api-key")}
+        if f"Bearer {key}" in presented or key in presented:
             found["the client's key reached the backend"] += 1
-        elif backend_key is not None and authorization != f"Bearer {backend_key}":
+        elif f"Bearer {backend_key}" not in presented and backend_key not in presented:
             found["the backend did not get the backend key"] += 1
     return _listed(side, found, len(sent))
 
@@ -120,6 +154,7 @@ def verify(
     words: int,
     *,
     check_backend_key: bool,
+    apis: tuple[str, ...] = ("chat",),
 ) -> list[str]:
     """Check both sides; the problems are reported, the run goes on. ``check_backend_key``:
     the proxy is ours, so the key it must send to the backend is known."""
@@ -128,7 +163,7 @@ def verify(
     for side, url, key in (("direct", direct_url, backend_key), ("proxy", proxy_url, proxy_key)):
         try:
             expected_key = backend_key if side == "proxy" and check_backend_key else None
-            problems += verify_side(side, url, key, mock_base, expected_key, words)
+            problems += verify_side(side, url, key, mock_base, expected_key, words, apis)
         except (OSError, ValueError, KeyError) as exc:
             problems.append(f"{side}: verification failed: {exc!r}")
     return problems

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUN_TIMEOUT = 60.0
+RUN_TIMEOUT = 90.0
 SCENARIOS = {
     "stream_1",
     "stream_16",
@@ -19,6 +19,9 @@ SCENARIOS = {
     "unpaced_32",
     "open_64",
     "open_many",
+    # Anthropic's Messages API, streamed, beside chat: paced at 64 clients, and unpaced.
+    "messages_stream_64",
+    "messages_unpaced_32",
 }
 
 
@@ -58,6 +61,22 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
         "requests_per_s"
     ].keys()
     assert {"direct", "proxy", "ratio"} <= document["summary"]["unpaced_32"]["chunks_per_s"].keys()
+    # The Messages API rows: the same figures as chat's, labelled as Messages.
+    assert "Messages API (/v1/messages), streamed, 16 chunks 20 ms apart, 64 clients" in run.stdout
+    assert "Messages API (/v1/messages), streamed, no pacing, 32 clients" in run.stdout
+    messages_stream = document["summary"]["messages_stream_64"]
+    assert messages_stream["api"] == "messages" and messages_stream["kind"] == "stream"
+    for metric in ("ttft_p50_ms", "ttft_p99_ms", "ttfb_p50_ms", "gap_p50_ms", "gap_p99_ms"):
+        assert {"direct", "proxy", "added"} <= messages_stream[metric].keys()
+    messages_unpaced = document["summary"]["messages_unpaced_32"]
+    assert {"direct", "proxy", "ratio"} <= messages_unpaced["chunks_per_s"].keys()
+    assert "proxy" in messages_unpaced["cpu_ms_per_1000_chunks"]
+    assert document["summary"]["stream_64"]["api"] == "chat"
+    for name in ("messages_stream_64", "messages_unpaced_32"):
+        for side in ("direct", "proxy"):
+            # Streams really went through: /v1/messages answered on both sides.
+            assert document["rounds"][0][name][side]["load"]["ok"] > 0, (name, side)
+    assert not [p for p in document["verification"]["problems"] if "Messages" in p]
     assert "proxy" in document["summary"]["open_many"]["rss_mb"]
     assert "proxy" in document["summary"]["unpaced_32"]["cpu_ms_per_1000_chunks"]
     names = {target["name"] for target in document["targets"]}
@@ -72,6 +91,11 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
     leak_scan = document["leak_scan"]
     assert leak_scan["chunks"] == 65536 and leak_scan["large_stream_bytes"] == 1024 * 1024
     assert leak_scan["small_us_per_chunk"] > 0 and leak_scan["large_us_per_chunk"] > 0
+    assert "Messages API text_delta events" in run.stdout
+    messages_scan = leak_scan["messages"]
+    assert messages_scan["small_us_per_chunk"] > 0 and messages_scan["large_us_per_chunk"] > 0
+    assert 0 < messages_scan["large_chunks_passed"] <= leak_scan["chunks"]
+    assert "leak_scan_messages_per_chunk_ratio" in names
     for target in document["targets"]:
         assert target["met"] in (True, False, None)
     # Every round measured both sides of every scenario, and the generator reported its CPU.
