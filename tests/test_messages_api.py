@@ -463,3 +463,65 @@ def test_block_before_the_stream_starts_is_a_403_in_anthropics_shape(
     )
     assert refused.status_code == 403
     assert refused.json()["error"]["type"] == "permission_error"
+
+
+ESCAPED = "".join(f"\\u{ord(c):04x}" for c in SECRET[:6]) + SECRET[6:]  # \u0073\u006b...
+
+
+@pytest.mark.parametrize("dialect", ["messages", "chat"])
+def test_a_key_spelled_with_json_escapes_in_streamed_tool_input_is_redacted(
+    proxy: ProxyServer, dialect: str
+) -> None:
+    arguments = '{"token": "' + ESCAPED + '", "n": 1}'
+    headers = {
+        "x-api-key": CLIENT_KEY,
+        "authorization": f"Bearer {CLIENT_KEY}",
+        **directives(
+            content="ok",
+            tool_calls=json.dumps([{"name": "send", "arguments": arguments}]),
+            chunk_size=5,
+        ),
+    }
+    if dialect == "messages":
+        url, request = proxy.api_base + "/messages", body("go", stream=True)
+    else:
+        url = proxy.api_base + "/chat/completions"
+        request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "go"}]}
+        request["stream"] = True
+    response = httpx.post(url, json=request, headers=headers)
+    assert response.status_code == 200
+    assert ESCAPED[:20] not in response.text
+    assert SECRET[6:] not in response.text
+    if dialect == "messages":
+        pieces = [
+            data["delta"]["partial_json"]
+            for name, data in events(response.content)
+            if name == "content_block_delta" and data["delta"]["type"] == "input_json_delta"
+        ]
+    else:
+        pieces = [
+            call["function"].get("arguments") or ""
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+            for choice in json.loads(line[6:])["choices"]
+            for call in choice["delta"].get("tool_calls") or ()
+        ]
+    assert json.loads("".join(pieces)) == {"token": "[REDACTED]", "n": 1}
+
+
+def test_a_key_spelled_with_json_escapes_blocks_in_block_mode(blocking: ProxyServer) -> None:
+    arguments = '{"token": "' + ESCAPED + '"}'
+    response = httpx.post(
+        blocking.api_base + "/messages",
+        json=body("go", stream=True),
+        headers={
+            "x-api-key": CLIENT_KEY,
+            **directives(
+                content="a few words first",
+                tool_calls=json.dumps([{"name": "send", "arguments": arguments}]),
+                chunk_size=5,
+            ),
+        },
+    )
+    assert ESCAPED[:20] not in response.text and SECRET[6:] not in response.text
+    assert events(response.content)[-1][0] == "error"

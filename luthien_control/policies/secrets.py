@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import orjson
 import regex
 
 from luthien_control.policies.backend import CLIENT_KEY_HEADERS
 from luthien_control.policies.base import BlockingConfig, Policy, RegexPattern
 from luthien_control.policies.literals import minimal, required_prefixes
-from luthien_control.policies.text import TextStream
+from luthien_control.policies.text import TextRewriter, TextStream
 from luthien_control.transaction import Message, ProxyRequest, StreamTransform, Transaction
 
 REDACTED = "[REDACTED]"
@@ -415,6 +416,13 @@ class SecretScanner:
         held, self._held = self._held, ""
         return self._scan(held, final=True) if held else ""
 
+    def flush_held(self) -> str:
+        """What is held back, as it is, without scanning or releasing it (the caller
+        takes it over)."""
+        held, self._held = self._held, ""
+        self._open = 0
+        return held
+
     def _scan(self, text: str, *, final: bool) -> str:
         released = self._release(text, final=final)
         if released:
@@ -533,17 +541,24 @@ class LeakedApiKeyDetection(Policy):
 
     def scan_value(self, tx: Transaction, value: Any, where: str) -> tuple[Any, bool]:
         """Check every string and object key of a JSON value; block, or redact in place
-        (→ changed)."""
+        (→ changed). A string is also read with its JSON escapes undone: tool-call
+        arguments are JSON text, and ``\\u0073k-...`` in them is a key to the client."""
+        secrets = self.secrets
         if self.action == "block":
             for text in json_strings(value):
-                if (match := self.secrets.search(text)) is not None:
-                    self.found(tx, self.secrets.kind(match), where=where)
+                match = secrets.search(text)
+                if match is None and "\\" in text:
+                    match = secrets.search(_JSON_ESCAPE.sub(_json_unescape, text))
+                if match is not None:
+                    self.found(tx, secrets.kind(match), where=where)
             return value, False
         kinds: list[str] = []
 
         def redact(text: str) -> str:
-            new_text, found = self.secrets.redact(text)
+            new_text, found = secrets.redact(text)
             kinds.extend(found)
+            if "\\" in new_text:
+                new_text = self._redact_escaped(tx, new_text, where)
             return new_text
 
         value, changed = rewrite_json(value, redact)
@@ -551,8 +566,102 @@ class LeakedApiKeyDetection(Policy):
             self.found(tx, kind, where=where)
         return value, changed
 
+    def _redact_escaped(self, tx: Transaction, text: str, where: str) -> str:
+        """``text`` holds JSON escapes: a key they spell is redacted in the decoded JSON
+        (then written again), or, when ``text`` is not JSON, the whole text is."""
+        if self.secrets.search(_JSON_ESCAPE.sub(_json_unescape, text)) is None:
+            return text
+        try:
+            parsed = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.found(tx, "escaped secret", where=where)
+            return REDACTED
+        value, changed = self.scan_value(tx, parsed, where)
+        return orjson.dumps(value).decode() if changed else text
+
     def stream_transform(self, tx: Transaction) -> StreamTransform:
         return _SecretStream(self, tx)
+
+
+_STRING_BODY = re.compile(r'(?:[^"\\]|\\.)*')  # a JSON string's body, escapes whole
+_PLAIN_BODY = re.compile(r'[^"\\]*')  # a JSON string's body up to a quote or an escape
+
+
+class _ArgumentsScanner:
+    """A tool call's arguments as they stream: JSON text, whose string literals the
+    client reads decoded. Text flows through a ``SecretScanner`` as usual; a string
+    literal with an escape in it (``\\u0073k-...`` can spell a key) is held from its
+    first escape to its closing quote, then decoded, scanned, and written again with
+    any secret redacted. Hold-back stays bounded by one string literal."""
+
+    __slots__ = ("_escape", "_hold", "_in_string", "_plain", "_policy", "_tx")
+
+    def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
+        self._plain = SecretScanner(policy, tx)
+        self._policy = policy
+        self._tx = tx
+        self._in_string = False
+        self._hold: list[str] | None = None  # a literal's raw text, from its first escape
+        self._escape = False  # the held text ends with a backslash still to be paired
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        plain = self._plain
+        while text:
+            if self._hold is not None:
+                start = 1 if self._escape and text else 0
+                end = _STRING_BODY.match(text, start).end()  # type: ignore[union-attr]
+                if end < len(text) and text[end] == '"':
+                    self._hold.append(text[:end])
+                    out.append(self._close())
+                    out.append('"')
+                    self._in_string = False
+                    text = text[end + 1 :]
+                    continue
+                self._hold.append(text)
+                self._escape = text.endswith("\\") and end < len(text)
+                break
+            if self._in_string:
+                end = _PLAIN_BODY.match(text).end()  # type: ignore[union-attr]
+                out.append(plain.feed(text[:end]))
+                if end == len(text):
+                    break
+                if text[end] == '"':
+                    out.append(plain.flush())  # a key does not run across two strings
+                    out.append('"')
+                    self._in_string = False
+                    text = text[end + 1 :]
+                else:  # an escape: hold the rest of this literal, and what was held of it
+                    self._hold = [plain.flush_held()]
+                    self._escape = False
+                    text = text[end:]
+                continue
+            quote = text.find('"')
+            if quote < 0:
+                out.append(plain.feed(text))
+                break
+            out.append(plain.feed(text[: quote + 1]))
+            self._in_string = True
+            text = text[quote + 1 :]
+        return "".join(out)
+
+    def flush(self) -> str:
+        if self._hold is not None:  # the arguments ended inside a literal
+            return self._close()
+        return self._plain.flush()
+
+    def _close(self) -> str:
+        """The held part of a literal, decoded and scanned, written again."""
+        assert self._hold is not None
+        raw, self._hold = "".join(self._hold), None
+        self._escape = False
+        decoded = _JSON_ESCAPE.sub(_json_unescape, raw)
+        redacted, kinds = self._policy.secrets.redact(decoded)
+        if not kinds:
+            return raw
+        for kind in kinds:
+            self._policy.found(self._tx, kind, where="response")
+        return orjson.dumps(redacted).decode()[1:-1]
 
 
 class _SecretStream(TextStream):
@@ -564,6 +673,11 @@ class _SecretStream(TextStream):
         super().__init__(lambda: SecretScanner(policy, tx), tx.dialect)
         self._policy = policy
         self._tx = tx
+
+    def new_rewriter(self, kind: str) -> TextRewriter:
+        if kind == "arguments":
+            return _ArgumentsScanner(self._policy, self._tx)
+        return SecretScanner(self._policy, self._tx)
 
     async def on_chunk(self, chunk: Any) -> list[Any]:
         data = chunk.data

@@ -152,10 +152,14 @@ class TextStream:
                 changed = True
         return changed
 
+    def new_rewriter(self, kind: str) -> TextRewriter:
+        """The rewriter of a new channel of this ``kind`` (a subclass may pick by kind)."""
+        return self._make()
+
     def _rewriter(self, key: ChannelKey, kind: str) -> TextRewriter:
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = (self._make(), kind)
+            channel = self._channels[key] = (self.new_rewriter(kind), kind)
         return channel[0]
 
     def _flush(self, prefixes: list[ChannelKey] | None) -> list[Released]:

@@ -709,3 +709,46 @@ async def test_deep_json_is_walked_without_recursion(action: str) -> None:
     for _ in range(depth):
         inner = inner[0]
     assert inner == {"[REDACTED]": "a [REDACTED]"}
+
+
+# --- tool-call arguments streamed as JSON text: escapes read as the client reads them ----
+
+
+def _arguments_out(action: str, text: str, cuts: list[int]) -> str:
+    from luthien_control.policies.secrets import _ArgumentsScanner
+
+    policy = LeakedApiKeyDetection(LeakedApiKeyDetection.Config(action=action), {})  # type: ignore[arg-type]
+    tx = Transaction(request=ProxyRequest("POST", "/messages", b"", {}, b"{}"), services=None)
+    scanner = _ArgumentsScanner(policy, tx)
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    return "".join(scanner.feed(piece) for piece in pieces) + scanner.flush()
+
+
+ESCAPED_KEY = "".join(f"\\u{ord(c):04x}" for c in "sk-proj-") + "Aa1Bb2Cc3Dd4Ee5Ff6Gg7Hh8"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_escaped_key_in_streamed_arguments_is_redacted_at_every_split(seed: int) -> None:
+    import random
+
+    text = '{"path": "a\\"b", "token": "x ' + ESCAPED_KEY + ' y", "n": [1, "\\u00e9"]}'
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+    out = _arguments_out("redact", text, cuts)
+    assert orjson.loads(out) == {"path": 'a"b', "token": "x [REDACTED] y", "n": [1, "\u00e9"]}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_arguments_without_a_secret_go_out_exactly_as_they_came(seed: int) -> None:
+    import random
+
+    text = '{"cmd": "echo \\"hi\\"\\n", "s": "sk-\\u0041", "t": "caf\\u00e9 \\\\"}'
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 10)))
+    assert _arguments_out("redact", text, cuts) == text
+
+
+def test_escaped_key_in_streamed_arguments_blocks_in_block_mode() -> None:
+    text = '{"token": "' + ESCAPED_KEY + '"}'
+    with pytest.raises(PolicyBlocked):
+        _arguments_out("block", text, [5, 13, 30])
