@@ -166,6 +166,7 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
     # A policy reads the content: every event must be strict JSON, as the client reads
     # it (decoding.py); else the events go out unread and are parsed leniently.
     strict = tx.reads_content
+    rules = dialect.stream_rules() if strict else None
     metrics.ACTIVE_STREAMS.inc()
     try:
         async for data in stream.source:
@@ -187,6 +188,8 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
                     if strict:
                         payload = strict_event_data(event.payload)
                         event.set_parsed(payload)
+                        if rules is not None:
+                            rules.check(payload)
                     else:
                         payload = event.data
                     seen = (

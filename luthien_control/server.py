@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
+import string
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -23,6 +25,7 @@ from luthien_control.admin import PREFIX as ADMIN_PREFIX
 from luthien_control.admin import handle_admin
 from luthien_control.app import Services
 from luthien_control.decoding import decode_request
+from luthien_control.dialects import dialect_for
 from luthien_control.exceptions import (
     LuthienError,
     MalformedRequest,
@@ -62,6 +65,27 @@ def api_path(path: str) -> str | None:
         if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
             return path[len(prefix) :] or "/"
     return None
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_SLASHES = re.compile(r"//+")
+
+
+def _unescape_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
+def canonical_path(path: str) -> str:
+    """The path as a backend's router reads it, written one way: percent escapes of
+    unreserved characters decoded (``/chat/%63ompletions``), runs of slashes collapsed,
+    no trailing slash. The dialect is chosen from it and the backend gets it, so that a
+    path the backend serves as ``/messages`` is never read as another route here."""
+    if "%" not in path and "//" not in path and not path.endswith("/"):
+        return path
+    path = _SLASHES.sub("/", _ESCAPE.sub(_unescape_unreserved, path))
+    return path.rstrip("/") or "/"
 
 
 class ClientDisconnected(Exception):
@@ -104,9 +128,12 @@ class LuthienProxy:
                     relative = api_path(raw.decode("latin-1")) or relative
                 if has_dot_segment(relative):  # joined to the backend URL, it could climb out
                     refused = MalformedRequest(DOT_SEGMENT_REFUSED)
-                    await send_error(send, refused, new_transaction_id(), dev=False)
+                    shape = dialect_for(canonical_path(relative))
+                    transaction_id = new_transaction_id()
+                    status, payload = shape.error_body(refused, transaction_id, dev=False)
+                    await send_json(send, status, payload, transaction_id)
                     return
-                await self.proxy(scope, receive, send, relative)
+                await self.proxy(scope, receive, send, canonical_path(relative))
             elif path == "/health":
                 await send_json(send, 200, {"status": "ok"}, new_transaction_id())
             elif path == "/ready":

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import threading
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from luthien_control.decoding import (
     DecodingError,
@@ -36,7 +32,7 @@ from luthien_control.decoding import (
 from luthien_control.exceptions import BackendBroken, MalformedRequest, RequestTooLarge
 from luthien_control.policies.base import Policy
 from luthien_control.policies.loader import load_policy
-from tests.conftest import CLIENT_KEY, ProxyServer, ProxyStarter, free_port
+from tests.conftest import CLIENT_KEY, ProxyServer, ProxyStarter, serve_in_thread
 
 SECRET = "sk-proj-" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
 LIMIT = 1024 * 1024  # MAX_REQUEST_BYTES and MAX_RESPONSE_BYTES of the proxies below
@@ -563,27 +559,6 @@ class RawBackend:
                 {"type": "http.response.body", "body": piece, "more_body": number < len(pieces)}
             )
             await asyncio.sleep(0.005)  # separate network reads
-
-
-@contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields its /v1 URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "backend did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter
-from tests.policies.test_judge import FORBIDDEN, ContentJudge, serve_in_thread, verdict_json
+from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
+from tests.policies.test_judge import FORBIDDEN, ContentJudge, verdict_json
 
 INSTRUCTIONS = f"Block any text that contains the word {FORBIDDEN}."
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]

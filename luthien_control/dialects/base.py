@@ -68,6 +68,14 @@ class Released:
     text: str
 
 
+class StreamRules(Protocol):
+    """The order a dialect's stream must keep, checked event by event while a policy
+    reads the content: an event the client would fold where the policies did not look
+    (text after its channel ended, a block out of place) is ``BackendBroken``."""
+
+    def check(self, data: Any) -> None: ...
+
+
 class StreamAssembler(Protocol):
     """Folds a stream's events into what they spell out, for the record and the logs."""
 
@@ -88,8 +96,7 @@ class Dialect:
     """One API's shapes. The base is a raw OpenAI-style route: no text, no channels."""
 
     name: ClassVar[str] = "raw"
-    # The stream ends with ``data: [DONE]`` (OpenAI's chat and legacy completions).
-    done_marker: ClassVar[bool] = False
+    vendor: ClassVar[str] = "openai"  # whose API: the backend key's header follows it
     # The proxy may ask the backend for usage the client did not ask for (chat only).
     injects_usage: ClassVar[bool] = False
 
@@ -139,6 +146,10 @@ class Dialect:
     def new_assembler(self) -> StreamAssembler:
         return RawAssembler()
 
+    def stream_rules(self) -> StreamRules | None:
+        """A checker of this stream's order, or None when the dialect has none."""
+        return None
+
     def text_slots(self, data: dict[str, Any]) -> list[TextSlot]:
         """The channel texts of one stream event."""
         return []
@@ -168,9 +179,9 @@ class Dialect:
         """After a rewrite, the event carries nothing the client needs (all text held)."""
         return False
 
-    def template(self, data: dict[str, Any]) -> dict[str, Any] | None:
+    def template(self, data: dict[str, Any]) -> dict[str, Any]:
         """What a new event of this stream copies from its first event (id, model...)."""
-        return None
+        return {}
 
     def stream_complete(self, received: StreamAssembler, *, done: bool, pending: bytes) -> bool:
         """The backend's stream ended as a complete answer (not cut short)."""

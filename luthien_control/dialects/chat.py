@@ -19,11 +19,12 @@ from luthien_control.dialects.base import (
     ChannelKey,
     Dialect,
     Released,
+    StreamRules,
     TextSlot,
     request_model,
     sse,
 )
-from luthien_control.exceptions import MalformedRequest
+from luthien_control.exceptions import BackendBroken, MalformedRequest
 from luthien_control.sse import DONE_EVENT, Chunk
 
 if TYPE_CHECKING:
@@ -218,6 +219,8 @@ class ChatAssembler:
             if type(choice) is not dict:
                 continue
             index = choice.get("index", 0)
+            if type(index) is not int:
+                index = -1  # the record keeps it apart; a content policy refuses it
             state = self.choices.get(index)
             if state is None:
                 state = self.choices[index] = ChoiceState()
@@ -243,6 +246,8 @@ class ChatAssembler:
             if type(call) is not dict:
                 continue
             index = call.get("index", 0)
+            if type(index) is not int:
+                index = -1
             tool = state.tool_calls.setdefault(index, ToolCall(index))
             tool.id = call.get("id") or tool.id
             function = call.get("function")
@@ -266,9 +271,6 @@ class ChatAssembler:
                 for _, call in sorted(state.tool_calls.items())
             ]
         return message
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [self.message(index) for index in sorted(self.choices)]
 
     def summary(self) -> dict[str, Any]:
         choices = []
@@ -343,7 +345,6 @@ class ChatDialect(Dialect):
     """``POST /chat/completions``."""
 
     name = "chat"
-    done_marker = True
     injects_usage = True
 
     def validate_request(self, payload: Any) -> None:
@@ -418,11 +419,14 @@ class ChatDialect(Dialect):
         choices = data.get("choices")
         return "usage" not in data and all(_emptied_choice(choice) for choice in choices or ())
 
-    def template(self, data: dict[str, Any]) -> dict[str, Any] | None:
+    def template(self, data: dict[str, Any]) -> dict[str, Any]:
         return {k: data[k] for k in _TEMPLATE_FIELDS if k in data}
 
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return done
+
+    def stream_rules(self) -> StreamRules:
+        return _ChatRules()
 
     def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
         message = {"role": "assistant", "content": notice, "refusal": None}
@@ -444,6 +448,8 @@ class ChatDialect(Dialect):
         )
 
     def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        if any(s.tool_calls and not s.finish_reason for s in sent.choices.values()):
+            return None  # a tool call may be cut half-way: it cannot be taken back
         base = _made_up(tx, "chat.completion.chunk")
         indexes = sorted(sent.choices) or [0]
         return self._closing_chunk(base, indexes, "\n\n" + notice) + DONE_EVENT
@@ -455,6 +461,36 @@ class ChatDialect(Dialect):
             for index in indexes
         ]
         return sse({**base, "choices": choices})
+
+
+class _ChatRules:
+    """Nothing more for a choice once it has finished: the SDK would append it."""
+
+    __slots__ = ("_finished",)
+
+    def __init__(self) -> None:
+        self._finished: set[Any] = set()
+
+    def check(self, data: Any) -> None:
+        choices = data.get("choices") if type(data) is dict else None
+        if not choices or type(choices) is not list:
+            return
+        for choice in choices:
+            if type(choice) is not dict:
+                continue
+            index = choice.get("index", 0)
+            if not isinstance(index, int):
+                raise BackendBroken("the backend's stream has a choice without an index")
+            delta = choice.get("delta")
+            calls = delta.get("tool_calls") if type(delta) is dict else None
+            if calls and any(
+                type(call) is dict and type(call.get("index", 0)) is not int for call in calls
+            ):
+                raise BackendBroken("the backend's stream has a tool call without an index")
+            if index in self._finished and not _empty(delta):
+                raise BackendBroken("the backend's stream went on with a finished choice")
+            if choice.get("finish_reason"):
+                self._finished.add(index)
 
 
 def _made_up(tx: Transaction, kind: str) -> dict[str, Any]:
@@ -472,24 +508,24 @@ def _delta_slots(index: int, delta: dict[str, Any], slots: list[TextSlot]) -> No
         if isinstance(value, str):
             if field_name not in _NOT_TEXT:
                 kind = _DELTA_KINDS.get(field_name, "other")
-                slots.append(TextSlot((index, field_name, -1), delta, field_name, kind))
+                slots.append(TextSlot((index, field_name, None), delta, field_name, kind))
         elif field_name == "tool_calls" and isinstance(value, list):
             for call in value:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
                     _function_slots(index, call.get("index", 0), function, slots)
         elif field_name == "function_call" and isinstance(value, dict):  # the legacy call
-            _function_slots(index, -1, value, slots)
+            _function_slots(index, "function_call", value, slots)
         elif (
             field_name == "audio"
             and isinstance(value, dict)
             and isinstance(value.get("transcript"), str)
         ):
-            slots.append(TextSlot((index, "audio", -1), value, "transcript", "audio"))
+            slots.append(TextSlot((index, "audio", None), value, "transcript", "audio"))
 
 
 def _function_slots(
-    index: int, call_index: int, function: dict[str, Any], slots: list[TextSlot]
+    index: int, call_index: int | str, function: dict[str, Any], slots: list[TextSlot]
 ) -> None:
     for name in ("name", "arguments"):
         if isinstance(function.get(name), str):
@@ -497,21 +533,24 @@ def _function_slots(
 
 
 def _put_back(delta: dict[str, Any], piece: Released) -> None:
-    """Append held text to its field in a choice's ``delta``."""
-    _, field_name, call_index = piece.key
-    if field_name in ("name", "arguments"):
-        if call_index == -1:
-            function = delta.setdefault("function_call", {})
+    """Append held text to its field in a choice's ``delta``. The key's last part says
+    where: ``None`` a field of the delta, ``"function_call"`` the legacy call, an int
+    the ``tool_calls`` entry of that index."""
+    _, field_name, call = piece.key
+    if call is None:
+        if field_name == "audio":
+            audio = delta.setdefault("audio", {})
+            audio["transcript"] = (audio.get("transcript") or "") + piece.text
         else:
-            calls = delta.setdefault("tool_calls", [])
-            call = next((c for c in calls if c.get("index", 0) == call_index), None)
-            if call is None:
-                call = {"index": call_index, "function": {}}
-                calls.append(call)
-            function = call.setdefault("function", {})
-        function[field_name] = (function.get(field_name) or "") + piece.text
-    elif field_name == "audio":
-        audio = delta.setdefault("audio", {})
-        audio["transcript"] = (audio.get("transcript") or "") + piece.text
+            delta[field_name] = (delta.get(field_name) or "") + piece.text
+        return
+    if call == "function_call":
+        function = delta.setdefault("function_call", {})
     else:
-        delta[field_name] = (delta.get(field_name) or "") + piece.text
+        calls = delta.setdefault("tool_calls", [])
+        entry = next((c for c in calls if c.get("index", 0) == call), None)
+        if entry is None:
+            entry = {"index": call, "function": {}}
+            calls.append(entry)
+        function = entry.setdefault("function", {})
+    function[field_name] = (function.get(field_name) or "") + piece.text

@@ -24,12 +24,13 @@ from luthien_control.dialects.base import (
     Dialect,
     Released,
     StreamAssembler,
+    StreamRules,
     TextSlot,
     request_model,
     sse,
     string_slots,
 )
-from luthien_control.exceptions import MalformedRequest
+from luthien_control.exceptions import BackendBroken, MalformedRequest
 from luthien_control.sse import Chunk
 
 if TYPE_CHECKING:
@@ -92,14 +93,15 @@ class MessagesAssembler:
         kind = data.get("type")
         if kind == "content_block_delta":
             delta = data.get("delta")
-            block = self.blocks.get(data.get("index"))  # type: ignore[arg-type]
+            index = data.get("index")
+            block = self.blocks.get(index) if type(index) is int else None
             if type(delta) is not dict or block is None:
                 return
             spec = _DELTAS.get(delta.get("type"))  # type: ignore[arg-type]
             text = delta.get(spec[0]) if spec is not None else None
             if spec is None or type(text) is not str:
                 if delta.get("type") == "signature_delta":
-                    block["signature"] = block.get("signature", "") + str(delta.get("signature"))
+                    block["signature"] = delta.get("signature")  # replaced, as the SDK does
                 return
             if spec[1] == "input":
                 self.partial.setdefault(data["index"], []).append(text)
@@ -126,8 +128,8 @@ class MessagesAssembler:
             self.terminal = kind
 
     def _usage(self, usage: Any) -> None:
-        if type(usage) is dict:
-            self.usage = {**(self.usage or {}), **usage}
+        if type(usage) is dict:  # a null leaves the count as it was (as the SDK does)
+            self.usage = {**(self.usage or {}), **{k: v for k, v in usage.items() if v is not None}}
 
     def content(self) -> list[dict[str, Any]]:
         """The content blocks, tool inputs parsed (left as text when not JSON)."""
@@ -142,9 +144,6 @@ class MessagesAssembler:
                     block["input"] = text
             out.append(block)
         return out
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [{"role": "assistant", "content": self.content()}]
 
     def summary(self) -> dict[str, Any]:
         message = {**self.message, "role": "assistant", "content": self.content()}
@@ -203,6 +202,7 @@ class AnthropicDialect(Dialect):
     """Any ``/messages/*`` route (``count_tokens``): Anthropic's error shapes, raw bodies."""
 
     name = "anthropic"
+    vendor = "anthropic"
 
     def error_body(
         self, exc: BaseException, transaction_id: str, *, dev: bool
@@ -298,8 +298,10 @@ class MessagesDialect(AnthropicDialect):
         kind = data.get("type")
         if kind == "content_block_start":
             block = data.get("content_block")
-            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
-                return [(0, f"\n[tool call] {block.get('name') or ''}: ")]
+            if isinstance(block, dict) and block.get("type") in _CALL_BLOCKS:
+                given = block.get("input")  # input in the start itself, not in deltas
+                arguments = orjson.dumps(given).decode() if given else ""
+                return [(0, f"\n[tool call] {block.get('name') or ''}: {arguments}")]
         return [(0, slot.text) for slot in self.text_slots(data) if slot.text]
 
     def new_assembler(self) -> MessagesAssembler:
@@ -344,6 +346,9 @@ class MessagesDialect(AnthropicDialect):
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return bool(received.terminal == "message_stop")
 
+    def stream_rules(self) -> StreamRules:
+        return _MessagesRules()
+
     def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
         return orjson.dumps(
             {
@@ -368,6 +373,9 @@ class MessagesDialect(AnthropicDialect):
         )
 
     def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        calls = [i for i, block in sent.blocks.items() if block.get("type") in _CALL_BLOCKS]
+        if any(index not in sent.stopped for index in calls):
+            return None  # a tool call cut half-way cannot be taken back: the error ending
         out = [
             sse({"type": "content_block_stop", "index": index}, "content_block_stop")
             for index in sorted(sent.blocks)
@@ -375,7 +383,58 @@ class MessagesDialect(AnthropicDialect):
         ]
         index = max(sent.blocks, default=-1) + 1
         output = (sent.usage or {}).get("output_tokens", 0)
-        return b"".join(out) + _notice_end(index, notice, output if isinstance(output, int) else 0)
+        stop = "tool_use" if calls else "end_turn"  # a whole call that passed stays callable
+        tokens = output if isinstance(output, int) else 0
+        return b"".join(out) + _notice_end(index, notice, tokens, stop)
+
+
+class _MessagesRules:
+    """The order of a Messages stream, as the SDK folds it: ``message_start`` first,
+    with no content; blocks one at a time, numbered in order (``content_block_start``
+    of block n, its deltas, its ``content_block_stop``); ``message_delta`` with no
+    block open; nothing after ``message_stop``. The SDK appends a block's deltas by
+    position whatever came before, so anything else would fold text the policies
+    never saw into what the client reads."""
+
+    __slots__ = ("_blocks", "_ended", "_open", "_started")
+
+    def __init__(self) -> None:
+        self._started = False
+        self._blocks = 0  # blocks begun so far
+        self._open: int | None = None
+        self._ended = False
+
+    def check(self, data: Any) -> None:
+        kind = data.get("type") if type(data) is dict else None
+        if kind == "ping":
+            return
+        if self._ended:
+            raise BackendBroken("the backend's stream went on after message_stop")
+        if kind == "message_start":
+            message = data.get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            if self._started or content:
+                raise BackendBroken("the backend's message_start is out of place")
+            self._started = True
+            return
+        if not self._started and kind is not None:
+            raise BackendBroken("the backend's stream did not begin with message_start")
+        index = data.get("index") if kind is not None else None
+        if kind == "content_block_start":
+            if self._open is not None or index != self._blocks or type(index) is not int:
+                raise BackendBroken("the backend's content block begins out of order")
+            self._open = index
+            self._blocks += 1
+        elif kind in ("content_block_delta", "content_block_stop"):
+            if self._open is None or index != self._open or type(index) is not int:
+                raise BackendBroken("the backend's content block event is out of place")
+            if kind == "content_block_stop":
+                self._open = None
+        elif kind == "message_delta":
+            if self._open is not None:
+                raise BackendBroken("the backend's message_delta came inside a block")
+        elif kind in ("message_stop", "error"):
+            self._ended = True
 
 
 def _message_head(tx: Transaction) -> dict[str, Any]:
@@ -387,7 +446,7 @@ def _message_head(tx: Transaction) -> dict[str, Any]:
     }
 
 
-def _notice_end(index: int, notice: str, output_tokens: int) -> bytes:
+def _notice_end(index: int, notice: str, output_tokens: int, stop: str = "end_turn") -> bytes:
     """A text block saying ``notice`` at ``index``, then the message's normal end."""
     return b"".join(
         [
@@ -407,7 +466,7 @@ def _notice_end(index: int, notice: str, output_tokens: int) -> bytes:
             sse(
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "delta": {"stop_reason": stop, "stop_sequence": None},
                     "usage": {"output_tokens": output_tokens},
                 },
                 "message_delta",
@@ -418,6 +477,7 @@ def _notice_end(index: int, notice: str, output_tokens: int) -> bytes:
 
 
 _TEXT = {"type": "text", "text": ""}
+_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
 _INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 

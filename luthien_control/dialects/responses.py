@@ -21,10 +21,12 @@ from luthien_control.dialects.base import (
     ChannelKey,
     Dialect,
     Released,
+    StreamRules,
     TextSlot,
     request_model,
     sse,
 )
+from luthien_control.exceptions import BackendBroken
 from luthien_control.sse import Chunk
 
 if TYPE_CHECKING:
@@ -128,9 +130,6 @@ class ResponsesAssembler:
             for key, parts in sorted(self.texts.items(), key=lambda item: item[0][:2])
             if key[2] == OUTPUT_TEXT_DELTA[:-6]
         )
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [{"role": "assistant", "content": self.output_text or None}]
 
     def summary(self) -> dict[str, Any]:
         status = self.response.get("status") if self.response else None
@@ -303,6 +302,9 @@ class ResponsesDialect(Dialect):
     def stream_complete(self, received: Any, *, done: bool, pending: bytes) -> bool:
         return received.terminal is not None
 
+    def stream_rules(self) -> StreamRules:
+        return _ResponsesRules()
+
     def blocked_answer(self, notice: str, tx: Transaction) -> bytes | None:
         write = _Writer(-1)  # the events are thrown away: only the item is wanted
         item = _notice_events(write, 0, f"msg_{tx.id}", notice)
@@ -316,6 +318,11 @@ class ResponsesDialect(Dialect):
         return b"".join(write.out)
 
     def blocked_ending(self, notice: str, tx: Transaction, sent: Any) -> bytes | None:
+        if any(
+            index not in sent.done_items and item.get("type") not in ("message", "reasoning")
+            for index, item in sent.items.items()
+        ):
+            return None  # a tool call cut half-way cannot be taken back: the error ending
         write = _Writer(sent.sequence_number)
         output: list[Any] = []
         for index, item in sorted(sent.items.items()):
@@ -349,6 +356,39 @@ class ResponsesDialect(Dialect):
             "response": response,
         }
         return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class _ResponsesRules:
+    """No delta for a part once its ``.done`` came, none for an item once its
+    ``output_item.done`` came, nothing after the terminal event."""
+
+    __slots__ = ("_closed", "_done_items", "_ended")
+
+    def __init__(self) -> None:
+        self._closed: set[ChannelKey] = set()
+        self._done_items: set[Any] = set()
+        self._ended = False
+
+    def check(self, data: Any) -> None:
+        kind = data.get("type") if type(data) is dict else None
+        if not isinstance(kind, str):
+            return
+        if self._ended:
+            raise BackendBroken("the backend's stream went on after its terminal event")
+        if kind in RESPONSES_TERMINAL:
+            self._ended = True
+        elif kind.endswith(".delta"):
+            index = data.get("output_index", 0)
+            if not isinstance(index, int) or not isinstance(
+                data.get("content_index", data.get("summary_index", 0)), int
+            ):
+                raise BackendBroken("the backend's stream has a delta without its place")
+            if index in self._done_items or _channel(data, kind[:-6]) in self._closed:
+                raise BackendBroken("the backend's stream went on with a finished part")
+        elif kind == "response.output_item.done":
+            self._done_items.add(data.get("output_index", 0))
+        elif kind.endswith(".done"):
+            self._closed.add(_channel(data, kind[:-5]))
 
 
 class _Writer:

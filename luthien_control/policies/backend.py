@@ -35,7 +35,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"accept-encoding", "cookie", "expect", "host", *C
 MIN_KEY_CHARS = 8
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110: a header name
 _NOT_A_KEY_HEADER = HOP_BY_HOP | {"host", "cookie", "content-type", "accept-encoding"}
-MESSAGES_API = "/messages"  # Anthropic's Messages API, relative to the API root
 
 
 def credentials(values: Iterable[str]) -> list[str]:
@@ -71,11 +70,6 @@ def backend_request_headers(headers: dict[str, str]) -> dict[str, str]:
     }
     out["accept-encoding"] = "identity"  # policies read the body; streams stay uncompressed
     return out
-
-
-def is_messages_api(path: str) -> bool:
-    """Whether a request path (relative to the API root) is Anthropic's Messages API."""
-    return path == MESSAGES_API or path.startswith(MESSAGES_API + "/")
 
 
 def backend_keys(tx: Transaction, base_url: str) -> list[str]:
@@ -148,7 +142,11 @@ class SendBackendRequest(Policy):
         response_headers = dict(response.headers)  # lower-case names, repeats joined
         tx.trail.backend_status = response.status
         tx.trail.backend_headers = response_headers
-        if response.is_event_stream and response.status < 400:
+        # A client that asked for a stream parses the answer as one whatever its content
+        # type says (the SDKs do): with a content policy in force, so does the proxy.
+        if response.status < 400 and (
+            response.is_event_stream or (tx.reads_content and request.wants_stream)
+        ):
             stream = ResponseStream(decoded_stream(response_headers, response.iter_bytes()))
             tx.response = ProxyResponse(response.status, response_headers, stream=stream)
         else:
@@ -191,7 +189,7 @@ class AddApiKeyHeader(Policy):
 
     async def on_request(self, tx: Transaction) -> None:
         settings = tx.services.settings
-        if is_messages_api(tx.request.path):
+        if tx.dialect.vendor == "anthropic":
             if settings.anthropic_api_key:
                 tx.backend_headers["x-api-key"] = settings.anthropic_api_key
         elif settings.openai_api_key:

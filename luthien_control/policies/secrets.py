@@ -208,16 +208,6 @@ class SecretPattern:
                 return size
         return 0
 
-    def open_tail(self, text: str, before: str) -> int:
-        """How many final characters of ``text`` to hold back because they could start a
-        secret (text that may not contain one: ``may_contain`` was False); ``before`` is
-        the text that came just before ``text``, for the word boundary keys usually
-        start at."""
-        size = self.tail(text)
-        if size and _key_may_start(before, text, len(text) - size):
-            return size
-        return 0
-
     def search(self, text: str) -> Any:
         return self.regex.search(text) if self.may_contain(text) else None
 
@@ -506,15 +496,21 @@ class LeakedApiKeyDetection(Policy):
     async def on_response(self, tx: Transaction) -> None:
         response = tx.response
         assert response is not None
+        self._check_response_headers(tx)
+        self._check_message(tx, response, where="response")
+
+    def _check_response_headers(self, tx: Transaction) -> None:
+        if tx.response is None:
+            return
+        headers = tx.response.headers
         self._check_fields(
             tx,
             [
                 ("response headers", text)
-                for name, value in response.headers.items()
+                for name, value in headers.items()
                 for text in (name, value)
             ],
         )
-        self._check_message(tx, response, where="response")
 
     def _check_fields(self, tx: Transaction, fields: list[tuple[str, str]]) -> None:
         """Headers, the path, the query: a secret there blocks, even with ``redact`` (a
@@ -580,6 +576,8 @@ class LeakedApiKeyDetection(Policy):
         return orjson.dumps(value).decode() if changed else text
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
+        # The headers go out with the first event: checked now, a block is still a 403.
+        self._check_response_headers(tx)
         return _SecretStream(self, tx)
 
 
@@ -681,12 +679,31 @@ class _SecretStream(TextStream):
 
     async def on_chunk(self, chunk: Any) -> list[Any]:
         data = chunk.data
-        if not isinstance(data, dict):
+        if not isinstance(data, dict):  # an array, a string, a number: no channels
+            self._scan_whole(chunk)
             return [chunk]
         # One C search over the event's bytes: without a key literal (or an escape that
         # could spell one) only a channel can hold the start of a secret.
         whole = self._policy.secrets.may_contain_json(chunk.raw)
         out = self.on_data(chunk, data)
-        if whole and self._policy.scan_value(self._tx, data, "response")[1]:
-            chunk.mark_changed()
+        for event in out:
+            # Events the dialect wrote (held text released) copy fields of other
+            # events (an item id, the first event's model): scanned as well.
+            if event is not chunk or whole:
+                self._scan_whole(event)
         return out
+
+    async def on_end(self) -> list[Any]:
+        out = await super().on_end()
+        for event in out:
+            self._scan_whole(event)
+        return out
+
+    def _scan_whole(self, chunk: Any) -> None:
+        """Every string and key of one event, within it (channels already scanned)."""
+        data = chunk.data
+        if data is None or not self._policy.secrets.may_contain_json(chunk.raw):
+            return
+        value, changed = self._policy.scan_value(self._tx, data, "response")
+        if changed:
+            chunk.set_data(value)

@@ -5,8 +5,7 @@ call's ``arguments``, a content block's text), returns what may go out now and k
 back only what a later piece could still change: the start of a secret, the digits of a
 number. ``TextStream`` runs one rewriter per channel over a stream of any dialect: the
 transaction's dialect says where each event's text is, which channel it continues, and
-how held-back text goes out when its channel ends. ``rewrite_strings`` applies the same
-rewrite to every string of a buffered body.
+how held-back text goes out when its channel ends.
 """
 
 from __future__ import annotations
@@ -26,42 +25,6 @@ class TextRewriter(Protocol):
     def flush(self) -> str:
         """The channel has ended: return what was held back (rewritten)."""
         ...
-
-
-def rewrite_strings(value: Any, rewrite: Callable[[str], str]) -> tuple[Any, bool]:
-    """Apply ``rewrite`` to every string in a JSON value; returns (new value, changed)."""
-    if isinstance(value, str):
-        new = rewrite(value)
-        return new, new != value
-    changed = False
-    if isinstance(value, dict):
-        for key, item in value.items():
-            new_item, item_changed = rewrite_strings(item, rewrite)
-            if item_changed:
-                value[key] = new_item
-                changed = True
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            new_item, item_changed = rewrite_strings(item, rewrite)
-            if item_changed:
-                value[index] = new_item
-                changed = True
-    return value, changed
-
-
-def iter_strings(value: Any) -> list[str]:
-    """Every string in a JSON value (keys excluded)."""
-    out: list[str] = []
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return out
 
 
 class TextStream:

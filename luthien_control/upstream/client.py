@@ -389,7 +389,7 @@ class BackendResponse:
 
     @property
     def is_event_stream(self) -> bool:
-        return self.headers.get("content-type", "").startswith("text/event-stream")
+        return self.headers.get("content-type", "").lower().startswith("text/event-stream")
 
     async def read(self) -> bytes:
         parts = [data async for data in self.iter_bytes()]

@@ -9,18 +9,14 @@ text under review containing a forbidden word, ``allow`` otherwise.
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 import pytest
-import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
 from luthien_control.dialects.reading import answer_text, request_text
@@ -32,7 +28,7 @@ from luthien_control.settings import Limits, Timeouts
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
 from luthien_control.upstream.client import BackendClient
-from tests.conftest import MockBackendServer, free_port
+from tests.conftest import MockBackendServer, free_port, serve_in_thread
 from tests.policies.conftest import chunk
 
 INSTRUCTIONS = "Never discuss weapons."
@@ -87,27 +83,6 @@ class ContentJudge:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.mock({**scope, "headers": headers}, body_then_receive, send)
-
-
-@contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields its /v1 URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "judge server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from luthien_control.policies.tools.policy import ToolCallPolicy
 
 CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
+# What stands in a history message left empty by a dropped call and its result.
+REMOVED = {"type": "text", "text": "[a tool call was removed by the proxy's policy]"}
 
 
 def _block_calls(block: dict[str, Any]) -> list[ToolCall]:
@@ -71,6 +73,7 @@ def filter_history(policy: ToolCallPolicy, tx: Transaction, messages: list[Any])
     """Drop violating ``tool_use`` blocks from the history, with their ``tool_result``
     blocks (Anthropic refuses a result without its call)."""
     dropped: set[str | None] = set()
+    filled = [m for m in messages if isinstance(m, dict) and m.get("content")]
     for message in messages:
         if isinstance(message, dict) and message.get("role") == "assistant":
             content = message.get("content")
@@ -90,6 +93,9 @@ def filter_history(policy: ToolCallPolicy, tx: Transaction, messages: list[Any])
                     and block.get("tool_use_id") in dropped
                 )
             ]
+    for message in filled:  # Anthropic refuses an empty message
+        if message.get("content") == []:
+            message["content"].append(dict(REMOVED))
     return True
 
 
