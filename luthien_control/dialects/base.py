@@ -76,6 +76,14 @@ class StreamRules(Protocol):
     def check(self, data: Any) -> None: ...
 
 
+class UsageBook(Protocol):
+    """Sees each stream event that holds ``"usage"`` before the policies do."""
+
+    def see(self, chunk: Chunk, raw: bytes) -> Chunk | None:
+        """The event to pass on (``None``: dropped, it was only the proxy's question)."""
+        ...
+
+
 class StreamAssembler(Protocol):
     """Folds a stream's events into what they spell out, for the record and the logs."""
 
@@ -97,8 +105,6 @@ class Dialect:
 
     name: ClassVar[str] = "raw"
     vendor: ClassVar[str] = "openai"  # whose API: the backend key's header follows it
-    # The proxy may ask the backend for usage the client did not ask for (chat only).
-    injects_usage: ClassVar[bool] = False
 
     # --- requests ---------------------------------------------------------------------
 
@@ -145,6 +151,15 @@ class Dialect:
 
     def new_assembler(self) -> StreamAssembler:
         return RawAssembler()
+
+    def ask_for_usage(self, payload: Any) -> bool:
+        """Make a stream request ask for its token usage if the client did not; True when
+        the proxy asked (its usage book then hides the answer again)."""
+        return False
+
+    def usage_book(self, tx: Transaction) -> UsageBook | None:
+        """What takes a stream's usage events (and hides what the proxy asked for)."""
+        return None
 
     def stream_rules(self) -> StreamRules | None:
         """A checker of this stream's order, or None when the dialect has none."""

@@ -21,6 +21,7 @@ from luthien_control.dialects.base import (
     Released,
     StreamRules,
     TextSlot,
+    UsageBook,
     request_model,
     sse,
 )
@@ -341,11 +342,67 @@ def _message_slots(message: Any, key: ChannelKey) -> list[TextSlot]:
     return slots
 
 
+_INJECTED_USAGE = b',"usage":null'
+
+
+class ChatUsageBook:
+    """Takes the backend's usage figures, and hides what the client did not ask for.
+
+    The proxy asks every chat stream for ``include_usage`` (``ChatDialect.ask_for_usage``);
+    when the client did not, the usage-only chunk is dropped and the ``"usage": null`` the
+    backend then adds to every chunk is removed again, so the client sees exactly the
+    stream it asked for.
+    """
+
+    __slots__ = ("hide", "tx")
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+        self.hide = tx.usage_injected
+
+    def see(self, chunk: Chunk, raw: bytes) -> Chunk | None:
+        """``raw``: the chunk's bytes, which the caller found to hold ``"usage"``."""
+        if self.hide:
+            stripped = raw.replace(_INJECTED_USAGE, b"")
+            if len(stripped) != len(raw):
+                data = chunk.data  # parsed from the bytes as they came
+                if type(data) is dict and data.get("usage", 0) is None:
+                    del data["usage"]
+                chunk.replace_raw(stripped)  # the same event, as the client asked for it
+                if b'"usage"' not in stripped:
+                    return chunk
+        data = chunk.data
+        if not isinstance(data, dict) or "usage" not in data:
+            return chunk
+        usage = data["usage"]
+        if isinstance(usage, dict):
+            self.tx.usage = self.tx.dialect.usage(usage)
+        if self.hide:
+            if isinstance(usage, dict) and not data.get("choices"):
+                return None
+            del data["usage"]
+            chunk.mark_changed()
+        return chunk
+
+
 class ChatDialect(Dialect):
     """``POST /chat/completions``."""
 
     name = "chat"
-    injects_usage = True
+
+    def ask_for_usage(self, payload: Any) -> bool:
+        if not isinstance(payload, dict) or client_wants_usage(payload):
+            return False
+        # Usage is recorded for every stream; the usage book hides it again.
+        options = payload.get("stream_options")
+        payload["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+        return True
+
+    def usage_book(self, tx: Transaction) -> UsageBook | None:
+        return ChatUsageBook(tx)
 
     def validate_request(self, payload: Any) -> None:
         validate_chat_request(payload)

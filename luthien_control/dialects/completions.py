@@ -47,7 +47,12 @@ class CompletionsDialect(ChatDialect):
     """``POST /completions``: chat's stream rules, ``choices[].text`` for the text."""
 
     name = "completions"
-    injects_usage = False
+
+    def ask_for_usage(self, payload: Any) -> bool:
+        return False
+
+    def usage_book(self, tx: Transaction) -> None:
+        return None
 
     def validate_request(self, payload: Any) -> None:
         pass  # the backend's business

@@ -17,7 +17,6 @@ import orjson
 from pydantic import field_validator
 
 from luthien_control.decoding import decode_response, decoded_stream
-from luthien_control.dialects.chat import client_wants_usage
 from luthien_control.exceptions import ConfigurationError, MalformedRequest, PolicyError
 from luthien_control.policies.base import HttpUrl, Policy, PolicyConfig
 from luthien_control.responses import HOP_BY_HOP
@@ -114,17 +113,9 @@ class SendBackendRequest(Policy):
         url = base_url + request.path
         if request.query:
             url += "?" + request.query.decode("latin-1")
-        if tx.dialect.injects_usage and request.wants_stream:
-            payload = request.payload
-            if not client_wants_usage(payload):
-                # Usage is recorded for every stream; the relay hides it again.
-                options = payload.get("stream_options")
-                payload["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-                request.mark_changed()
-                tx.usage_injected = True
+        if request.wants_stream and tx.dialect.ask_for_usage(request.payload):
+            request.mark_changed()
+            tx.usage_injected = True
         headers = backend_request_headers(request.headers)
         headers.update(tx.backend_headers)
         body = request.body or None
