@@ -106,7 +106,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Luthien Control: an AI-control proxy for OpenAI-compatible APIs."
+        prog=PROG,
+        description="Luthien Control: an AI-control proxy for the OpenAI and Anthropic APIs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

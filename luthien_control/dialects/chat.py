@@ -158,12 +158,21 @@ _TEMPLATE_FIELDS = ("id", "object", "created", "model")
 
 @dataclass(slots=True)
 class ToolCall:
-    """One tool call, reassembled from its deltas."""
+    """One tool call, reassembled from its deltas (kept in pieces, joined when read:
+    appending to a growing string would copy it at every delta)."""
 
     index: int
     id: str | None = None
-    name: str = ""
-    arguments: str = ""
+    name_parts: list[str] = field(default_factory=list)
+    argument_parts: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "".join(self.name_parts)
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.argument_parts)
 
 
 @dataclass(slots=True)
@@ -194,7 +203,9 @@ class ChatAssembler:
                 index: ChoiceState(
                     list(state.content),
                     {
-                        key: ToolCall(call.index, call.id, call.name, call.arguments)
+                        key: ToolCall(
+                            call.index, call.id, list(call.name_parts), list(call.argument_parts)
+                        )
                         for key, call in state.tool_calls.items()
                     },
                     state.finish_reason,
@@ -255,8 +266,10 @@ class ChatAssembler:
             if type(function) is not dict:
                 continue
             name, arguments = function.get("name"), function.get("arguments")
-            tool.name += name if isinstance(name, str) else ""
-            tool.arguments += arguments if isinstance(arguments, str) else ""
+            if isinstance(name, str):
+                tool.name_parts.append(name)
+            if isinstance(arguments, str):
+                tool.argument_parts.append(arguments)
 
     def message(self, index: int = 0) -> dict[str, Any]:
         """The assembled message of one choice, in the non-streamed response's shape."""

@@ -74,6 +74,9 @@ class MessagesAssembler:
     blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
     partial: dict[int, list[str]] = field(default_factory=dict)  # tool inputs as JSON text
     stopped: set[int] = field(default_factory=set)  # blocks whose content_block_stop came
+    # Text and thinking deltas per (block, channel), joined when read: appending to a
+    # block's growing string would copy it whole at every delta (quadratic in its size).
+    pieces: dict[tuple[int, str], list[str]] = field(default_factory=dict)
 
     def copy(self) -> MessagesAssembler:
         return MessagesAssembler(
@@ -84,6 +87,7 @@ class MessagesAssembler:
             {index: dict(block) for index, block in self.blocks.items()},
             {index: list(parts) for index, parts in self.partial.items()},
             set(self.stopped),
+            {key: list(parts) for key, parts in self.pieces.items()},
         )
 
     def feed(self, data: Any) -> None:
@@ -106,7 +110,7 @@ class MessagesAssembler:
             if spec[1] == "input":
                 self.partial.setdefault(data["index"], []).append(text)
             else:
-                block[spec[1]] = (block.get(spec[1]) or "") + text
+                self.pieces.setdefault((data["index"], spec[1]), []).append(text)
         elif kind == "content_block_start":
             block = data.get("content_block")
             if type(block) is dict and type(data.get("index")) is int:
@@ -136,6 +140,10 @@ class MessagesAssembler:
         out = []
         for index, block in sorted(self.blocks.items()):
             block = dict(block)
+            for channel in ("text", "thinking"):
+                parts = self.pieces.get((index, channel))
+                if parts is not None:
+                    block[channel] = (block.get(channel) or "") + "".join(parts)
             if index in self.partial:
                 text = "".join(self.partial[index])
                 try:

@@ -54,12 +54,26 @@ class _Piece:
 
 @dataclass(slots=True)
 class _Part:
-    """What a call's deltas said in one of its objects (``function`` or ``custom``)."""
+    """What a call's deltas said in one of its objects (``function`` or ``custom``).
+    Pieces are kept in lists and joined when read: appending to a growing string would
+    copy it whole at every delta (quadratic in a long call)."""
 
-    name: str = ""  # the names of the deltas joined, as the client's SDK joins them
     names: list[str] = field(default_factory=list)  # each delta's name on its own
-    arguments: str = ""
-    input: str = ""  # a custom tool's input
+    argument_parts: list[str] = field(default_factory=list)
+    input_parts: list[str] = field(default_factory=list)  # a custom tool's input
+
+    @property
+    def name(self) -> str:
+        """The names of the deltas joined, as the client's SDK joins them."""
+        return "".join(self.names)
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.argument_parts)
+
+    @property
+    def input(self) -> str:
+        return "".join(self.input_parts)
 
 
 @dataclass(slots=True, eq=False)
@@ -84,10 +98,9 @@ class _Call(Held[_Piece]):
                 part = self.parts[key] = _Part()
             name = text_of(function.get("name"))
             if name:
-                part.name += name
                 part.names.append(name)
-            part.arguments += text_of(function.get("arguments"))
-            part.input += text_of(function.get("input"))
+            part.argument_parts.append(text_of(function.get("arguments")))
+            part.input_parts.append(text_of(function.get("input")))
 
     def view(self) -> dict[str, tuple[str, str]]:
         """(name, arguments) per object as the client holds them under this index."""

@@ -71,9 +71,10 @@ class _Item(Held[Chunk]):
     id: str | None = None
     call_id: str | None = None
     names: list[str] = field(default_factory=list)
-    streamed: str = ""  # the arguments (code, ...) as the deltas spell them out
+    # The arguments (code, ...) as the deltas spell them out, in pieces joined when read.
+    pieces: list[str] = field(default_factory=list)
     finals: list[str] = field(default_factory=list)  # as the done events state them
-    commands: dict[int, str] = field(default_factory=dict)  # a shell call's, streamed
+    commands: dict[int, list[str]] = field(default_factory=dict)  # a shell call's, streamed
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # a built-in's item
 
     def note(self, item: dict[str, Any], *, final: bool) -> None:
@@ -93,16 +94,16 @@ class _Item(Held[Chunk]):
             if final:
                 self.finals.append(arguments)
             elif arguments:
-                self.streamed = arguments + self.streamed
+                self.pieces.insert(0, arguments)
 
     def absorb(self, kind: str, data: dict[str, Any]) -> None:
         """Take what an event of the item other than ``output_item`` says."""
         if kind in _TEXT_DELTAS:
-            self.streamed += text_of(data.get("delta"))
+            self.pieces.append(text_of(data.get("delta")))
         elif kind == _COMMAND_DELTA:
             number = data.get("command_index")
             number = number if isinstance(number, int) else -1
-            self.commands[number] = self.commands.get(number, "") + text_of(data.get("delta"))
+            self.commands.setdefault(number, []).append(text_of(data.get("delta")))
         elif kind in _TEXT_DONES:
             value = data.get(_TEXT_DONES[kind])
             if isinstance(value, str) and value:
@@ -117,13 +118,14 @@ class _Item(Held[Chunk]):
         call_id = self.call_id or (self.id if self.kind in BUILTIN_ITEMS else None)
         if self.kind in FUNCTION_ITEMS:
             names = self.names or [""]
-            arguments = list(dict.fromkeys([self.streamed, *self.finals]))
-            if len(arguments) > 1 and self.streamed == "" and self.finals:
+            streamed = "".join(self.pieces)
+            arguments = list(dict.fromkeys([streamed, *self.finals]))
+            if len(arguments) > 1 and streamed == "" and self.finals:
                 arguments.remove("")  # the whole arguments came only in the done events
             return versions(call_id, names, arguments)
         calls = [call for item in self.snapshots for call in item_calls(item) or ()]
-        commands = "\n".join(self.commands[number] for number in sorted(self.commands))
-        texts = [self.streamed, *self.finals, commands]
+        commands = "\n".join("".join(self.commands[n]) for n in sorted(self.commands))
+        texts = ["".join(self.pieces), *self.finals, commands]
         texts = [text for text in texts if text]
         if texts or not calls:  # what the events spelled out, under every name
             names = [self.kind, *self.names]
