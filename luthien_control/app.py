@@ -165,7 +165,12 @@ class Services:
             engine=engine,
             backend=BackendClient(settings.timeouts, settings.limits),
             policy=PolicySource(settings),
-            recorder=DatabaseRecorder(engine, Redactor(), backlog=settings.recorder_backlog),
+            recorder=DatabaseRecorder(
+                engine,
+                Redactor(),
+                backlog=settings.recorder_backlog,
+                dead_letter=settings.recorder_dead_letter,
+            ),
         )
 
     async def start(self) -> None:

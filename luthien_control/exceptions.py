@@ -20,6 +20,7 @@ messages by ``luthien_control.cli.main``::
     │   ├── BackendBroken            dropped mid-response, garbled          502
     │   └── BackendTimeout           connect or read timeout                504
     ├── StorageError                 the database failed or is unreachable  503
+    │   └── StorageRefused           it answered: this data cannot be stored (a constraint, a value)
     └── ConfigurationError           settings or files are wrong (start-up, CLI)
 
 A ``BackendHTTPError`` is deliberately *not* part of the tree: a backend's own 4xx/5xx
@@ -126,6 +127,12 @@ class StorageError(LuthienError):
     status_code = 503
     error_type = "server_error"
     code = "storage_unavailable"
+
+
+class StorageRefused(StorageError):
+    """The database answered that this data cannot be stored (a constraint, a trigger, a
+    value it cannot take): trying the same data again cannot succeed. Every other
+    ``StorageError`` (locked, busy, unreachable, no permission) may pass."""
 
 
 class ConfigurationError(LuthienError):

@@ -76,7 +76,12 @@ RECORDER_BACKLOG = Gauge(
 )
 RECORDER_REFUSED = Counter(
     "luthien_recorder_refused",
-    "Transaction records the database refused (logged with the transaction id).",
+    "Transaction records the database refused, each written to the dead-letter file.",
+    registry=REGISTRY,
+)
+RECORDER_LOST = Counter(
+    "luthien_recorder_lost",
+    "Refused transaction records that could not be written to the dead-letter file either.",
     registry=REGISTRY,
 )
 RECORDER_OVERFLOW = Counter(

@@ -7,6 +7,11 @@ transactions into rows, redacts every secret, and inserts them in batches. While
 database is unreachable the queue holds the records (up to ``RECORDER_BACKLOG``) and the
 writer retries; an insert is idempotent (the transaction id is the key), so a retry after
 an ambiguous failure never writes a record twice. On shutdown the queue is flushed.
+
+Nothing is lost on the way: a record that cannot be built is replaced by a summary row
+(``summary_row``), any JSON value nested deeper than ``RECORD_MAX_DEPTH`` is stored as its
+JSON text, and a row the database refuses goes to the dead-letter file, a summary row
+taking its place in the table. A locked or unreachable database only delays the writing.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import re
+import threading
 from collections import deque
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -26,7 +34,7 @@ from luthien_control import metrics
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.dialects import StreamAssembler
-from luthien_control.exceptions import LuthienError
+from luthien_control.exceptions import StorageError, StorageRefused
 from luthien_control.policies.audit_log import redacted_headers
 from luthien_control.policies.secrets import (
     DEFAULT_PATTERNS,
@@ -43,9 +51,16 @@ logger = logging.getLogger("luthien_control.transactions")
 
 BATCH_SIZE = 100  # the rows of one batch are prepared on the event loop: keep stalls short
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
-RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
-REFUSALS_BEFORE_DROP = 3
-REACHABLE_TIMEOUT = 3.0
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)  # after a failed write; then every 5 s
+# A JSON value of a record nested deeper than this is stored as its JSON text (a string)
+# at this level: readers (orjson: 254 levels written, 1024 read) can always take it back.
+RECORD_MAX_DEPTH = 128
+_ORJSON_MAX_DEPTH = 254
+# The records the database refuses: next to a SQLite file (luthien_control.db-dead-letter.jsonl),
+# otherwise in the working directory (unless RECORDER_DEAD_LETTER says where).
+DEAD_LETTER_SUFFIX = "-dead-letter.jsonl"
+DEAD_LETTER_FILE = "luthien_control-dead-letter.jsonl"
+_INT4 = 2**31  # PostgreSQL's integer columns
 
 
 class Recorder(Protocol):
@@ -75,9 +90,13 @@ class Redactor:
 
     def document(self, value: Any) -> SerializedJSON:
         """``value`` as JSON text with every secret redacted (``value`` is redacted in
-        place). Serialized once when it is clean: a key can be in a decoded string only
-        if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
-        serialized = _dumps(value)
+        place), every array or object deeper than ``RECORD_MAX_DEPTH`` as its JSON text.
+        Serialized once when it is clean and shallow: a key can be in a decoded string
+        only if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
+        serialized = _dumps_shallow(value)
+        if serialized is None:  # deeper than RECORD_MAX_DEPTH (or an integer beyond 64 bits)
+            rewrite_json(value, self.text)  # every decoded string, at any depth
+            return SerializedJSON(_dumps(_flatten(value, RECORD_MAX_DEPTH)).decode())
         may_hold = self._secrets.may_contain_json(serialized) or _PERCENT_ESCAPE.search(serialized)
         if may_hold and rewrite_json(value, self.text)[1]:
             serialized = _dumps(value)
@@ -98,6 +117,59 @@ def _dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
         return _dumps_deep(value).encode()
+
+
+class _Nest(threading.local):
+    """``_ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH`` arrays nested in one another: orjson,
+    writing a value placed in the innermost, refuses it when the value itself is nested
+    deeper than ``RECORD_MAX_DEPTH``. A depth check at the cost of the serialization."""
+
+    def __init__(self) -> None:
+        self.outer: list[Any] = [None]
+        self.inner = self.outer
+        for _ in range(_ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH - 1):
+            self.inner[0] = [None]
+            self.inner = self.inner[0]
+
+
+_NEST = _Nest()
+_NEST_DEPTH = _ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH
+
+
+def _dumps_shallow(value: Any) -> bytes | None:
+    """``value`` as JSON, or None when it is nested deeper than ``RECORD_MAX_DEPTH`` (or
+    holds what orjson does not write)."""
+    nest = _NEST
+    nest.inner[0] = value
+    try:
+        return orjson.dumps(nest.outer)[_NEST_DEPTH:-_NEST_DEPTH]
+    except orjson.JSONEncodeError:
+        return None
+    finally:
+        nest.inner[0] = None
+
+
+def _flatten(value: Any, depth: int) -> Any:
+    """``value`` with every array or object below ``depth`` levels replaced, in place, by
+    its JSON text: a string the record can hold and any reader can take back."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, (dict, list)):
+        return value
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        keys = list(item) if isinstance(item, dict) else range(len(item))
+        for key in keys:
+            child = item[key]
+            if isinstance(child, tuple):
+                child = item[key] = list(child)
+            if isinstance(child, (dict, list)):
+                if level >= depth:
+                    item[key] = _dumps_deep(child)
+                else:
+                    stack.append((child, level + 1))
+    return value
 
 
 def _dumps_deep(value: Any) -> str:
@@ -182,6 +254,12 @@ def _column(value: str | None, size: int) -> str | None:
     return value.replace("\x00", "")[:size]
 
 
+def _integer(value: int | None) -> int | None:
+    """An integer column's value: None when the column cannot hold it (a backend's
+    usage figures are its own; the whole usage stays in the response document)."""
+    return value if value is None or -_INT4 <= value < _INT4 else None
+
+
 def _headers_sent(headers: list[tuple[bytes, bytes]] | None) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers or ()}
 
@@ -218,14 +296,12 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "endpoint": _column(redactor.text(request.path), ENDPOINT_LENGTH),
         "model": _column(redactor.text(model) if model is not None else None, NAME_LENGTH),
         "streamed": streamed or request.wants_stream,
-        "status": tx.status,
+        "status": _integer(tx.status),
         "outcome": tx.outcome,
-        "error": redactor.text(getattr(tx.error, "message", None) or repr(tx.error))
-        if tx.error is not None
-        else None,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "total_tokens": usage.total_tokens if usage else None,
+        "error": _error(tx, redactor),
+        "prompt_tokens": _integer(usage.prompt_tokens) if usage else None,
+        "completion_tokens": _integer(usage.completion_tokens) if usage else None,
+        "total_tokens": _integer(usage.total_tokens) if usage else None,
         # A stream cut short: whatever usage the backend reported covers only part of it.
         "usage_partial": streamed and tx.outcome == "client_disconnected",
         "chunks_sent": tx.chunks_sent,
@@ -276,6 +352,74 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     }
 
 
+def _error(tx: Transaction, redactor: Redactor) -> str | None:
+    if tx.error is None:
+        return None
+    message = redactor.text(getattr(tx.error, "message", None) or repr(tx.error))
+    return message.replace("\x00", "")  # PostgreSQL's text refuses NUL
+
+
+def summary_row(tx: Transaction, redactor: Redactor, error: str) -> dict[str, Any]:
+    """The row of a transaction whose record could not be built: what identifies it and
+    how it ended, and ``error`` saying why the rest is missing. Made of plain values
+    only, so that it cannot fail in its turn."""
+    timings = tx.timings
+    return {
+        "id": tx.id,
+        "received_at": datetime.fromtimestamp(timings.received_at, UTC),
+        "backend_first_byte_at": None,
+        "client_first_byte_at": None,
+        "ended_at": _at(tx, timings.end),
+        "duration_ms": ((timings.end or timings.start) - timings.start) * 1000,
+        "client_key_name": None,
+        "policy_name": None,
+        "method": _column(str(tx.request.method), 16),
+        "endpoint": _endpoint(tx, redactor),
+        "model": None,
+        "streamed": tx.trail.stream_sent is not None,
+        "status": _integer(tx.status),
+        "outcome": _column(str(tx.outcome), 32),
+        "error": _column(error, 10_000),
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "usage_partial": False,
+        "chunks_sent": _integer(tx.chunks_sent) or 0,
+        "request": _NOTHING_RECORDED,
+        "response": _NOTHING_RECORDED,
+        "decisions": SerializedJSON("[]"),
+    }
+
+
+_NOTHING_RECORDED = SerializedJSON('{"received":null,"sent":null}')
+
+
+def _endpoint(tx: Transaction, redactor: Redactor) -> str:
+    try:
+        return _column(redactor.text(tx.request.path), ENDPOINT_LENGTH) or ""
+    except Exception:  # the path may hold a secret: nothing rather than unredacted
+        return ""
+
+
+def _summary_of_row(row: dict[str, Any], error: str) -> dict[str, Any]:
+    """The summary row of a built row the database refused (``summary_row``'s columns)."""
+    return {
+        **row,
+        "backend_first_byte_at": None,
+        "client_first_byte_at": None,
+        "client_key_name": None,
+        "policy_name": None,
+        "model": None,
+        "error": _column(error, 10_000),
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "request": _NOTHING_RECORDED,
+        "response": _NOTHING_RECORDED,
+        "decisions": SerializedJSON("[]"),
+    }
+
+
 @functools.cache
 def _default_redactor() -> Redactor:
     return Redactor()
@@ -307,11 +451,58 @@ class LogRecorder:
         )
 
 
+def default_dead_letter(database_url: Any) -> Path:
+    """Where refused records go unless ``RECORDER_DEAD_LETTER`` says: next to a SQLite
+    file (``luthien_control.db-dead-letter.jsonl``), else in the working directory."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    database = url.database
+    in_a_file = database and database != ":memory:" and not database.startswith("file:")
+    if url.get_backend_name() == "sqlite" and in_a_file:
+        return Path(f"{database}{DEAD_LETTER_SUFFIX}").absolute()
+    return Path(DEAD_LETTER_FILE).absolute()
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one line and make it durable; the file is created readable by its owner only
+    (records hold prompts and answers). One write per line: lines of several workers do
+    not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, line)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def dead_letter_line(row: dict[str, Any], reason: str) -> bytes:
+    """A refused row as one JSON line: ``{"refused_at", "reason", "row"}``, each column
+    as it was to be stored (the JSON columns as JSON)."""
+    columns = {
+        key: orjson.Fragment(str(value)) if type(value) is SerializedJSON else value
+        for key, value in row.items()
+    }
+    entry = {"refused_at": datetime.now(UTC), "reason": reason, "row": columns}
+    return orjson.dumps(entry, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+
+
 class DatabaseRecorder:
-    """Queues finished transactions and writes them in batches, in the background."""
+    """Queues finished transactions and writes them in batches, in the background.
+
+    A failed write is either an outage (``StorageError``: locked, busy, unreachable),
+    after which the rows stay queued and are tried again, or a refusal
+    (``StorageRefused``), after which the rows are tried one by one and each one the
+    database refuses goes to the dead-letter file, a summary row taking its place."""
 
     def __init__(
-        self, engine: Any, redactor: Redactor, *, backlog: int = DEFAULT_RECORDER_BACKLOG
+        self,
+        engine: Any,
+        redactor: Redactor,
+        *,
+        backlog: int = DEFAULT_RECORDER_BACKLOG,
+        dead_letter: Path | None = None,
     ) -> None:
         self._engine = engine
         self.redactor = redactor
@@ -321,8 +512,9 @@ class DatabaseRecorder:
         self._task: asyncio.Task[None] | None = None
         self._log = LogRecorder()
         self._overflowed = 0
-        self._refusals: dict[str, int] = {}
         self._failing = False
+        self._bug: str | None = None
+        self.dead_letter = dead_letter or default_dead_letter(engine.url)
 
     def record(self, tx: Transaction) -> None:
         self._log.record(tx, self.redactor)
@@ -355,7 +547,7 @@ class DatabaseRecorder:
             self._task = None
         deadline = asyncio.get_running_loop().time() + grace
         while self._queue:
-            if not await self._write_batch():
+            if not await self._attempt():
                 if asyncio.get_running_loop().time() >= deadline:
                     logger.error(
                         "shutting down with %d unwritten record(s): database unreachable",
@@ -375,14 +567,27 @@ class DatabaseRecorder:
                 # last write made batches of a few rows under load, each paying for a
                 # whole database transaction.
                 await asyncio.sleep(BATCH_WAIT)
-            if await self._write_batch():
+            if await self._attempt():
                 attempt = 0
             else:
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
                 attempt += 1
 
+    async def _attempt(self) -> bool:
+        """``_write_batch``, which nothing may end the writer with: an unexpected error
+        (a bug) is logged in one line, once until a write succeeds, and the records are
+        kept, to be tried again."""
+        try:
+            return await self._write_batch()
+        except Exception as exc:
+            if repr(exc) != self._bug:  # once per bug, not once per retry
+                self._bug = repr(exc)
+                logger.error("cannot write transaction records (a bug), will retry: %s", self._bug)
+            return False
+
     async def _write_batch(self) -> bool:
-        """Write up to ``BATCH_SIZE`` queued records; False (records kept) if it failed."""
+        """Write up to ``BATCH_SIZE`` queued records; False (records kept) if the database
+        cannot be written to."""
         from luthien_control.db.transactions import insert_records
 
         metrics.RECORDER_BACKLOG.set(len(self._queue))
@@ -393,65 +598,82 @@ class DatabaseRecorder:
         for number, (tx, redactor) in enumerate(batch, 1):
             try:
                 rows.append(build_record(tx, redactor))
-            except Exception:  # a bug in one record must not lose the others
+            except Exception as exc:  # a bug: the transaction is still recorded, in short
                 logger.exception("cannot build the record of transaction %s", tx.id)
+                rows.append(summary_row(tx, redactor, f"record could not be built: {exc!r}"))
             if number % 10 == 0:
                 await asyncio.sleep(0)  # let streams in flight send their chunks
         try:
             await insert_records(self._engine, rows)
-        except LuthienError as exc:
+        except StorageRefused:
             if not await self._insert_one_by_one(rows):
-                if not self._failing:
-                    logger.error("cannot write transaction records, will retry: %s", exc.message)
-                self._failing = True
                 return False
-        if self._failing:
+        except StorageError as exc:
+            self._outage(exc)
+            return False
+        else:
+            for _ in batch:
+                self._queue.popleft()
+        if self._failing or self._bug is not None:
             logger.info("transaction records are being written again")
-            self._failing = False
-        for _ in batch:
-            self._queue.popleft()
+            self._failing, self._bug = False, None
         metrics.RECORDER_BACKLOG.set(len(self._queue))
         return True
 
+    def _outage(self, exc: StorageError) -> None:
+        if not self._failing:
+            logger.error("cannot write transaction records, will retry: %s", exc.message)
+        self._failing = True
+
     async def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> bool:
-        """After a failed batch: write the rows singly, so that one row the database
-        refuses cannot hold back the others. False when none could be written (the
-        database is away: the batch is kept and retried)."""
+        """After the database refused a batch: write its rows singly, each leaving the
+        queue once written or, refused, dead-lettered. False when the database stops
+        answering meanwhile (the rest stays queued)."""
         from luthien_control.db.transactions import insert_records
 
-        if not await self._reachable():
-            return False  # away: not worth one connect timeout per row
-        failed: list[tuple[dict[str, Any], str]] = []
-        written = 0
         for row in rows:
             try:
                 await insert_records(self._engine, [row])
-            except LuthienError as exc:
-                failed.append((row, exc.message))
-            else:
-                written += 1
-        if written == 0 and len(rows) > 1:
-            return False  # the database is away, not refusing: keep everything
-        # A row is given up only after the database, reachable, refused it on its own
-        # REFUSALS_BEFORE_DROP times: a blip between two attempts must not lose it.
-        kept = False
-        for row, reason in failed:
-            count = self._refusals.get(row["id"], 0) + 1
-            if count < REFUSALS_BEFORE_DROP:
-                self._refusals[row["id"]] = count
-                kept = True
-                continue
-            self._refusals.pop(row["id"], None)
-            metrics.RECORDER_REFUSED.inc()
-            logger.error("record of transaction %s refused by the database: %s", row["id"], reason)
-        return not kept
-
-    async def _reachable(self) -> bool:
-        from sqlalchemy import text
-
-        try:
-            async with asyncio.timeout(REACHABLE_TIMEOUT), self._engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
-        except Exception:  # any failure to reach it means "away"
-            return False
+            except StorageRefused as exc:
+                await self._refused(row, exc.message)
+            except StorageError as exc:
+                self._outage(exc)
+                return False
+            self._queue.popleft()
         return True
+
+    async def _refused(self, row: dict[str, Any], reason: str) -> None:
+        """A row the database refused: whole in the dead-letter file, and a summary row
+        in the table in its place."""
+        from luthien_control.db.transactions import insert_records
+
+        metrics.RECORDER_REFUSED.inc()
+        try:
+            await asyncio.to_thread(_append_line, self.dead_letter, dead_letter_line(row, reason))
+        except OSError as exc:
+            metrics.RECORDER_LOST.inc()
+            logger.error(
+                "record of transaction %s refused by the database (%s) and lost: "
+                "cannot write the dead-letter file %s: %s",
+                row["id"],
+                reason,
+                self.dead_letter,
+                exc,
+            )
+            where = "lost (the dead-letter file could not be written)"
+        else:
+            logger.error(
+                "record of transaction %s refused by the database, written to the "
+                "dead-letter file %s: %s",
+                row["id"],
+                self.dead_letter,
+                reason,
+            )
+            where = f"in the dead-letter file {self.dead_letter}"
+        summary = _summary_of_row(row, f"record refused by the database: {reason}; whole {where}")
+        try:
+            await insert_records(self._engine, [summary])
+        except StorageError as exc:
+            logger.error(
+                "summary row of transaction %s not written either: %s", row["id"], exc.message
+            )

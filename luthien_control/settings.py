@@ -70,10 +70,14 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
     recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
+    # Where the recorder writes the records the database refuses (one JSON line each);
+    # unset: next to the SQLite file, or in the working directory (recording.py).
+    recorder_dead_letter: Path | None = None
     admin_api_key: str | None = None
 
     @field_validator(
         "policy_filepath",
+        "recorder_dead_letter",
         "backend_url",
         "openai_api_key",
         "anthropic_api_key",

@@ -2,7 +2,10 @@
 
 Users give ordinary URLs (``sqlite:///./x.db``, ``postgresql://user:pw@host/db``);
 ``normalize_url`` picks the async driver for them. Every driver error is translated into
-``StorageError`` in one place, ``translate_errors``, with the password masked.
+``StorageError`` in one place, ``translate_errors``, with the password masked: into
+``StorageRefused`` when the database answered that the data cannot be stored (retrying
+it cannot help), into a plain ``StorageError`` when it is locked, busy, unreachable or
+failing as a whole (retrying may).
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ from sqlalchemy.exc import (
     IntegrityError,
     ProgrammingError,
     SQLAlchemyError,
+    StatementError,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from luthien_control.exceptions import ConfigurationError, LuthienError, StorageError
+from luthien_control.exceptions import (
+    ConfigurationError,
+    LuthienError,
+    StorageError,
+    StorageRefused,
+)
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -136,20 +145,61 @@ async def translate_errors(
     """Turn driver and connection errors raised inside the block into ``StorageError``.
 
     A violated unique constraint becomes ``conflict`` when one is given: the caller
-    knows what a duplicate means, the driver does not.
+    knows what a duplicate means, the driver does not. Any other refusal of the data
+    (``refused``) becomes ``StorageRefused``; the rest (locked, busy, unreachable, a
+    permission or a table missing) a plain ``StorageError``.
     """
     try:
         yield
     except IntegrityError as exc:
         if conflict is not None:
             raise conflict from exc
-        raise StorageError(f"database error at {describe_url(engine.url)}: {_reason(exc)}") from exc
-    except (ProgrammingError, DataError) as exc:
-        raise StorageError(f"database error at {describe_url(engine.url)}: {_reason(exc)}") from exc
-    except _unreachable_errors() as exc:
-        raise StorageError(
-            f"cannot reach the database at {describe_url(engine.url)}: {_reason(exc)}"
+        raise StorageRefused(
+            f"database error at {describe_url(engine.url)}: {_reason(exc)}"
         ) from exc
+    except Exception as exc:
+        if refused(exc):
+            raise StorageRefused(
+                f"database error at {describe_url(engine.url)}: {_reason(exc)}"
+            ) from exc
+        if isinstance(exc, ProgrammingError):
+            raise StorageError(
+                f"database error at {describe_url(engine.url)}: {_reason(exc)}"
+            ) from exc
+        if isinstance(exc, _unreachable_errors()):
+            raise StorageError(
+                f"cannot reach the database at {describe_url(engine.url)}: {_reason(exc)}"
+            ) from exc
+        raise
+
+
+# SQLSTATE classes of an answer about the data itself: 22 data exception (a value out of
+# range, a character the encoding cannot hold), 23 integrity constraint violation.
+_REFUSED_SQLSTATE_CLASSES = frozenset({"22", "23"})
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the data cannot be stored, whatever the database's
+    state: a constraint or a trigger refused it, or a value cannot be bound or held.
+    Being locked, busy, unreachable, out of space or without permission is not a refusal:
+    the same data may be stored later."""
+    if isinstance(exc, (IntegrityError, DataError, OverflowError)):
+        return True  # OverflowError: an integer sqlite3 cannot bind
+    if not isinstance(exc, StatementError):
+        return False
+    if not isinstance(exc, DBAPIError):
+        return True  # a column type's bind processor refused the value
+    cause = _driver_error(exc)
+    sqlstate = getattr(cause, "sqlstate", None)  # asyncpg's server errors
+    if isinstance(sqlstate, str) and sqlstate[:2] in _REFUSED_SQLSTATE_CLASSES:
+        return True
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(cause, asyncpg.exceptions._base.DataError):
+        return True  # asyncpg cannot encode the value (an integer beyond the column's range)
+    # sqlite3 cannot bind a value of this type (it names no error class of its own)
+    return isinstance(cause, sqlite3.ProgrammingError) and str(cause).startswith(
+        "Error binding parameter"
+    )
 
 
 @asynccontextmanager
@@ -176,13 +226,17 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
     return (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+def _driver_error(exc: StatementError) -> BaseException:
+    """The driver's (or a bind processor's) own exception behind a SQLAlchemy one."""
+    cause: BaseException = exc if exc.orig is None else exc.orig
+    # SQLAlchemy's asyncpg adapter wraps the driver's exception; name the original.
+    if type(cause).__module__.startswith("sqlalchemy") and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return cause
+
+
 def _reason(exc: BaseException) -> str:
-    cause: BaseException = exc
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        cause = exc.orig
-        # SQLAlchemy's asyncpg adapter wraps the driver's exception; name the original.
-        if type(cause).__module__.startswith("sqlalchemy") and cause.__cause__ is not None:
-            cause = cause.__cause__
+    cause = _driver_error(exc) if isinstance(exc, StatementError) else exc
     lines = str(cause).strip().splitlines()
     return lines[0] if lines else type(cause).__name__
 

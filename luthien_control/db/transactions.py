@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import TransactionRow
-from luthien_control.exceptions import StorageError
+from luthien_control.exceptions import StorageRefused
 
 SUMMARY_COLUMNS = (
     "seq",
@@ -36,7 +36,9 @@ SUMMARY_COLUMNS = (
 
 async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> None:
     """Insert rows in one transaction; a row whose id is already stored is skipped, so a
-    batch retried after an ambiguous failure is never written twice."""
+    batch retried after an ambiguous failure is never written twice. ``StorageRefused``
+    when the database refuses a row (nothing of the batch is written then), another
+    ``StorageError`` when it cannot be reached or written at all."""
     if not rows:
         return
     # Core, not the ORM: one executemany with no per-row mapper work.
@@ -56,7 +58,7 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
                 for row in rows
             ]
         except (ValueError, TypeError, KeyError) as exc:  # as SQLAlchemy's would be: refused
-            raise StorageError(
+            raise StorageRefused(
                 f"database error at {describe_url(engine.url)}: a value cannot be stored: {exc!r}"
             ) from exc
         async with translate_errors(engine), engine.begin() as connection:
