@@ -1,4 +1,4 @@
-"""What the proxy holds for its whole life: settings, backend pool, key and policy caches.
+"""What the proxy holds for its whole life: settings, backend pools, key and policy caches.
 
 Neither key checks nor policy lookups touch the database on the request path: both are
 kept in memory and refreshed in the background every ``refresh_interval`` seconds (a
@@ -141,11 +141,19 @@ class PolicySource:
 
 @dataclass(eq=False)
 class Services:
-    """Everything a transaction may need besides itself; policies reach it as ``tx.services``."""
+    """Everything a transaction may need besides itself; policies reach it as ``tx.services``.
+
+    Two backend pools: ``backend`` carries the clients' requests (``BACKEND_POOL_SIZE``),
+    ``judge_backend`` every call the proxy makes for itself (``LLMJudgePolicy``'s judge,
+    ``JUDGE_POOL_SIZE``). A request keeps its slot while its policies wait for a judge:
+    were the judge's call to need a slot of the same pool, a full pool would be requests
+    waiting for judges waiting for those very requests' slots.
+    """
 
     settings: Settings
     engine: AsyncEngine
     backend: BackendClient
+    judge_backend: BackendClient
     keys: KeyCache = field(default_factory=KeyCache)
     policy: PolicySource | None = None
     recorder: DatabaseRecorder | None = None
@@ -164,6 +172,9 @@ class Services:
             settings=settings,
             engine=engine,
             backend=BackendClient(settings.timeouts, settings.limits),
+            judge_backend=BackendClient(
+                settings.timeouts, settings.judge_limits, pool_setting="JUDGE_POOL_SIZE"
+            ),
             policy=PolicySource(settings),
             recorder=DatabaseRecorder(
                 engine,
@@ -175,6 +186,7 @@ class Services:
 
     async def start(self) -> None:
         await self.backend.start()
+        await self.judge_backend.start()
         assert self.policy is not None
         await self.policy.load(self.engine)
         logger.info("policy in force: %s", self.policy.origin)
@@ -214,6 +226,7 @@ class Services:
             await asyncio.sleep(0.1)
             await self.recorder.stop()
         await self.backend.close()
+        await self.judge_backend.close()
         await self.engine.dispose()
 
     async def _refresh_forever(self) -> None:

@@ -24,6 +24,9 @@ DEFAULT_POLICY_NAME = "root"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 600.0
 DEFAULT_POOL_SIZE = 1000
+# The proxy's own calls (judges): a pool apart from the clients' requests, which hold
+# their slots while a judge decides (app.Services).
+DEFAULT_JUDGE_POOL_SIZE = 100
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
@@ -40,7 +43,7 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Size limits: the backend connection pool and the largest accepted request body."""
+    """Size limits: a backend connection pool and the largest accepted request body."""
 
     pool_size: int = DEFAULT_POOL_SIZE
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -66,6 +69,7 @@ class Settings(BaseSettings):
     backend_connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
     backend_read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
     backend_pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1)
+    judge_pool_size: int = Field(DEFAULT_JUDGE_POOL_SIZE, ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
@@ -105,6 +109,11 @@ class Settings(BaseSettings):
     @cached_property
     def limits(self) -> Limits:
         return Limits(pool_size=self.backend_pool_size, max_request_bytes=self.max_request_bytes)
+
+    @cached_property
+    def judge_limits(self) -> Limits:
+        """The pool of the calls the proxy makes for itself (judges)."""
+        return Limits(pool_size=self.judge_pool_size, max_request_bytes=self.max_request_bytes)
 
     @property
     def demo_mode(self) -> bool:

@@ -4,7 +4,9 @@ The judge is any OpenAI-compatible chat endpoint. It gets the operator's plain-E
 instructions and the text under review, and must answer with exactly
 ``{"verdict": "allow" | "block", "reason": "..."}``. Anything else (garbage, a missing
 field, an HTTP error, a timeout, an unreachable judge) is a judge error, and ``on_error``
-decides: ``allow`` fails open, ``block`` fails closed.
+decides: ``allow`` fails open, ``block`` fails closed. Judge calls go over the pool of
+the proxy's own calls (``Services.judge_backend``, ``JUDGE_POOL_SIZE``), never over the
+clients' pool, whose slots the requests under review are holding.
 
 Before ``SendBackendRequest`` the conversation is judged; after it, the answer (text and
 tool calls). A streamed answer is judged according to ``mode``:
@@ -319,7 +321,10 @@ class LLMJudgePolicy(Policy):
         )
         try:
             with anyio.fail_after(self.timeout):
-                async with tx.services.backend.open("POST", self.url, headers, body) as response:
+                # The proxy's own pool, never the clients' (app.Services): the request
+                # this call judges may hold the last slot of theirs.
+                judges = tx.services.judge_backend
+                async with judges.open("POST", self.url, headers, body) as response:
                     status = response.status
                     raw = await response.read()
         except TimeoutError as exc:

@@ -1,5 +1,12 @@
 """The backend client: HTTP/1.1 on asyncio transports, parsed by httptools (llhttp), with
-one keep-alive pool per process.
+one keep-alive pool per client.
+
+The proxy holds two clients (``app.Services``): one for its clients' requests
+(``BACKEND_POOL_SIZE``), one for the calls it makes for itself, such as a judge's
+(``JUDGE_POOL_SIZE``). A request holds its slot while its policies wait for a judge: a
+judge call that needed a slot of the same pool would wait on the very requests it
+serves (a full pool, and every judge call timed out); with a pool of its own it never
+waits on their capacity.
 
 A proxy's backend client does one thing: send one request on a warm connection and hand
 the answer back as it arrives. aiohttp's ``ClientSession`` does it in about 160 µs of CPU
@@ -18,7 +25,8 @@ request. What it does:
   once; the path goes out as the client wrote it, with anything that could end the
   request line percent-encoded, and a header that could end a line is refused;
 - host names are resolved at most every ``DNS_TTL`` seconds, each address tried in turn;
-- at most ``pool_size`` requests in flight (``BACKEND_POOL_SIZE``), the rest wait;
+- at most ``pool_size`` requests in flight (``BACKEND_POOL_SIZE`` or ``JUDGE_POOL_SIZE``),
+  the rest wait, each at most the connect timeout;
 - ``connect`` bounds opening a connection (TLS included), ``read`` the wait for each
   piece of the answer (``BACKEND_CONNECT_TIMEOUT``, ``BACKEND_READ_TIMEOUT``);
 - the body comes as the network delivers it (chunked encoding undone, nothing
@@ -413,11 +421,18 @@ class BackendResponse:
 
 
 class BackendClient:
-    """Sends requests to backends over one keep-alive pool."""
+    """Sends requests to backends over one keep-alive pool.
 
-    def __init__(self, timeouts: Timeouts, limits: Limits) -> None:
+    ``pool_setting`` names the setting that sizes the pool, for the message of a request
+    that found no free slot.
+    """
+
+    def __init__(
+        self, timeouts: Timeouts, limits: Limits, *, pool_setting: str = "BACKEND_POOL_SIZE"
+    ) -> None:
         self._timeouts = timeouts
         self._limits = limits
+        self._pool_setting = pool_setting
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -453,7 +468,7 @@ class BackendClient:
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"no free backend connection within {self._timeouts.connect:g} s: "
-                f"{self._limits.pool_size} requests in flight (BACKEND_POOL_SIZE) "
+                f"{self._limits.pool_size} requests in flight ({self._pool_setting}) "
                 f"({display_url(url)})"
             ) from exc
 

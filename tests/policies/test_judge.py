@@ -105,12 +105,12 @@ def reading_judge(content_judge: tuple[ContentJudge, str]) -> tuple[ContentJudge
 
 @dataclass
 class JudgeServices:
-    backend: BackendClient
+    judge_backend: BackendClient  # the pool of the proxy's own calls (app.Services)
 
 
 @pytest.fixture
 async def services() -> AsyncIterator[JudgeServices]:
-    client = BackendClient(Timeouts(), Limits())
+    client = BackendClient(Timeouts(), Limits(), pool_setting="JUDGE_POOL_SIZE")
     await client.start()
     yield JudgeServices(client)
     await client.close()

@@ -84,9 +84,15 @@ async def backend(
 
 @asynccontextmanager
 async def client(
-    *, read: float = 5.0, connect: float = 5.0, pool_size: int = 10
+    *,
+    read: float = 5.0,
+    connect: float = 5.0,
+    pool_size: int = 10,
+    pool_setting: str = "BACKEND_POOL_SIZE",
 ) -> AsyncIterator[BackendClient]:
-    backend_client = BackendClient(Timeouts(connect=connect, read=read), Limits(pool_size))
+    backend_client = BackendClient(
+        Timeouts(connect=connect, read=read), Limits(pool_size), pool_setting=pool_setting
+    )
     await backend_client.start()
     try:
         yield backend_client
@@ -556,6 +562,25 @@ async def test_waiting_for_a_free_slot_is_bounded() -> None:
         c.open("GET", url, {}, None),  # holds the only slot, body unread
     ):
         await open_fails(c, url, BackendTimeout, r"no free backend connection within 0.3 s")
+
+
+async def test_two_clients_never_share_slots_and_each_names_its_own_setting() -> None:
+    """The proxy's own calls (judges) have a client of their own (``app.Services``): with
+    every slot of the clients' pool held, they still get a connection."""
+    async with (
+        answering() as (_, url),
+        client(pool_size=1, connect=0.3) as requests,
+        client(pool_size=1, connect=0.3, pool_setting="JUDGE_POOL_SIZE") as judges,
+        requests.open("GET", url, {}, None),  # holds the clients' only slot
+    ):
+        async with judges.open("GET", url, {}, None) as r:
+            assert r.status == 200
+            await open_fails(
+                judges, url, BackendTimeout, r"1 requests in flight \(JUDGE_POOL_SIZE\)"
+            )
+        await open_fails(
+            requests, url, BackendTimeout, r"1 requests in flight \(BACKEND_POOL_SIZE\)"
+        )
 
 
 async def test_bytes_after_a_complete_answer_are_never_taken_for_it() -> None:
