@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from luthien_control.cli import printable
 from luthien_control.exceptions import ClientError, NotFound
 from luthien_control.settings import load_settings
 
@@ -36,17 +37,18 @@ LOOKBACK = 1000  # rows re-read on each poll while following
 
 def parse_since(value: str, name: str = "--since") -> datetime:
     """``10m``, ``2h``, ``1d`` ago, or an ISO 8601 time (UTC when it names no zone)."""
+    mistake = ClientError(
+        f"{name}: expected a time like 10m, 2h, 1d or 2026-01-31T12:00:00, got {value!r}",
+        param=name.lstrip("-"),
+    )
     match = _RELATIVE.match(value.strip())
-    if match:
-        amount, unit = match.groups()
-        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
     try:
+        if match:
+            amount, unit = match.groups()
+            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
         moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ClientError(
-            f"{name}: expected a time like 10m, 2h, 1d or 2026-01-31T12:00:00, got {value!r}",
-            param=name.lstrip("-"),
-        ) from exc
+    except (ValueError, OverflowError) as exc:  # not a time, or before year 1
+        raise mistake from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -71,6 +73,8 @@ def _row(record: dict[str, Any]) -> list[str]:
 
 
 def _print_rows(rows: list[list[str]], out: TextIO, *, header: bool) -> None:
+    # Models and key names come from clients: escaped, they cannot drive the terminal.
+    rows = [[printable(value) for value in row] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
     if header:
         print(

@@ -12,15 +12,18 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from luthien_control.cli import printable
 from luthien_control.db.engine import create_engine
 from luthien_control.db.init_db import database_url, ready_message, upgrade, upgrade_database
 from luthien_control.db.keys import add_key, generate_key, list_keys, revoke_key
 from luthien_control.db.models import check_name
 from luthien_control.db.policies import get_policy, list_policies, save_policy
-from luthien_control.exceptions import NotFound
+from luthien_control.exceptions import NotFound, PolicyConfigError
 
 
 async def init_db() -> int:
@@ -69,6 +72,10 @@ async def policy_load(file: str, name: str) -> int:
 
     check_name(name, "policy")
     definition = load_policy_file(file).serialize()
+    try:  # what the database's JSON column will be given (YAML allows keys JSON has not)
+        orjson.dumps(definition)
+    except TypeError as exc:
+        raise PolicyConfigError(f"policy {file!r} cannot be stored as JSON: {exc}") from exc
     async with _database() as engine:
         stored = await save_policy(engine, name, definition)
     print(f"stored policy {name!r} (version {stored.version})")
@@ -87,7 +94,7 @@ async def policy_list() -> int:
         [
             (
                 policy.name,
-                str(policy.definition.get("type", "?")),
+                _root_type(policy.definition),
                 str(policy.version),
                 _timestamp(policy.updated_at),
             )
@@ -117,6 +124,11 @@ async def _database() -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+def _root_type(definition: Any) -> str:
+    kind = definition.get("type") if isinstance(definition, dict) else None
+    return kind if isinstance(kind, str) else "?"
+
+
 def _status(active: bool) -> str:
     return "active" if active else "revoked"
 
@@ -126,6 +138,9 @@ def _timestamp(moment: datetime) -> str:
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    # Names may have been stored through the admin API: escaped, they cannot drive the
+    # terminal.
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in (headers, *rows)) for column in range(len(headers))]
     for row in (headers, *rows):
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
