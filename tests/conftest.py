@@ -251,11 +251,10 @@ def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStart
         database_url = database_url or f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
         result = run_cli(database_url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
         assert result.returncode == 0, result.stderr
+        # The caller's env wins (a real backend's OPENAI_API_KEY under E2E_REAL_BACKEND).
+        given = {"OPENAI_API_KEY": BACKEND_KEY, **(env or {})}
         server_env = python_env(
-            DATABASE_URL=database_url,
-            OPENAI_API_KEY=BACKEND_KEY,
-            TOP_LEVEL_POLICY_NAME=policy_name,
-            **(env or {}),
+            DATABASE_URL=database_url, TOP_LEVEL_POLICY_NAME=policy_name, **given
         )
         if policy is not None:
             policy_file = directory / "policy.json"
