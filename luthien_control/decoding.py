@@ -180,15 +180,22 @@ def looks_like_json(data: bytes) -> bool:
 
 
 def strict_json(data: bytes) -> Any:
-    """``data`` as strict JSON, or ``DecodingError`` saying why not."""
-    if data.startswith(_BOMS[0]):
-        raise DecodingError("starts with a UTF-8 byte order mark")
-    if data.startswith(_BOMS) or b"\x00" in data[:4]:
-        raise DecodingError("is UTF-16 or UTF-32: JSON must be UTF-8")
+    """``data`` as strict JSON, or ``DecodingError`` saying why not. orjson itself refuses
+    a byte order mark, UTF-16 and UTF-32 (they are told apart only in the error path, to
+    keep the usual event at one parse and one comparison)."""
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if data.startswith(_BOMS[0]):
+            raise DecodingError("starts with a UTF-8 byte order mark") from None
+        if data.startswith(_BOMS) or b"\x00" in data[:4]:
+            raise DecodingError("is UTF-16 or UTF-32: JSON must be UTF-8") from None
         raise DecodingError(f"is not valid JSON ({exc})") from None
+    try:
+        if type(payload) is dict and orjson.dumps(payload) == data:
+            return payload  # compact JSON written back byte for byte: no member dropped
+    except orjson.JSONEncodeError:
+        pass  # deeper than orjson writes: has_duplicate_keys takes the slow way
     if has_duplicate_keys(data, payload):
         # The key is not named: it may be the very text a policy would refuse to echo.
         raise DecodingError("has an object with a repeated key")

@@ -119,8 +119,9 @@ class _StreamRelay:
         self.started = False
         self.done = False  # the backend sent [DONE]
 
-    async def read(self, data: bytes) -> bool:
-        """One network read: its events through the policies and out. True at [DONE]."""
+    async def read(self, data: bytes, *, last: bool = False) -> bool:
+        """One network read: its events through the policies and out. True at [DONE].
+        ``last``: the stream has ended, the decoder gives what it still held."""
         tx = self.tx
         if tx.timings.backend_ready is None:
             tx.timings.backend_ready = time.perf_counter()
@@ -132,7 +133,7 @@ class _StreamRelay:
         same = True  # every event of this read so far went out as it came in
         unfed: bytes | None = None  # the event in the policies' hands
         try:
-            for event in self.decoder.feed(data):
+            for event in self.decoder.close() if last else self.decoder.feed(data):
                 raw = unfed = event.raw
                 if b"[DONE]" in raw and event.is_done:
                     unfed = None
@@ -185,6 +186,8 @@ class _StreamRelay:
 
     async def finish(self) -> None:
         """The backend's stream ended: if complete, what the transforms held goes out."""
+        if not self.done and self.decoder.pending:
+            await self.read(b"", last=True)
         pending = self.decoder.pending
         if not self.dialect.stream_complete(self.received, done=self.done, pending=pending):
             raise BackendBroken("the backend's stream ended before it was complete")

@@ -156,6 +156,22 @@ class SSEDecoder:
         self._buffer = data[start:]
         return events
 
+    def close(self) -> list[Chunk]:
+        """The stream has ended: a last event whose blank line ends in a lone CR (held by
+        ``feed`` as the possible first half of a CRLF) is complete after all."""
+        data = self._buffer
+        if not data.endswith(b"\r"):
+            return []
+        events: list[Chunk] = []
+        start = 0
+        for match in _BLANK_LINE.finditer(data):
+            piece = data[start : match.end()]
+            if piece.strip():
+                events.append(Chunk(piece))
+            start = match.end()
+        self._buffer = data[start:]
+        return events
+
     @property
     def pending(self) -> bytes:
         """Bytes received after the last complete event (an unfinished event)."""

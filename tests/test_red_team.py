@@ -2623,30 +2623,10 @@ FINDINGS: dict[str, str] = {
         "(chat choices[].logprobs.content[].bytes, Responses output_text logprobs[].bytes): "
         "the byte values pass unread to the client, the SDK's object, the record and the log"
     ),
-    "answer-sse_comment-*": (
-        "an SSE comment line ': sk-proj-...' (its own event, or a line inside one) is "
-        "relayed byte for byte: the key is in the client's raw stream (the SDKs drop it)"
-    ),
-    "answer-sse_id_line-*": (
-        "an SSE 'id: sk-proj-...' line on an event is kept as it came (Chunk._prefix keeps "
-        "every non-data line, even when the event is rewritten): the key reaches the client"
-    ),
-    "answer-sse_event_line-*": (
-        "an SSE 'event: sk-proj-...' line is relayed unscanned: the key reaches the client"
-    ),
-    "answer-sse_retry_line-*": (
-        "an SSE 'retry: sk-proj-...' line is relayed unscanned: the key reaches the client"
-    ),
     "answer-backend_key_in_text-*": (
         "a 200 answer whose text quotes the backend key the proxy sent (OPENAI_API_KEY as "
         "Bearer, ANTHROPIC_API_KEY as x-api-key) is not redacted (only error answers are): "
         "the key reaches the client, the SDK's object, the record and the log"
-    ),
-    "answer-sse_cr_only-*-redact": (
-        "not a leak: a stream framed with lone CRs (valid SSE) loses its last event "
-        "([DONE], response.completed, message_stop): the final '\\r\\r' is held as the "
-        "possible first half of a CRLF and never flushed at the end of the stream, so a "
-        "complete answer ends with a backend_broken error event"
     ),
     "request-parts_split-*": (
         "a client's key split across two text parts of one message (chat content parts, "
@@ -2668,12 +2648,6 @@ FINDINGS: dict[str, str] = {
         "<base64>'; a backend's 401 that echoes that header gets the base64 credentials "
         "(the password, trivially decoded) to the client, the record and the log: only the "
         "password in clear is redacted"
-    ),
-    "tools-args_as_json_object-*-stream-*": (
-        "a streamed tool call whose arguments are a JSON object instead of JSON text "
-        "({'path': '/etc/passwd-...'}) is not checked (ChatCalls / ResponsesCalls read only "
-        "string arguments): the forbidden call reaches the client's bytes (buffered, the "
-        "same call is checked)"
     ),
 }
 

@@ -178,6 +178,13 @@ class Dialect:
         """Strings of one event that repeat a channel whole (``key``: that channel)."""
         return []
 
+    def plain_text(self, data: dict[str, Any]) -> tuple[Any, str, ChannelKey] | None:
+        """The usual event, cheaply: when it carries one piece of message text and
+        nothing else a rewriter or a closing channel cares about, (holder, field,
+        channel); else None, and ``text_slots`` and ``closing`` are asked. Emptied, such
+        an event is dropped (unless it carries usage)."""
+        return None
+
     def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
         """Key prefixes of the channels that end with this event."""
         return []

@@ -453,6 +453,18 @@ class ChatDialect(Dialect):
                 _delta_slots(choice.get("index", 0), delta, slots)
         return slots
 
+    def plain_text(self, data: dict[str, Any]) -> tuple[Any, str, ChannelKey] | None:
+        choices = data.get("choices")
+        if type(choices) is not list or len(choices) != 1:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason"):
+            return None
+        delta = choice.get("delta")
+        if type(delta) is not dict or len(delta) != 1 or type(delta.get("content")) is not str:
+            return None
+        return delta, "content", (choice.get("index", 0), "content", None)
+
     def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
         choices = data.get("choices")
         if not choices or not isinstance(choices, list):

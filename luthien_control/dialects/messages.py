@@ -332,6 +332,16 @@ class MessagesDialect(AnthropicDialect):
                     return [TextSlot((index, start[1]), block, start[0], start[2])]
         return []
 
+    def plain_text(self, data: dict[str, Any]) -> tuple[Any, str, ChannelKey] | None:
+        if data.get("type") != "content_block_delta":
+            return None
+        delta = data.get("delta")
+        if type(delta) is not dict or delta.get("type") != "text_delta":
+            return None
+        if type(delta.get("text")) is not str:
+            return None
+        return delta, "text", (data.get("index"), "text")
+
     def closing(self, data: dict[str, Any]) -> list[ChannelKey]:
         if data.get("type") == "content_block_stop":
             return [(data.get("index"),)]

@@ -678,13 +678,15 @@ class _SecretStream(TextStream):
         return SecretScanner(self._policy, self._tx)
 
     async def on_chunk(self, chunk: Any) -> list[Any]:
+        # One C search over the event's bytes: without a key literal (or an escape that
+        # could spell one) only a channel can hold the start of a secret.
+        whole = self._policy.secrets.may_contain_json(chunk.raw)
+        if whole:
+            self._check_lines(chunk.raw)
         data = chunk.data
         if not isinstance(data, dict):  # an array, a string, a number: no channels
             self._scan_whole(chunk)
             return [chunk]
-        # One C search over the event's bytes: without a key literal (or an escape that
-        # could spell one) only a channel can hold the start of a secret.
-        whole = self._policy.secrets.may_contain_json(chunk.raw)
         out = self.on_data(chunk, data)
         for event in out:
             # Events the dialect wrote (held text released) copy fields of other
@@ -698,6 +700,18 @@ class _SecretStream(TextStream):
         for event in out:
             self._scan_whole(event)
         return out
+
+    def _check_lines(self, raw: bytes) -> None:
+        """The event's lines other than ``data:`` (``id:``, ``event:``, ``retry:``, a
+        comment) go out as they came, even when the event is rewritten: a secret there
+        blocks (a line cannot be redacted and stay what it was)."""
+        for line in raw.splitlines():
+            if line and not line.startswith(b"data:"):
+                text = line.decode("utf-8", "replace")
+                for form in field_forms(text):
+                    if (match := self._policy.secrets.search(form)) is not None:
+                        kind = self._policy.secrets.kind(match)
+                        self._policy.found(self._tx, kind, where="response", block=True)
 
     def _scan_whole(self, chunk: Any) -> None:
         """Every string and key of one event, within it (channels already scanned)."""

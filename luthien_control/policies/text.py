@@ -62,9 +62,21 @@ class TextStream:
         dialect = self._dialect
         if self._template is None:
             self._template = dialect.template(data)
-        changed = False
         kinds = self._kinds
         sent = self._sent
+        plain = dialect.plain_text(data) if sent is None else None
+        if plain is not None:  # the usual event: one piece of message text, nothing more
+            if kinds is not None and "text" not in kinds:
+                return [chunk]
+            holder, name, key = plain
+            text = holder[name]
+            out = self._rewriter(key, "text").feed(text)
+            if out == text:
+                return [chunk]
+            holder[name] = out
+            chunk.mark_changed()
+            return [chunk] if out or "usage" in data else []
+        changed = False
         for slot in dialect.text_slots(data):
             if kinds is not None and slot.kind not in kinds:
                 continue

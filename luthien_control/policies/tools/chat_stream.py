@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from luthien_control.policies.tools.call import ToolCall, text_of, versions
+from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
 from luthien_control.policies.tools.chat_messages import (
     CALL_FIELDS,
     CALL_FINISHES,
@@ -99,8 +99,9 @@ class _Call(Held[_Piece]):
             name = text_of(function.get("name"))
             if name:
                 part.names.append(name)
-            part.argument_parts.append(text_of(function.get("arguments")))
-            part.input_parts.append(text_of(function.get("input")))
+            # Arguments as an object, not JSON text, are checked as their JSON.
+            part.argument_parts.append(json_text(function.get("arguments")))
+            part.input_parts.append(json_text(function.get("input")))
 
     def view(self) -> dict[str, tuple[str, str]]:
         """(name, arguments) per object as the client holds them under this index."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from luthien_control.dialects.responses import RESPONSES_TERMINAL
-from luthien_control.policies.tools.call import ToolCall, text_of, versions
+from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.policies.tools.responses_items import (
     BUILTIN_ITEMS,
@@ -90,6 +90,8 @@ class _Item(Held[Chunk]):
             self.snapshots.append(item)
             return
         arguments = item.get(FUNCTION_ITEMS[self.kind])
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = json_text(arguments)  # an object, not JSON text: checked as its JSON
         if isinstance(arguments, str):
             if final:
                 self.finals.append(arguments)
@@ -106,6 +108,8 @@ class _Item(Held[Chunk]):
             self.commands.setdefault(number, []).append(text_of(data.get("delta")))
         elif kind in _TEXT_DONES:
             value = data.get(_TEXT_DONES[kind])
+            if value is not None and not isinstance(value, str):
+                value = json_text(value)
             if isinstance(value, str) and value:
                 self.finals.append(value)
             name = data.get("name")
