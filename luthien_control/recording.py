@@ -36,6 +36,7 @@ from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.dialects import StreamAssembler
 from luthien_control.exceptions import StorageError, StorageRefused
 from luthien_control.policies.audit_log import redacted_headers
+from luthien_control.policies.backend import client_keys, redact_keys
 from luthien_control.policies.secrets import (
     DEFAULT_PATTERNS,
     SecretPattern,
@@ -88,12 +89,17 @@ class Redactor:
         """``value`` with every secret replaced (``SecretPattern.scrub``)."""
         return self._secrets.scrub(value)
 
-    def document(self, value: Any) -> SerializedJSON:
+    def document(self, value: Any, *, keys: list[str] | None = None) -> SerializedJSON:
         """``value`` as JSON text with every secret redacted (``value`` is redacted in
         place), every array or object deeper than ``RECORD_MAX_DEPTH`` as its JSON text.
         Serialized once when it is clean and shallow: a key can be in a decoded string
         only if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
         serialized = _dumps_shallow(value)
+        if keys and serialized is not None and any(k.encode() in serialized for k in keys):
+            # The client's own key, copied where no credential header is (a header of
+            # another name, the query): it is no pattern, it is known.
+            rewrite_json(value, lambda text: redact_keys(text, keys))
+            serialized = _dumps_shallow(value)
         if serialized is None:  # deeper than RECORD_MAX_DEPTH (or an integer beyond 64 bits)
             rewrite_json(value, self.text)  # every decoded string, at any depth
             return SerializedJSON(_dumps(_flatten(value, RECORD_MAX_DEPTH)).decode())
@@ -270,6 +276,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     trail = tx.trail
     bodies = _Bodies()
     request = tx.request
+    keys = client_keys(request.headers)
     payload = request.payload if isinstance(request.payload, dict) else {}
     model = payload.get("model") if isinstance(payload.get("model"), str) else None
     timings = tx.timings
@@ -326,7 +333,8 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     ),
                     "body": bodies.value(backend_request["body"]),
                 },
-            }
+            },
+            keys=keys,
         ),
         "response": redactor.document(
             {
@@ -344,7 +352,8 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     "body": bodies.value(trail.client_body),
                     "stream": sent_stream,
                 },
-            }
+            },
+            keys=keys,
         ),
         "decisions": redactor.document(
             [{"policy": d.policy, "action": d.action, "detail": d.detail} for d in tx.decisions]

@@ -2618,11 +2618,6 @@ FINDINGS: dict[str, str] = {
         "a key split across two Responses message output items: both halves reach the "
         "client, the record and the log; the SDK's output_text joins the whole key"
     ),
-    "answer-logprobs_bytes-*": (
-        "a logprobs entry whose token is harmless but whose 'bytes' array spells the key "
-        "(chat choices[].logprobs.content[].bytes, Responses output_text logprobs[].bytes): "
-        "the byte values pass unread to the client, the SDK's object, the record and the log"
-    ),
     "answer-backend_key_in_text-*": (
         "a 200 answer whose text quotes the backend key the proxy sent (OPENAI_API_KEY as "
         "Bearer, ANTHROPIC_API_KEY as x-api-key) is not redacted (only error answers are): "
@@ -2633,15 +2628,6 @@ FINDINGS: dict[str, str] = {
         "Responses input_text parts, Anthropic text blocks) is forwarded to the backend "
         "(the model reads the parts as one text) and stored, halves in clear, in the record "
         "and the log"
-    ),
-    "request-client_key_copies-*": (
-        "the client key in 'X-Forwarded-Authorization: Bearer <client key>' is not "
-        "forwarded, but is stored in clear in the record's request headers and written to "
-        "the log by TransactionContextLoggingPolicy"
-    ),
-    "request-client_key_in_query-*": (
-        "the client key in the query string (?api-key=<client key>) is forwarded to the "
-        "backend as written and stored in clear in the record's query"
     ),
     "userinfo-echo_authorization-*": (
         "the backend URL's user:password reach the backend as 'Authorization: Basic "
@@ -3334,7 +3320,7 @@ def check_outcome(case: Case, run: Exchange, view: SdkView) -> None:
             if expect.redact_at == "backend"
             else client_text(run)
         )
-        assert REDACTED in where
+        assert any(REDACTED in form for form in readable_forms(where))
     if kind == "dropped" and expect.forwarded is None:
         assert view.calls == list(expect.calls)
         finish = DROP_FINISH[case.dialect] if expect.finish == "default" else expect.finish

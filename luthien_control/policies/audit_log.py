@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import orjson
 
+from luthien_control.policies.backend import client_keys, redact_keys
 from luthien_control.policies.base import Policy, PolicyConfig
 from luthien_control.policies.secrets import copy_json, default_secrets, rewrite_json
 from luthien_control.sse import Chunk
@@ -49,8 +50,10 @@ class TransactionContextLoggingPolicy(Policy):
         if logger.isEnabledFor(self.level):
             record = {"transaction_id": tx.id, "side": side, **entry}
             # Every decoded string and key of what is logged (path, headers, body,
-            # assembled stream), never the serialized line: no escape hides a key.
-            rewrite_json(record, _SECRETS.scrub)
+            # assembled stream), never the serialized line: no escape hides a key; nor
+            # the client's own key, wherever the client copied it.
+            keys = client_keys(tx.request.headers)
+            rewrite_json(record, lambda text: redact_keys(_SECRETS.scrub(text), keys))
             logger.log(self.level, "%s", orjson.dumps(record).decode())
 
     async def on_request(self, tx: Transaction) -> None:

@@ -49,6 +49,30 @@ def credentials(values: Iterable[str]) -> list[str]:
     return found
 
 
+def client_keys(headers: dict[str, str]) -> list[str]:
+    """The client's own credentials, from the headers that carry them: never forwarded,
+    stored or logged, wherever else the client copied them."""
+    keys = credentials(headers[name] for name in CLIENT_KEY_HEADERS if name in headers)
+    return [key for key in keys if len(key) >= MIN_KEY_CHARS]
+
+
+def redact_keys(text: str, keys: list[str]) -> str:
+    """``text`` with each of ``keys`` replaced by ``[REDACTED]``."""
+    for key in keys:
+        if key in text:
+            text = text.replace(key, REDACTED)
+    return text
+
+
+def backend_query(query: bytes, keys: list[str]) -> bytes:
+    """The query as the backend gets it: a parameter holding the client's key (percent-
+    decoded too: ``?api-key=...``) is left out."""
+    if not keys or not query:
+        return query
+    kept = [part for part in query.split(b"&") if not _holds(unquote(part.decode("latin-1")), keys)]
+    return b"&".join(kept)
+
+
 def _holds(value: str, keys: list[str]) -> bool:
     return any(key in value if len(key) >= MIN_KEY_CHARS else key == value.strip() for key in keys)
 
@@ -111,8 +135,9 @@ class SendBackendRequest(Policy):
             raise MalformedRequest(DOT_SEGMENT_REFUSED)
         base_url = tx.backend_url or services.default_backend_url
         url = base_url + request.path
-        if request.query:
-            url += "?" + request.query.decode("latin-1")
+        query = backend_query(request.query, client_keys(request.headers))
+        if query:
+            url += "?" + query.decode("latin-1")
         if request.wants_stream and tx.dialect.ask_for_usage(request.payload):
             request.mark_changed()
             tx.usage_injected = True

@@ -197,6 +197,7 @@ class SecretPattern:
             or b"\\u" in body
             or (self._json_escapable and b"\\" in body)
             or self._any_literal_bytes.search(body) is not None
+            or b'"bytes":[' in body  # logprobs spell text as byte values (byte_arrays)
         )
 
     def tail(self, text: str) -> int:
@@ -236,6 +237,27 @@ class SecretPattern:
         return self.regex.sub(replace, text), found
 
 
+def _is_byte_array(item: list[Any]) -> bool:
+    return len(item) > 2 and all(type(b) is int and 0 <= b < 256 for b in item)
+
+
+def byte_arrays(value: Any) -> list[tuple[list[Any], str]]:
+    """Arrays of byte values inside a JSON value (a logprobs entry's ``bytes``), with the
+    text they spell: a client decodes them (no recursion)."""
+    out: list[tuple[list[Any], str]] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            if _is_byte_array(item):
+                out.append((item, bytes(item).decode("utf-8", "replace")))
+            else:
+                stack.extend(item)
+    return out
+
+
 def json_strings(value: Any) -> list[str]:
     """Every string of a JSON value, object keys included, at any depth (no recursion)."""
     out: list[str] = []
@@ -255,7 +277,8 @@ def json_strings(value: Any) -> list[str]:
 def rewrite_json(value: Any, rewrite: Callable[[str], str]) -> tuple[Any, bool]:
     """Apply ``rewrite`` to every string of a JSON value and to every object key, in
     place, at any depth (no recursion); returns (the value, whether anything changed).
-    A renamed key keeps its place; two keys renamed alike keep the later value."""
+    A renamed key keeps its place; two keys renamed alike keep the later value. An array
+    of byte values (logprobs' ``bytes``) is rewritten as the text it spells."""
     if isinstance(value, str):
         new = rewrite(value)
         return new, new != value
@@ -281,6 +304,12 @@ def rewrite_json(value: Any, rewrite: Callable[[str], str]) -> tuple[Any, bool]:
                 item.update(entries)
                 changed = True
         elif isinstance(item, list):
+            if _is_byte_array(item):
+                text = bytes(item).decode("utf-8", "replace")
+                if (new := rewrite(text)) != text:
+                    item[:] = list(new.encode())
+                    changed = True
+                continue
             for index, child in enumerate(item):
                 if isinstance(child, str):
                     new = rewrite(child)
@@ -541,6 +570,9 @@ class LeakedApiKeyDetection(Policy):
         arguments are JSON text, and ``\\u0073k-...`` in them is a key to the client."""
         secrets = self.secrets
         if self.action == "block":
+            for _, text in byte_arrays(value):  # what the client decodes them to
+                if (match := secrets.search(text)) is not None:
+                    self.found(tx, secrets.kind(match), where=where)
             for text in json_strings(value):
                 match = secrets.search(text)
                 if match is None and "\\" in text:
