@@ -1,23 +1,64 @@
-"""The read-only admin JSON API under ``/admin/api/``, behind ``ADMIN_API_KEY``.
+"""The admin JSON API under ``/admin/api/``, behind ``ADMIN_API_KEY``.
 
-Without ``ADMIN_API_KEY`` every admin route answers 401: the API is off.
+Without ``ADMIN_API_KEY`` every admin route answers 401: the API is off. Reads
+(``transactions``, ``transactions/{id}``, ``policies``, ``policies/{name}``, ``keys``)
+answer ``GET``; besides them (``shared/SPEC.md``, "Admin API"):
+
+- ``POST keys`` ``{"name": ...}`` creates a key; the answer holds its value, once (201);
+- ``DELETE keys/{name}`` revokes it: every worker refuses it after its next refresh
+  (``REFRESH_INTERVAL``, 1 s by default);
+- ``PUT policies/{name}`` validates a policy definition and stores it (a new version);
+  a definition that does not load is a 400 whose ``param`` is the path of its first
+  error;
+- ``GET events``: server-sent events, one ``transaction`` event per transaction
+  recorded from now on (by any worker), with its summary; the same filters as
+  ``transactions``.
+
+Errors have the OpenAI shape, like every error of the proxy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import orjson
+
 from luthien_control.app import Services
-from luthien_control.exceptions import AuthenticationFailed, ClientError, NotFound
+from luthien_control.decoding import DecodingError, strict_json
+from luthien_control.exceptions import (
+    AuthenticationFailed,
+    ClientError,
+    LuthienError,
+    MalformedRequest,
+    NotFound,
+    PolicyConfigError,
+    RequestTooLarge,
+)
 from luthien_control.logs import parse_since
-from luthien_control.responses import send_error, send_json
+from luthien_control.responses import (
+    TRANSACTION_HEADER,
+    error_status_and_body,
+    send_error,
+    send_json,
+)
 from luthien_control.transaction import new_transaction_id
 
 PREFIX = "/admin/api/"
 MAX_LIMIT = 1000
+EVENTS_INTERVAL = 0.5  # seconds between two looks for new records
+KEEPALIVE_INTERVAL = 15.0  # seconds without an event before a comment line goes out
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class MethodNotAllowed(ClientError):
+    status_code = 405
+    code = "method_not_allowed"
 
 
 def _authorize(services: Services, headers: list[tuple[bytes, bytes]]) -> None:
@@ -33,51 +74,92 @@ def _authorize(services: Services, headers: list[tuple[bytes, bytes]]) -> None:
         raise AuthenticationFailed("invalid admin API key")
 
 
-async def handle_admin(services: Services, scope: MutableMapping[str, Any], send: Any) -> None:
+async def handle_admin(
+    services: Services, scope: MutableMapping[str, Any], receive: Receive, send: Send
+) -> None:
     request_id = new_transaction_id()
     try:
         _authorize(services, scope["headers"])
-        if scope["method"] != "GET":
-            raise ClientError("the admin API is read-only: use GET")
+        method = scope["method"]
         parts = scope["path"][len(PREFIX) :].strip("/").split("/")
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-        body = await _route(services, parts, query)
+        if parts == ["events"] and method == "GET":
+            where = _filter(query)
+            await _send_events(services, scope, where, receive, send, request_id)
+            return
+        body = None
+        if method in ("POST", "PUT"):
+            body = await _read_json(receive, services.settings.max_request_bytes)
+        status, payload = await _route(services, method, parts, query, body)
     except Exception as exc:
         await send_error(send, exc, request_id, dev=services.settings.dev)
         return
-    await send_json(send, 200, body, request_id)
+    await send_json(send, status, payload, request_id)
 
 
-async def _route(services: Services, parts: list[str], query: dict[str, str]) -> Any:
-    from luthien_control.db.keys import list_keys
-    from luthien_control.db.policies import get_policy, list_policies
-    from luthien_control.db.transactions import (
-        TransactionFilter,
-        get_transaction,
-        list_transactions,
+async def _read_json(receive: Receive, limit: int) -> Any:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise MalformedRequest("the client went away before sending its whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        return strict_json(b"".join(chunks))
+    except DecodingError as exc:
+        raise MalformedRequest(f"the request body {exc}") from None
+
+
+def _filter(query: dict[str, str]) -> Any:
+    from luthien_control.db.transactions import TransactionFilter
+
+    return TransactionFilter(
+        outcome=query.get("outcome"),
+        model=query.get("model"),
+        key_name=query.get("key"),
+        since=parse_since(query["since"], "since") if "since" in query else None,
     )
 
+
+async def _route(
+    services: Services, method: str, parts: list[str], query: dict[str, str], body: Any
+) -> tuple[int, Any]:
+    allowed = _ALLOWED.get(_shape(parts))
+    if allowed is None:
+        raise NotFound(f"no admin route /{'/'.join(parts)}")
+    if method not in allowed:
+        raise MethodNotAllowed(
+            f"/admin/api/{'/'.join(parts)} answers {', '.join(sorted(allowed))}, not {method}"
+        )
     engine = services.engine
-    match parts:
-        case ["transactions"]:
+    match method, parts:
+        case "GET", ["transactions"]:
+            from luthien_control.db.transactions import list_transactions
+
             try:
                 limit = min(int(query.get("limit", "50")), MAX_LIMIT)
             except ValueError as exc:
                 raise ClientError("limit must be a number", param="limit") from exc
-            where = TransactionFilter(
-                outcome=query.get("outcome"),
-                model=query.get("model"),
-                key_name=query.get("key"),
-                since=parse_since(query["since"], "since") if "since" in query else None,
-            )
-            return {"data": await list_transactions(engine, where, limit=max(limit, 1))}
-        case ["transactions", transaction_id]:
+            rows = await list_transactions(engine, _filter(query), limit=max(limit, 1))
+            return 200, {"data": rows}
+        case "GET", ["transactions", transaction_id]:
+            from luthien_control.db.transactions import get_transaction
+
             record = await get_transaction(engine, transaction_id)
             if record is None:
                 raise NotFound(f"no transaction {transaction_id!r}")
-            return record
-        case ["policies"]:
-            return {
+            return 200, record
+        case "GET", ["policies"]:
+            from luthien_control.db.policies import list_policies
+
+            return 200, {
                 "data": [
                     {
                         "name": p.name,
@@ -89,22 +171,160 @@ async def _route(services: Services, parts: list[str], query: dict[str, str]) ->
                     for p in await list_policies(engine)
                 ]
             }
-        case ["policies", name]:
+        case "GET", ["policies", name]:
+            from luthien_control.db.policies import get_policy
+
             stored = await get_policy(engine, name)
             if stored is None:
                 raise NotFound(f"no policy {name!r}")
-            return {"name": stored.name, "version": stored.version, "definition": stored.definition}
-        case ["keys"]:
-            return {
-                "data": [
-                    {
-                        "name": k.name,
-                        "prefix": k.prefix,
-                        "created_at": k.created_at,
-                        "revoked_at": k.revoked_at,
-                        "active": k.active,
-                    }
-                    for k in await list_keys(engine)
-                ]
-            }
-    raise NotFound(f"no admin route /{'/'.join(parts)}")
+            return 200, _policy(stored)
+        case "PUT", ["policies", name]:
+            return 200, await _store_policy(services, name, body)
+        case "GET", ["keys"]:
+            from luthien_control.db.keys import list_keys
+
+            return 200, {"data": [_key(k) for k in await list_keys(engine)]}
+        case "POST", ["keys"]:
+            return 201, await _create_key(services, body)
+        case "DELETE", ["keys", name]:
+            from luthien_control.db.keys import revoke_key
+
+            return 200, _key(await revoke_key(engine, name))
+    raise NotFound(f"no admin route /{'/'.join(parts)}")  # pragma: no cover - _ALLOWED
+
+
+def _shape(parts: list[str]) -> tuple[str, ...]:
+    """A route's shape: its fixed first part, then ``*`` for a name or an id."""
+    return (parts[0], *("*" for _ in parts[1:])) if parts and parts[0] else ()
+
+
+_ALLOWED: dict[tuple[str, ...], frozenset[str]] = {
+    ("transactions",): frozenset({"GET"}),
+    ("transactions", "*"): frozenset({"GET"}),
+    ("policies",): frozenset({"GET"}),
+    ("policies", "*"): frozenset({"GET", "PUT"}),
+    ("keys",): frozenset({"GET", "POST"}),
+    ("keys", "*"): frozenset({"DELETE"}),
+    ("events",): frozenset({"GET"}),
+}
+
+
+def _key(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "prefix": info.prefix,
+        "created_at": info.created_at,
+        "revoked_at": info.revoked_at,
+        "active": info.active,
+    }
+
+
+def _policy(stored: Any) -> dict[str, Any]:
+    return {"name": stored.name, "version": stored.version, "definition": stored.definition}
+
+
+async def _create_key(services: Services, body: Any) -> dict[str, Any]:
+    from luthien_control.db.keys import add_key, generate_key
+
+    if not isinstance(body, dict) or set(body) - {"name"} or "name" not in body:
+        raise MalformedRequest('the body must be {"name": "<key name>"}')
+    name = body["name"]
+    if not isinstance(name, str):
+        raise MalformedRequest("the key name must be a string", param="name")
+    value = generate_key()
+    info = await add_key(services.engine, name, value)
+    return {**_key(info), "key": value}  # the only time the value is ever shown
+
+
+async def _store_policy(services: Services, name: str, body: Any) -> dict[str, Any]:
+    from luthien_control.db.policies import save_policy
+    from luthien_control.policies.loader import load_policy
+
+    try:
+        definition = load_policy(body).serialize()
+    except PolicyConfigError as exc:
+        raise MalformedRequest(exc.message, param=exc.path or None) from None
+    return _policy(await save_policy(services.engine, name, definition))
+
+
+async def _send_events(
+    services: Services,
+    scope: MutableMapping[str, Any],
+    where: Any,
+    receive: Receive,
+    send: Send,
+    request_id: str,
+) -> None:
+    """One ``transaction`` event per transaction recorded from now on, until the client
+    goes away. Each event's ``id`` is the record's ``seq``: a browser that reconnects
+    sends it back as ``Last-Event-ID`` and gets what it missed. A comment line every
+    ``KEEPALIVE_INTERVAL`` seconds keeps intermediaries from closing a quiet stream. When
+    the database fails, an ``error`` event ends the stream (the client reconnects)."""
+    from luthien_control.db.transactions import follow_transactions
+
+    after = _last_event_id(scope["headers"])
+    follower = follow_transactions(
+        services.engine, where, interval=EVENTS_INTERVAL, after_seq=after
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (TRANSACTION_HEADER, request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b": connected\n\n", "more_body": True})
+
+    async def produce() -> None:
+        quiet = 0.0
+        try:
+            async for batch in follower:
+                if batch:
+                    quiet = 0.0
+                    body = b"".join(_event(row) for row in batch)
+                else:
+                    quiet += EVENTS_INTERVAL
+                    if quiet < KEEPALIVE_INTERVAL:
+                        continue
+                    quiet, body = 0.0, b": keep-alive\n\n"
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except LuthienError as exc:
+            _, payload = error_status_and_body(exc, request_id)
+            body = b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    producer = asyncio.ensure_future(produce())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (producer, watcher):
+            task.cancel()
+        await asyncio.gather(producer, watcher, return_exceptions=True)
+        await follower.aclose()
+
+
+def _event(row: dict[str, Any]) -> bytes:
+    return b"id: %d\nevent: transaction\ndata: %s\n\n" % (
+        row["seq"],
+        orjson.dumps(row, default=str),
+    )
+
+
+def _last_event_id(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"last-event-id":
+            text = value.decode("latin-1").strip()
+            if not text.isdigit() or len(text) > 18:
+                raise MalformedRequest("Last-Event-ID must be an event id this stream sent")
+            return int(text)
+    return None

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
-from collections import deque
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -31,8 +28,6 @@ COLUMNS = (
     "MS",
 )
 FOLLOW_INTERVAL = 1.0
-SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
-LOOKBACK = 1000  # rows re-read on each poll while following
 
 
 def parse_since(value: str, name: str = "--since") -> datetime:
@@ -100,9 +95,9 @@ async def run_logs(
     from luthien_control.db.init_db import upgrade_database
     from luthien_control.db.transactions import (
         TransactionFilter,
+        follow_transactions,
         get_transaction,
         list_transactions,
-        max_seq,
     )
 
     if limit < 1:
@@ -134,29 +129,10 @@ async def run_logs(
             if not records and not as_json:
                 print("no transactions", file=out)
             return 0
-        # Everything stored so far counts as seen; then look back a little on each poll,
-        # because with several writers a row with a lower seq can commit late.
-        last_seq = await max_seq(engine)
-        window = TransactionFilter(after_seq=max(0, last_seq - LOOKBACK))
-        seen = deque(
-            (r["id"] for r in await list_transactions(engine, window, limit=LOOKBACK)),
-            maxlen=SEEN_WINDOW,
-        )
-        while True:
-            await asyncio.sleep(FOLLOW_INTERVAL)
-            lookback = replace(where, after_seq=max(0, last_seq - LOOKBACK))
-            fresh = [
-                r
-                for r in await list_transactions(
-                    engine, lookback, limit=LOOKBACK, oldest_first=True
-                )
-                if r["id"] not in seen
-            ]
-            for record in fresh:
-                seen.append(record["id"])
-                last_seq = max(last_seq, record["seq"])
+        async for fresh in follow_transactions(engine, where, interval=FOLLOW_INTERVAL):
             _emit(fresh, out, as_json=as_json, header=False)
             out.flush()
+        return 0  # not reached: following ends with an interrupt
     finally:
         await engine.dispose()
 

@@ -141,7 +141,7 @@ class LuthienProxy:
             elif path == "/metrics":
                 await metrics.send_metrics(send, new_transaction_id())
             elif path.startswith(ADMIN_PREFIX) and self.services is not None:
-                await handle_admin(self.services, scope, send)
+                await handle_admin(self.services, scope, receive, send)
             else:
                 await send_error(
                     send, NotFound(f"no route {path}"), new_transaction_id(), dev=False

@@ -3,9 +3,11 @@ admin API."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -16,6 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import TransactionRow
 from luthien_control.exceptions import StorageRefused
+
+SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
+LOOKBACK = 1000  # rows re-read on each poll while following
 
 SUMMARY_COLUMNS = (
     "seq",
@@ -141,3 +146,38 @@ async def get_transaction(engine: AsyncEngine, transaction_id: str) -> dict[str,
         if row is None:
             return None
         return {c.name: getattr(row, c.key) for c in TransactionRow.__table__.columns}
+
+
+async def follow_transactions(
+    engine: AsyncEngine,
+    where: TransactionFilter,
+    *,
+    interval: float,
+    after_seq: int | None = None,
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Summaries of the matching transactions recorded from now on (or after the record
+    ``after_seq``), each exactly once, in batches: one per poll, every ``interval``
+    seconds, empty when nothing came.
+
+    ``seq`` alone is not enough with several writers (workers, processes): a row with a
+    lower ``seq`` can commit after one with a higher. Everything up to the starting point
+    counts as seen; then each poll looks back ``LOOKBACK`` rows and skips the ids it has
+    already given. ``logs --follow`` and the admin API's event stream both use it.
+    """
+    last_seq = await max_seq(engine) if after_seq is None else max(0, after_seq)
+    window = TransactionFilter(after_seq=max(0, last_seq - LOOKBACK))
+    earlier = await list_transactions(engine, window, limit=2 * LOOKBACK, oldest_first=True)
+    seen = deque((r["id"] for r in earlier if r["seq"] <= last_seq), maxlen=SEEN_WINDOW)
+    seen_ids = set(seen)
+    while True:
+        await asyncio.sleep(interval)
+        lookback = replace(where, after_seq=max(0, last_seq - LOOKBACK))
+        rows = await list_transactions(engine, lookback, limit=2 * LOOKBACK, oldest_first=True)
+        fresh = [r for r in rows if r["id"] not in seen_ids]
+        for record in fresh:
+            if len(seen) == seen.maxlen:
+                seen_ids.discard(seen[0])
+            seen.append(record["id"])
+            seen_ids.add(record["id"])
+            last_seq = max(last_seq, record["seq"])
+        yield fresh
