@@ -215,6 +215,7 @@ def _key(info: Any) -> dict[str, Any]:
         "prefix": info.prefix,
         "created_at": info.created_at,
         "revoked_at": info.revoked_at,
+        "last_used_at": info.last_used_at,
         "active": info.active,
     }
 

@@ -30,6 +30,7 @@ class ClientKeyInfo:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    last_used_at: datetime | None = None
 
     @property
     def active(self) -> bool:
@@ -125,5 +126,9 @@ async def _exists(session: AsyncSession, condition: ColumnElement[bool]) -> bool
 
 def _info(row: ClientKeyRow) -> ClientKeyInfo:
     return ClientKeyInfo(
-        name=row.name, prefix=row.key_prefix, created_at=row.created_at, revoked_at=row.revoked_at
+        name=row.name,
+        prefix=row.key_prefix,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
     )

@@ -83,6 +83,21 @@ class ClientKeyRow(Base):
     key_prefix: Mapped[str] = mapped_column(String(KEY_PREFIX_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The newest request recorded with it (the recorder keeps it, a batch at a time).
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AdminSessionRow(Base):
+    """A signed-in operator console session. Only the sha256 of its cookie is stored."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(KEY_HASH_LENGTH), unique=True)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))  # who: shown on reviews
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # signed out
 
 
 class PolicyRow(Base):

@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
-from luthien_control.db.models import TransactionRow
+from luthien_control.db.models import ClientKeyRow, TransactionRow
 from luthien_control.exceptions import StorageRefused
 
 SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
@@ -68,12 +68,33 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
             ) from exc
         async with translate_errors(engine), engine.begin() as connection:
             await connection.exec_driver_sql(sql, values)
+            await _touch_keys(connection, rows)
         return
     from sqlalchemy.dialects import postgresql
 
     statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
     async with translate_errors(engine), engine.begin() as connection:
         await connection.execute(statement, list(rows))
+        await _touch_keys(connection, rows)
+
+
+async def _touch_keys(connection: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Each key's ``last_used_at``: the newest request of the batch made with it (one
+    statement per key of the batch, never moving the time backwards)."""
+    newest: dict[str, datetime] = {}
+    for row in rows:
+        name, at = row.get("client_key_name"), row["received_at"]
+        if name is not None and (name not in newest or at > newest[name]):
+            newest[name] = at
+    for name, at in newest.items():
+        await connection.execute(
+            update(ClientKeyRow)
+            .where(
+                ClientKeyRow.name == name,
+                or_(ClientKeyRow.last_used_at.is_(None), ClientKeyRow.last_used_at < at),
+            )
+            .values(last_used_at=at)
+        )
 
 
 @functools.cache

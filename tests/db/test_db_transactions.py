@@ -98,3 +98,17 @@ async def test_a_value_the_database_cannot_take_is_a_storage_error(db: AsyncEngi
     with pytest.raises(StorageError, match="naive datetime"):
         await insert_records(db, [row("a" * 32), row("b" * 32, received_at=naive)])
     assert await get_transaction(db, "a" * 32) is None  # nothing of the batch was written
+
+
+async def test_a_batch_tells_each_key_when_it_was_last_used(db: AsyncEngine) -> None:
+    from luthien_control.db.keys import add_key, list_keys
+
+    await add_key(db, "ci", "lc-ci-key")
+    await add_key(db, "idle", "lc-idle-key")
+    later = RECEIVED + timedelta(seconds=5)
+    await insert_records(db, [row("a" * 32, received_at=later), row("b" * 32)])
+    await insert_records(db, [row("c" * 32, client_key_name=None)])
+    used = {k.name: k.last_used_at for k in await list_keys(db)}
+    assert used == {"ci": later, "idle": None}
+    await insert_records(db, [row("d" * 32)])  # an older request moves nothing back
+    assert {k.name: k.last_used_at for k in await list_keys(db)}["ci"] == later
