@@ -171,9 +171,12 @@ class Services:
         return cls(
             settings=settings,
             engine=engine,
-            backend=BackendClient(settings.timeouts, settings.limits),
+            backend=BackendClient(settings.timeouts, settings.limits, settings.network),
             judge_backend=BackendClient(
-                settings.timeouts, settings.judge_limits, pool_setting="JUDGE_POOL_SIZE"
+                settings.timeouts,
+                settings.judge_limits,
+                settings.network,
+                pool_setting="JUDGE_POOL_SIZE",
             ),
             policy=PolicySource(settings),
             recorder=DatabaseRecorder(

@@ -6,7 +6,9 @@ Values come from the environment and a ``.env`` file in the working directory
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -31,6 +33,7 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
 DEFAULT_RECORDER_BACKLOG = 50_000
+DEFAULT_DNS_TTL = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,22 @@ class Limits:
 
     pool_size: int = DEFAULT_POOL_SIZE
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """How backend connections are opened: how long a host name's addresses are reused
+    (0: resolved for every connection), the CA bundle that replaces the system trust
+    store, the client certificate shown to backends that ask for one, and the egress
+    proxies, as ``urllib.request.getproxies_environment()`` reads ``HTTPS_PROXY``,
+    ``HTTP_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` (keys ``https``, ``http``, ``all``,
+    ``no``)."""
+
+    dns_ttl: float = DEFAULT_DNS_TTL
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    proxies: Mapping[str, str] = field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -70,6 +89,10 @@ class Settings(BaseSettings):
     backend_read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
     backend_pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1)
     judge_pool_size: int = Field(DEFAULT_JUDGE_POOL_SIZE, ge=1)
+    backend_dns_ttl: float = Field(DEFAULT_DNS_TTL, ge=0)
+    backend_ca_bundle: Path | None = None
+    backend_client_cert: Path | None = None
+    backend_client_key: Path | None = None
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
@@ -82,6 +105,9 @@ class Settings(BaseSettings):
     @field_validator(
         "policy_filepath",
         "recorder_dead_letter",
+        "backend_ca_bundle",
+        "backend_client_cert",
+        "backend_client_key",
         "backend_url",
         "openai_api_key",
         "anthropic_api_key",
@@ -111,6 +137,17 @@ class Settings(BaseSettings):
         return Limits(pool_size=self.backend_pool_size, max_request_bytes=self.max_request_bytes)
 
     @cached_property
+    def network(self) -> Network:
+        """How backend connections are opened; the proxies from the process environment."""
+        return Network(
+            dns_ttl=self.backend_dns_ttl,
+            ca_bundle=self.backend_ca_bundle,
+            client_cert=self.backend_client_cert,
+            client_key=self.backend_client_key,
+            proxies=urllib.request.getproxies_environment(),
+        )
+
+    @cached_property
     def judge_limits(self) -> Limits:
         """The pool of the calls the proxy makes for itself (judges)."""
         return Limits(pool_size=self.judge_pool_size, max_request_bytes=self.max_request_bytes)
@@ -126,10 +163,16 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """The settings from the environment; a bad value is a ``ConfigurationError``."""
+    """The settings from the environment; a bad value (a TLS file that does not load, a
+    proxy URL that cannot be used included) is a ``ConfigurationError``."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]).upper() if error["loc"] else "setting"
         raise ConfigurationError(f"invalid {name}: {error['msg']}") from exc
+    # TLS files and proxy URLs are checked as the backend client will use them.
+    from luthien_control.upstream.connect import check_network  # the client imports us
+
+    check_network(settings.network)
+    return settings

@@ -24,11 +24,19 @@ request. What it does:
 - a body read to its end gives its connection back to the pool and frees its slot at
   once; the path goes out as the client wrote it, with anything that could end the
   request line percent-encoded, and a header that could end a line is refused;
-- host names are resolved at most every ``DNS_TTL`` seconds, each address tried in turn;
+- a new connection is opened by ``connect.py``: a host name's addresses kept
+  ``BACKEND_DNS_TTL`` seconds and raced (RFC 8305, 250 ms apart), through the egress
+  proxy of ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` unless ``NO_PROXY`` says otherwise
+  (``CONNECT`` and TLS inside the tunnel for an ``https://`` backend, absolute-form
+  requests for an ``http://`` one), TLS trusting the system store or
+  ``BACKEND_CA_BUNDLE`` and showing ``BACKEND_CLIENT_CERT`` when asked;
 - at most ``pool_size`` requests in flight (``BACKEND_POOL_SIZE`` or ``JUDGE_POOL_SIZE``),
   the rest wait, each at most the connect timeout;
 - ``connect`` bounds opening a connection (TLS included), ``read`` the wait for each
   piece of the answer (``BACKEND_CONNECT_TIMEOUT``, ``BACKEND_READ_TIMEOUT``);
+- an answer's head (status line and headers, informational answers included) larger
+  than ``MAX_HEAD_BYTES`` (64 KiB) is a ``BackendBroken``: nothing is buffered without
+  bound before the body;
 - the body comes as the network delivers it (chunked encoding undone, nothing
   decompressed: the backend's bytes pass through untouched); reading pauses while more
   than ``HIGH_WATER`` bytes wait for a slow consumer;
@@ -36,117 +44,64 @@ request. What it does:
   backend sees the cancellation and stops generating.
 
 Every failure is one of the proxy's ``BackendError`` kinds, with the URL in its message as
-``display_url`` renders it: never its userinfo, never a credential in its query.
+``display_url`` (``urls.py``) renders it: never its userinfo, never a credential in its
+query, never a proxy's credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import ipaddress
+import logging
 import re
-import socket
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 from urllib.parse import quote, unquote, urlsplit
 
 import httptools
 
 from luthien_control.exceptions import BackendBroken, BackendTimeout, BackendUnreachable
-from luthien_control.settings import Limits, Timeouts
+from luthien_control.settings import Limits, Network, Timeouts
+from luthien_control.upstream.connect import MAX_HEAD_BYTES, Connector, literal_address
+from luthien_control.upstream.urls import (
+    DOT_SEGMENT_REFUSED,
+    REDACTED,
+    display_url,
+    has_dot_segment,
+)
 
 IDLE_TIMEOUT = 15.0  # seconds an idle keep-alive connection is kept for reuse
-DNS_TTL = 300.0  # seconds a host name's addresses are reused before asking DNS again
 HIGH_WATER = 256 * 1024  # buffered answer bytes at which reading pauses
-_NOT_SENT = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_NOT_SENT = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "proxy-authorization"}
+)
+logger = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, field names
 _HEADER_LINE = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\r\n\x00]*\r\n"
 _HEADER_BLOCK = re.compile(f"(?:{_HEADER_LINE})*")
 _VISIBLE = "".join(map(chr, range(0x21, 0x7F)))
 _TARGET = re.compile(r"/[\x21-\x7e]*")  # a path and query, visible ASCII only
-REDACTED = "[REDACTED]"
-# A query parameter whose name holds one of these (any case) carries a credential.
-_SECRET_PARAM = re.compile(r"key|token|secret|passw|pwd|auth|sig|credential|session|cookie", re.I)
-_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]*\]|[^:@\[\]]*)(?::[0-9]*)?")  # a clean authority
-_DECODE_ROUNDS = 4  # percent-decodings undone when looking for dot segments (%252e: twice)
-_SEPARATORS = re.compile(r"[/\\]")  # a backslash separates segments for some servers
-DOT_SEGMENT_REFUSED = (
-    "the request path holds a '.' or '..' segment (as written or percent-encoded); "
-    "such a path is not forwarded"
-)
-
-
-def display_url(url: str) -> str:
-    """``url`` as people may see it, in error messages, records and logs: without its
-    userinfo (``user:password@``) or fragment, and with the value of every query parameter
-    whose name suggests a credential (``api_key``, ``token``, ``sig``, ``password``, ...)
-    replaced by ``[REDACTED]``.
-
-    It never fails, whatever the string: in a URL that does not parse, everything up to
-    the last ``@`` may be a password holding ``/``, ``?`` or ``#``, and goes.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        scheme, rest = "", url
-    end = len(rest)
-    for mark in "/?#":
-        found = rest.find(mark)
-        if 0 <= found < end:
-            end = found
-    authority = rest[:end]
-    if "@" in authority:
-        rest = rest[authority.rindex("@") + 1 :]
-    elif "@" in rest and not _HOST_PORT.fullmatch(authority):
-        rest = rest[rest.rindex("@") + 1 :]
-    rest = rest.partition("#")[0]
-    path, question, query = rest.partition("?")
-    if question:
-        query = "&".join(map(_display_param, query.split("&")))
-    return f"{scheme}{separator}{path}{question}{query}"
-
-
-def _display_param(param: str) -> str:
-    name, equals, _ = param.partition("=")
-    if equals and _SECRET_PARAM.search(unquote(name)):
-        return f"{name}={REDACTED}"
-    return param
-
-
-def has_dot_segment(path: str) -> bool:
-    """Whether a backend could read a ``.`` or ``..`` segment in ``path``.
-
-    Such a path is refused, not resolved. Resolving would have to guess how the backend
-    reads the path (how many times it percent-decodes, whether ``%2f`` or ``\\``
-    separates segments, whether ``..;`` is ``..``), and a wrong guess lets the path climb
-    out of the backend's API root (``/v1/../internal``) after the policies judged
-    another one. No client of these APIs writes dot segments, so refusing every reading
-    costs nothing: the path is percent-decoded until it no longer changes, split at
-    ``/`` and ``\\``, and a segment that is ``.`` or ``..`` (before any ``;``) is one. A
-    path still changing after ``_DECODE_ROUNDS`` decodings counts as one too.
-    """
-    if "." not in path and "%" not in path:  # the usual path: nothing to decode
-        return False
-    decoded = path
-    for _ in range(_DECODE_ROUNDS):
-        once = unquote(decoded, encoding="latin-1")
-        if once == decoded:
-            break
-        decoded = once
-    else:
-        return True
-    return any(segment.partition(";")[0] in (".", "..") for segment in _SEPARATORS.split(decoded))
 
 
 class _Origin:
     """Where requests for one ``scheme://host:port`` go."""
 
-    __slots__ = ("address", "authorization", "host", "host_header", "key", "port", "tls")
+    __slots__ = (
+        "address",
+        "authorization",
+        "host",
+        "host_header",
+        "key",
+        "port",
+        "proxy",
+        "proxy_header",
+        "target_prefix",
+        "tls",
+    )
 
-    def __init__(self, prefix: str, url: str) -> None:
+    def __init__(self, prefix: str, url: str, connector: Connector) -> None:
         """``prefix``: ``scheme://authority`` of ``url``, the whole URL (for messages: a
         password holding a ``/`` ends the prefix early, and only the whole URL shows it)."""
         try:
@@ -167,14 +122,15 @@ class _Origin:
                 raise BackendUnreachable(f"invalid backend URL: {display_url(url)}") from exc
         self.host_header = netloc
         self.key = (self.tls, self.host, self.port)
-        self.address: tuple[int, tuple[Any, ...]] | None = None  # an IP literal: no DNS
-        try:
-            ip = ipaddress.ip_address(self.host)
-        except ValueError:
-            pass
-        else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            self.address = (family, (self.host, self.port))
+        self.address = literal_address(self.host, self.port)  # an IP literal: no DNS
+        self.proxy = connector.proxies.for_origin(self.tls, self.host, self.port)
+        # Through a proxy, a plain-HTTP request names its origin (absolute form) and
+        # carries the proxy's credentials; over TLS the proxy only sees CONNECT.
+        self.target_prefix = ""
+        self.proxy_header = ""
+        if self.proxy is not None and not self.tls:
+            self.target_prefix = f"http://{netloc}"
+            self.proxy_header = self.proxy.header()
         self.authorization: str | None = None
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -190,6 +146,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
+        self.head_bytes = 0  # bytes received before the head was complete
         self.idle_since = 0.0
         self._loop = asyncio.get_running_loop()
         self._begin("", head_only=False)
@@ -205,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self.received = False  # some byte of the answer has come
         self.done = False  # the answer is complete
         self.keep_alive = False
+        self.head_bytes = 0
         self.error: Exception | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -220,10 +178,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         if not self.url or self.done:  # bytes nobody asked for: this connection is done
@@ -240,6 +194,16 @@ class _Connection(asyncio.Protocol):
                     f"backend error ({display_url(self.url)}): invalid HTTP answer: {exc}"
                 )
             )
+            return
+        if not self.head_done:  # a head that never ends is not buffered without bound
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    BackendBroken(
+                        f"backend error ({display_url(self.url)}): the answer's head is "
+                        f"larger than {MAX_HEAD_BYTES} bytes"
+                    )
+                )
 
     def eof_received(self) -> bool:
         return False  # close our side as well
@@ -428,19 +392,30 @@ class BackendClient:
     """
 
     def __init__(
-        self, timeouts: Timeouts, limits: Limits, *, pool_setting: str = "BACKEND_POOL_SIZE"
+        self,
+        timeouts: Timeouts,
+        limits: Limits,
+        network: Network | None = None,
+        *,
+        pool_setting: str = "BACKEND_POOL_SIZE",
     ) -> None:
+        """``network``: DNS, TLS and proxies (``Settings.network``); by default none of
+        the environment's proxies, the system trust store, DNS answers kept 300 s. A TLS
+        file that cannot be loaded, or a proxy URL that cannot be used, is a
+        ``ConfigurationError`` here."""
         self._timeouts = timeouts
         self._limits = limits
         self._pool_setting = pool_setting
+        self._connector = Connector(network or Network())
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
-        self._tls: ssl.SSLContext | None = None
-        self._resolved: dict[tuple[bool, str, int], tuple[float, list[Any]]] = {}
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self._limits.pool_size)
+        proxies = self._connector.proxies
+        if proxies:
+            logger.info("egress proxy (%s): %s", self._pool_setting, proxies.describe())
 
     async def close(self) -> None:
         for connections in self._idle.values():
@@ -483,7 +458,7 @@ class BackendClient:
         prefix = url[:end]
         origin = self._origins.get(prefix)
         if origin is None:
-            origin = self._origins[prefix] = _Origin(prefix, url)
+            origin = self._origins[prefix] = _Origin(prefix, url, self._connector)
         target = url[end:].partition("#")[0]
         if not target.startswith("/"):
             target = "/" + target
@@ -549,29 +524,20 @@ class BackendClient:
         idle.append(connection)
 
     async def _connect(self, origin: _Origin, url: str) -> _Connection:
-        """A new connection: each address of the host in turn (resolved at most every
-        ``DNS_TTL`` seconds), the whole within the connect timeout."""
-        loop = asyncio.get_running_loop()
-        tls = self._tls_context() if origin.tls else None
+        """A new connection (``connect.py``: addresses raced, through the egress proxy if
+        any, TLS), the whole within the connect timeout."""
         try:
             async with asyncio.timeout(self._timeouts.connect):
-                addresses = await self._addresses(origin)
-                for number, (family, address) in enumerate(addresses, 1):
-                    try:
-                        _, connection = await loop.create_connection(
-                            lambda: _Connection(origin, self._timeouts.read),
-                            address[0],
-                            address[1],
-                            family=family,
-                            ssl=tls,
-                            server_hostname=origin.host if tls is not None else None,
-                        )
-                    except OSError:
-                        if number == len(addresses):
-                            self._resolved.pop(origin.key, None)  # ask DNS again next time
-                            raise
-                        continue
-                    return connection
+                connection: _Connection = await self._connector.connect(
+                    lambda: _Connection(origin, self._timeouts.read),
+                    host=origin.host,
+                    port=origin.port,
+                    tls=origin.tls,
+                    literal=origin.address,
+                    proxy=origin.proxy,
+                    url=url,
+                )
+                return connection
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"the backend did not answer in time ({display_url(url)})"
@@ -581,30 +547,6 @@ class BackendClient:
             raise BackendUnreachable(
                 f"cannot connect to the backend at {display_url(url)}: {reason}"
             ) from exc
-        raise AssertionError("unreachable")  # getaddrinfo gives at least one address
-
-    async def _addresses(self, origin: _Origin) -> list[tuple[int, tuple[Any, ...]]]:
-        """The host's addresses: an IP literal as it is; a name from the cache, or from
-        ``getaddrinfo`` (in a thread) once the cached answer is ``DNS_TTL`` seconds old."""
-        if origin.address is not None:
-            return [origin.address]
-        loop = asyncio.get_running_loop()
-        cached = self._resolved.get(origin.key)
-        if cached is not None and loop.time() < cached[0]:
-            return cached[1]
-        infos = await loop.getaddrinfo(
-            origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-        addresses: list[tuple[int, tuple[Any, ...]]] = [
-            (family, address) for family, _, _, _, address in infos
-        ]
-        self._resolved[origin.key] = (loop.time() + DNS_TTL, addresses)
-        return addresses
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            self._tls = ssl.create_default_context()
-        return self._tls
 
 
 class _Exchange:
@@ -702,7 +644,10 @@ def _request_bytes(
         block += f"content-length: {len(body)}\r\n"
     elif method in _BODY_METHODS:
         block += "content-length: 0\r\n"
-    head = f"{method} {target} HTTP/1.1\r\nhost: {origin.host_header}\r\n{block}\r\n"
+    head = (
+        f"{method} {origin.target_prefix}{target} HTTP/1.1\r\nhost: {origin.host_header}\r\n"
+        f"{origin.proxy_header}{block}\r\n"
+    )
     try:
         encoded = head.encode("latin-1")  # as the client's headers were decoded
     except UnicodeEncodeError:  # a value set by a policy: that value in UTF-8
@@ -722,6 +667,7 @@ def _encode_line(line: str) -> bytes:
 
 __all__ = [
     "DOT_SEGMENT_REFUSED",
+    "REDACTED",
     "BackendClient",
     "BackendResponse",
     "display_url",
