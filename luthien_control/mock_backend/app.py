@@ -11,7 +11,9 @@ and ``HEAD`` on ``/`` and ``/health``; the request log at ``/_mock/requests``.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Any
 
 import orjson
@@ -33,6 +35,7 @@ REQUESTS_PATH = "/_mock/requests"
 MODELS_PATH = "/v1/models"
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+LOG_MAX_DEPTH = 1024  # the deepest body orjson reads, so the deepest the log holds
 
 
 class MockBackend:
@@ -157,7 +160,7 @@ class MockBackend:
             # Claude Code sends HEAD / before its first request.
             await _send_json(send, 200, HEALTH_BODY, head=method == "HEAD")
         elif path == REQUESTS_PATH and method == "GET":
-            await _send_json(send, 200, orjson.dumps(self.requests.all()))
+            await _send_json(send, 200, _dump_log(self.requests.all()))
         elif path == REQUESTS_PATH and method == "DELETE":
             self.requests.clear()
             await _send_json(send, 200, b'{"deleted":true}')
@@ -168,7 +171,7 @@ class MockBackend:
                 error = errors.request_not_found(request_id)
                 await _send_json(send, error.status, error.body())
             else:
-                await _send_json(send, 200, orjson.dumps(record))
+                await _send_json(send, 200, _dump_log(record))
         else:
             error = errors.not_found(method, path)
             await _send_json(send, error.status, error.body())
@@ -325,6 +328,21 @@ def _anthropic_auth_error(api_key: str | None, authorization: str | None) -> err
     if api_key is None and authorization is None:
         return errors.anthropic(401, "x-api-key header is required")
     return errors.anthropic(401, "invalid x-api-key")
+
+
+def _dump_log(value: Any) -> bytes:
+    """The request log as JSON. orjson reads bodies 1024 levels deep but writes 254: a
+    log holding a deeper body is written by the standard library's encoder instead (its
+    recursion limit raised for it), never a 500."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 4 * LOG_MAX_DEPTH))
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        finally:
+            sys.setrecursionlimit(limit)
 
 
 def _parse_body(raw: bytes) -> Any:

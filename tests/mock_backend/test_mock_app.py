@@ -539,3 +539,27 @@ async def test_disconnect_during_first_byte_delay(backend: MockBackend) -> None:
     assert record is not None
     assert record["outcome"] == "cancelled"
     assert sent == []
+
+
+async def test_request_log_serves_a_body_nested_deeper_than_orjson_writes(
+    client: httpx.AsyncClient,
+) -> None:
+    # orjson reads 1024 levels and writes 254: such a body was recorded, and then every
+    # read of the request log was a 500 (the hardening suite's fuzzer found it).
+    depth = 600
+    deep = '{"model":"gpt-4o","messages":[],"metadata":' + '{"a":' * depth + "1" + "}" * depth + "}"
+    await client.post(
+        CHAT,
+        content=deep,
+        headers={"content-type": "application/json", "x-mock-request-id": "deep"},
+    )
+    listing = await client.get("/_mock/requests")
+    assert listing.status_code == 200
+    (record,) = [r for r in listing.json() if r["id"] == "deep"]
+    one = await client.get("/_mock/requests/deep")
+    assert one.status_code == 200
+    assert one.json() == record
+    level = record["body"]["metadata"]
+    for _ in range(depth - 1):
+        level = level["a"]
+    assert level == {"a": 1}
