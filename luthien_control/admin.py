@@ -61,17 +61,43 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
-def _authorize(services: Services, headers: list[tuple[bytes, bytes]]) -> None:
+async def _authorize(services: Services, scope: MutableMapping[str, Any]) -> None:
+    """The admin key as a bearer token; or, for reads only, the operator console's
+    session cookie (the console's live view reads ``events`` with it: a browser's
+    ``EventSource`` sends no header of its own). The cookie is SameSite=Strict and a read
+    changes nothing, so no CSRF token is needed for it."""
     expected = services.settings.admin_api_key
     if not expected:
         raise AuthenticationFailed("the admin API is disabled: set ADMIN_API_KEY to enable it")
     given = ""
-    for name, value in headers:
-        if name.lower() == b"authorization":
+    cookie = ""
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else ""
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        elif name == b"cookie":
+            cookie = _console_cookie(value.decode("latin-1")) or cookie
+    if given:
+        if hmac.compare_digest(given.encode(), expected.encode()):
+            return
         raise AuthenticationFailed("invalid admin API key")
+    if cookie and scope["method"] == "GET":
+        from luthien_control.db.sessions import find_session
+
+        if await find_session(services.engine, cookie) is not None:
+            return
+    raise AuthenticationFailed("invalid admin API key")
+
+
+def _console_cookie(header: str) -> str:
+    from luthien_control.console import COOKIE
+
+    for pair in header.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name == COOKIE:
+            return value
+    return ""
 
 
 async def handle_admin(
@@ -79,7 +105,7 @@ async def handle_admin(
 ) -> None:
     request_id = new_transaction_id()
     try:
-        _authorize(services, scope["headers"])
+        await _authorize(services, scope)
         method = scope["method"]
         parts = scope["path"][len(PREFIX) :].strip("/").split("/")
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}

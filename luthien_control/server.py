@@ -116,6 +116,7 @@ class LuthienProxy:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.services: Services | None = None
+        self._console: Any = None  # the operator console (console/), made on first use
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -142,6 +143,12 @@ class LuthienProxy:
                 await metrics.send_metrics(send, new_transaction_id())
             elif path.startswith(ADMIN_PREFIX) and self.services is not None:
                 await handle_admin(self.services, scope, receive, send)
+            elif (path == "/admin" or path.startswith("/admin/")) and self.services is not None:
+                if self._console is None:
+                    from luthien_control.console import Console
+
+                    self._console = Console(self.services)
+                await self._console(scope, receive, send)
             else:
                 await send_error(
                     send, NotFound(f"no route {path}"), new_transaction_id(), dev=False

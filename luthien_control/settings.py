@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # unset: next to the SQLite file, or in the working directory (recording.py).
     recorder_dead_letter: Path | None = None
     admin_api_key: str | None = None
+    # How long a console sign-in lasts, in seconds (8 hours: a working day).
+    admin_session_lifetime: float = Field(8 * 3600, gt=0, le=30 * 24 * 3600)
 
     @field_validator(
         "policy_filepath",

@@ -123,12 +123,20 @@ class TransactionFilter:
     since: datetime | None = None
     until: datetime | None = None
     after_seq: int | None = None  # rows inserted after this one (``--follow``)
+    before_seq: int | None = None  # rows inserted before this one (the console's pages)
 
 
 async def list_transactions(
-    engine: AsyncEngine, where: TransactionFilter, *, limit: int = 50, oldest_first: bool = False
+    engine: AsyncEngine,
+    where: TransactionFilter,
+    *,
+    limit: int = 50,
+    oldest_first: bool = False,
+    by_seq: bool = False,
 ) -> list[dict[str, Any]]:
-    """Summaries (``SUMMARY_COLUMNS``) of matching transactions, newest first by default."""
+    """Summaries (``SUMMARY_COLUMNS``) of matching transactions, newest first by default
+    (by ``received_at``; by recording order with ``by_seq``: keyset pages with
+    ``before_seq``, walking the primary key)."""
     columns = [getattr(TransactionRow, name) for name in SUMMARY_COLUMNS]
     statement = select(*columns)
     if where.outcome:
@@ -141,15 +149,40 @@ async def list_transactions(
         statement = statement.where(TransactionRow.received_at >= where.since)
     if where.after_seq is not None:
         statement = statement.where(TransactionRow.seq > where.after_seq)
+    if where.before_seq is not None:
+        statement = statement.where(TransactionRow.seq < where.before_seq)
     if where.until is not None:
         statement = statement.where(TransactionRow.received_at <= where.until)
     if oldest_first:
         statement = statement.order_by(TransactionRow.seq)
+    elif by_seq:
+        statement = statement.order_by(TransactionRow.seq.desc())
     else:
         statement = statement.order_by(TransactionRow.received_at.desc(), TransactionRow.seq.desc())
     async with transaction(engine) as session:
         result = await session.execute(statement.limit(limit))
         return [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in result]
+
+
+async def outcome_counts(engine: AsyncEngine, since: datetime) -> dict[str, Any]:
+    """How the transactions received since ``since`` ended: ``{"total", "tokens",
+    "outcomes": {outcome: count}}`` (one grouped query on the ``received_at`` index)."""
+    statement = (
+        select(
+            TransactionRow.outcome,
+            func.count(),
+            func.coalesce(func.sum(TransactionRow.total_tokens), 0),
+        )
+        .where(TransactionRow.received_at >= since)
+        .group_by(TransactionRow.outcome)
+    )
+    async with transaction(engine) as session:
+        rows = list(await session.execute(statement))
+    return {
+        "total": sum(int(count) for _, count, _ in rows),
+        "tokens": sum(int(tokens) for _, _, tokens in rows),
+        "outcomes": {outcome: int(count) for outcome, count, _ in rows},
+    }
 
 
 async def max_seq(engine: AsyncEngine) -> int:

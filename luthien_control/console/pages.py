@@ -1,0 +1,198 @@
+"""The console's pages. Each takes the request and the signed-in ``Visit``; what it shows
+comes from the database (any worker's records), rendered by ``Console.render``."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from datetime import timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from luthien_control.console import Visit
+from luthien_control.console.conversation import answer_turns, request_turns
+from luthien_control.db.models import utcnow
+from luthien_control.exceptions import ClientError, NotFound
+
+PAGE_SIZE = 50
+OUTCOMES = (
+    "ok",
+    "blocked",
+    "rejected",
+    "backend_error",
+    "backend_error_status",
+    "client_disconnected",
+)
+
+
+def _render(request: Request, template: str, **context: Any) -> Response:
+    console = request.scope["luthien_console"]
+    return console.render(request, template, **context)  # type: ignore[no-any-return]
+
+
+def _engine(request: Request) -> Any:
+    return request.scope["luthien_console"].services.engine
+
+
+async def overview(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.transactions import outcome_counts
+
+    now = utcnow()
+    windows = []
+    for label, span in (("last hour", timedelta(hours=1)), ("last day", timedelta(days=1))):
+        counts = await outcome_counts(_engine(request), now - span)
+        windows.append({"label": label, **counts})
+    return _render(request, "overview.html", title="Overview", visit=visit, windows=windows)
+
+
+async def traffic(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.transactions import TransactionFilter, list_transactions
+    from luthien_control.logs import parse_since
+
+    query = request.query_params
+    before = query.get("before", "")
+    if before and not before.isdigit():
+        raise ClientError("'before' must be a record number")
+    since = query.get("since", "").strip()
+    where = TransactionFilter(
+        outcome=query.get("outcome") or None,
+        model=query.get("model") or None,
+        key_name=query.get("key") or None,
+        since=parse_since(since, "since") if since else None,
+        before_seq=int(before) if before else None,
+    )
+    rows = await list_transactions(_engine(request), where, limit=PAGE_SIZE + 1, by_seq=True)
+    more = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    filters = {k: query.get(k, "") for k in ("outcome", "model", "key", "since")}
+    older = None
+    if more:
+        older = {**{k: v for k, v in filters.items() if v}, "before": str(rows[-1]["seq"])}
+    live = {k: v for k, v in filters.items() if v and k != "since"}
+    return _render(
+        request,
+        "traffic.html",
+        title="Traffic",
+        visit=visit,
+        rows=rows,
+        filters=filters,
+        outcomes=OUTCOMES,
+        older=older,
+        live=live,
+        paged=bool(before),
+    )
+
+
+async def transaction(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.transactions import get_transaction
+
+    transaction_id = request.path_params["transaction_id"]
+    record = await get_transaction(_engine(request), transaction_id)
+    if record is None:
+        raise NotFound(f"no transaction {transaction_id!r}")
+    endpoint = record["endpoint"]
+    sent_request = (record["request"] or {}).get("sent") or {}
+    received_request = (record["request"] or {}).get("received") or {}
+    response = record["response"] or {}
+    turns = request_turns(endpoint, sent_request.get("body") or received_request.get("body"))
+    answer = answer_turns(endpoint, response.get("sent"))
+    return _render(
+        request,
+        "transaction.html",
+        title=f"Transaction {transaction_id}",
+        visit=visit,
+        record=record,
+        turns=turns,
+        answer=answer,
+        request_diff=side_by_side(received_request.get("body"), sent_request.get("body")),
+        response_diff=side_by_side(
+            _answer_document(response.get("received")), _answer_document(response.get("sent"))
+        ),
+    )
+
+
+def _answer_document(side: Any) -> Any:
+    if not isinstance(side, dict):
+        return None
+    return side.get("stream") if side.get("stream") is not None else side.get("body")
+
+
+def side_by_side(left: Any, right: Any) -> list[tuple[str, str, str, str]]:
+    """Two JSON documents as indented lines side by side, each pair tagged ``same``,
+    ``changed``, ``removed`` (only on the left) or ``added`` (only on the right): what the
+    policies changed between what was received and what was sent."""
+    a = _lines(left)
+    b = _lines(right)
+    rows: list[tuple[str, str, str, str]] = []
+    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            rows += [("same", line, "same", line) for line in a[i1:i2]]
+            continue
+        olds, news = a[i1:i2], b[j1:j2]
+        for k in range(max(len(olds), len(news))):
+            old = olds[k] if k < len(olds) else None
+            new = news[k] if k < len(news) else None
+            rows.append(
+                (
+                    "changed" if old is not None and new is not None else "removed",
+                    old or "",
+                    "changed" if old is not None and new is not None else "added",
+                    new or "",
+                )
+            )
+    return rows
+
+
+def _lines(document: Any) -> list[str]:
+    if document is None:
+        return []
+    if isinstance(document, str):
+        try:
+            document = json.loads(document)
+        except ValueError:
+            return list(document.splitlines())
+    return json.dumps(document, ensure_ascii=False, indent=2, default=str).splitlines()
+
+
+async def keys(request: Request, visit: Visit) -> Response:
+    return await _keys_page(request, visit)
+
+
+async def _keys_page(
+    request: Request, visit: Visit, *, created: dict[str, str] | None = None, status: int = 200
+) -> Response:
+    from luthien_control.db.keys import list_keys
+
+    listing = await list_keys(_engine(request))
+    return _render(
+        request,
+        "keys.html",
+        title="Keys",
+        visit=visit,
+        keys=listing,
+        created=created,
+        status=status,
+    )
+
+
+async def create_key(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.keys import add_key, generate_key
+
+    name = request.state.form.get("name", "").strip()
+    value = generate_key()
+    await add_key(_engine(request), name, value)
+    # Shown in this answer only (no-store): never stored, never shown again.
+    return await _keys_page(request, visit, created={"name": name, "key": value}, status=201)
+
+
+async def revoke_key(request: Request, visit: Visit) -> Response:
+    from starlette.responses import RedirectResponse
+
+    from luthien_control.console import PREFIX, secure
+    from luthien_control.db.keys import revoke_key as revoke
+
+    await revoke(_engine(request), request.path_params["name"])
+    return secure(RedirectResponse(f"{PREFIX}/keys", status_code=303))

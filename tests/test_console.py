@@ -1,0 +1,248 @@
+"""The operator console over HTTP, on a real proxy process with two workers: sign-in and
+its cookie, every page closed without it, CSRF and origin checks, the security headers,
+escaping of hostile records, keys created and revoked, and the transaction view.
+
+(The same console in a real browser: tests/console/.)"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import markupsafe
+import pytest
+
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
+
+ADMIN_KEY = "console-admin-key-0123"
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+SECRET = "sk-proj-" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
+
+
+def chain(backend: str) -> dict[str, Any]:
+    return {
+        "type": "SerialPolicy",
+        "config": {
+            "name": "console-test",
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "AddApiKeyHeader", "config": {}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
+                {"type": "SendBackendRequest", "config": {}},
+                {"type": "LeakedApiKeyDetection", "config": {"action": "redact"}},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    return start_proxy(
+        policy=chain(mock_backend.api_base), env={"ADMIN_API_KEY": ADMIN_KEY}, workers=2
+    )
+
+
+def sign_in(proxy: ProxyServer, name: str = "ada") -> httpx.Client:
+    client = httpx.Client(base_url=proxy.url, timeout=10)
+    answer = client.post(
+        "/admin/sign-in",
+        data={"name": name, "key": ADMIN_KEY, "next": "/admin/traffic"},
+        headers={"Origin": proxy.url},
+    )
+    assert answer.status_code == 303 and answer.headers["location"] == "/admin/traffic"
+    return client
+
+
+@pytest.fixture
+def console(proxy: ProxyServer) -> Iterator[httpx.Client]:
+    client = sign_in(proxy)
+    yield client
+    client.close()
+
+
+def csrf(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]{64})"', page.text)
+    assert match is not None, page.text[:500]
+    return match.group(1)
+
+
+def chat(proxy: ProxyServer, content: str) -> str:
+    answer = httpx.post(
+        f"{proxy.api_base}/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}", "x-mock-content": quote(content)},
+        timeout=10,
+    )
+    assert answer.status_code == 200
+    return answer.headers["x-luthien-transaction-id"]
+
+
+def test_signing_in_sets_a_strict_session_cookie(proxy: ProxyServer) -> None:
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        form = client.get("/admin/sign-in")
+        assert form.status_code == 200 and 'type="password"' in form.text
+        answer = client.post(
+            "/admin/sign-in", data={"name": "ada", "key": ADMIN_KEY}, headers={"Origin": proxy.url}
+        )
+    cookie = answer.headers["set-cookie"]
+    assert re.fullmatch(
+        r"lc_console=[A-Za-z0-9_-]{43}; HttpOnly; Max-Age=28800; Path=/admin; SameSite=strict",
+        cookie,
+    ), cookie
+    assert answer.headers["location"] == "/admin/"
+
+
+@pytest.mark.parametrize(
+    ("form", "origin", "message"),
+    [
+        ({"name": "ada", "key": "wrong"}, None, "Wrong admin key."),
+        ({"name": " ", "key": ADMIN_KEY}, None, "Give your name"),
+        ({"name": "ada", "key": ADMIN_KEY}, "http://evil.example", "did not come from"),
+    ],
+)
+def test_a_failed_sign_in_sets_no_cookie(
+    proxy: ProxyServer, form: dict[str, str], origin: str | None, message: str
+) -> None:
+    headers = {"Origin": origin} if origin else {}
+    answer = httpx.post(f"{proxy.url}/admin/sign-in", data=form, headers=headers, timeout=10)
+    assert answer.status_code == 400
+    assert "set-cookie" not in answer.headers
+    assert message in html.unescape(answer.text)
+
+
+PAGES = ["/admin/", "/admin/traffic", "/admin/keys", "/admin/transactions/x"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_is_closed_without_a_session(proxy: ProxyServer, path: str) -> None:
+    answer = httpx.get(f"{proxy.url}{path}", cookies={"lc_console": "forged"}, timeout=10)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == f"/admin/sign-in?next={quote(path)}"
+    posted = httpx.post(f"{proxy.url}/admin/keys", data={"name": "x"}, timeout=10)
+    assert posted.status_code == 403
+
+
+def test_security_headers_on_every_answer(proxy: ProxyServer, console: httpx.Client) -> None:
+    for path in [*PAGES[:3], "/admin/sign-in", "/admin/nowhere", "/admin/static/console.js"]:
+        answer = console.get(path)
+        assert "content-security-policy" in answer.headers, (path, answer.status_code)
+        assert answer.headers["content-security-policy"] == (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        ), path
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["x-frame-options"] == "DENY"
+    assert console.get("/admin/nowhere").status_code == 404
+    assert console.get("/admin/static/..%2fpages.py").status_code == 404
+    assert console.get("/admin/static/console.js").headers["content-type"] == (
+        "text/javascript; charset=utf-8"
+    )
+
+
+def test_a_form_without_the_csrf_token_or_from_another_origin_changes_nothing(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    token = csrf(console.get("/admin/keys"))
+    for data, headers in (
+        ({"name": "forged"}, {}),
+        ({"name": "forged", "csrf": "0" * 64}, {}),
+        ({"name": "forged", "csrf": token}, {"Origin": "http://evil.example"}),
+    ):
+        answer = console.post("/admin/keys", data=data, headers=headers)
+        assert answer.status_code == 403
+        assert "nothing was changed" in answer.text
+    assert "forged" not in console.get("/admin/keys").text
+
+
+def test_a_key_is_shown_once_works_and_is_refused_once_revoked(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    token = csrf(console.get("/admin/keys"))
+    created = console.post(
+        "/admin/keys", data={"name": "browser", "csrf": token}, headers={"Origin": proxy.url}
+    )
+    assert created.status_code == 201
+    assert created.headers["cache-control"] == "no-store"
+    match = re.search(r'<code class="secret">(lc-[A-Za-z0-9_-]+)</code>', created.text)
+    assert match is not None
+    value = match.group(1)
+    assert value not in console.get("/admin/keys").text  # never shown again
+
+    def status() -> int:
+        return httpx.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {value}"},
+            timeout=10,
+        ).status_code
+
+    deadline = time.monotonic() + 5
+    while not all(status() == 200 for _ in range(4)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    revoked = console.post(
+        "/admin/keys/browser/revoke", data={"csrf": token}, headers={"Origin": proxy.url}
+    )
+    assert revoked.status_code == 303
+    deadline = time.monotonic() + 2.5
+    while not all(status() == 401 for _ in range(4)):
+        assert time.monotonic() < deadline, "a revoked key still works"
+        time.sleep(0.1)
+    row = re.search(r"<td>browser</td>.*?</tr>", console.get("/admin/keys").text, re.S)
+    assert row is not None and "Revoke" not in row.group(0)
+
+
+def test_a_hostile_prompt_renders_as_text_and_a_redaction_shows(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    transaction_id = chat(proxy, f"{HOSTILE} and {SECRET}")
+    proxy.record(transaction_id)
+    listing = console.get("/admin/traffic")
+    assert f"/admin/transactions/{transaction_id}" in listing.text
+    page = console.get(f"/admin/transactions/{transaction_id}")
+    assert page.status_code == 200
+    assert "<script>alert" not in page.text and "<img src=x" not in page.text
+    assert str(markupsafe.escape(HOSTILE)) in page.text
+    assert SECRET not in page.text
+    # The record never holds the key, on either side: where it was is highlighted, in
+    # the conversation and in the answer's documents, and the decision says who acted.
+    shown = f'{markupsafe.escape(HOSTILE)} and <mark class="redacted">[REDACTED]</mark>'
+    assert page.text.count(shown) == 2  # the prompt, the answer (the mock echoes it)
+    assert re.search(
+        r'<tr class="action-redacted"><td>LeakedApiKeyDetection</td><td>redacted</td>',
+        page.text,
+    )
+
+
+def test_signing_out_closes_every_page_on_every_worker(proxy: ProxyServer) -> None:
+    client = sign_in(proxy, "grace")
+    page = client.get("/admin/traffic")
+    assert page.status_code == 200 and "grace" in page.text
+    cookie = client.cookies["lc_console"]
+    out = client.post("/admin/sign-out", data={"csrf": csrf(page)})
+    client.close()
+    assert out.status_code == 303
+    for _ in range(4):  # both workers
+        for path in PAGES:
+            answer = httpx.get(f"{proxy.url}{path}", cookies={"lc_console": cookie}, timeout=10)
+            assert answer.status_code == 303
+        events = httpx.get(
+            f"{proxy.url}/admin/api/events", cookies={"lc_console": cookie}, timeout=10
+        )
+        assert events.status_code == 401
+
+
+def test_the_console_is_off_without_an_admin_key(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer
+) -> None:
+    proxy = start_proxy(policy=chain(mock_backend.api_base))
+    for path in ("/admin/", "/admin/sign-in"):
+        answer = httpx.get(f"{proxy.url}{path}", timeout=10)
+        assert answer.status_code == 404 and "ADMIN_API_KEY" in answer.text
+    refused = httpx.post(f"{proxy.url}/admin/sign-in", data={"name": "a", "key": ""}, timeout=10)
+    assert refused.status_code == 404 and "set-cookie" not in refused.headers
