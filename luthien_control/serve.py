@@ -163,6 +163,9 @@ def _terminated(signum: int, frame: object) -> None:
 def serve(host: str | None = None, port: int | None = None, workers: int = 1) -> int:
     """Run the proxy until interrupted. Returns the exit status."""
     settings = load_settings()
+    from luthien_control.upstream.connect import check_network
+
+    check_network(settings.network)  # a TLS file or proxy URL that cannot be used: now
     host = host or DEFAULT_HOST
     port = DEFAULT_PORT if port is None else port
     if workers < 1:

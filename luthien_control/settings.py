@@ -165,16 +165,11 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """The settings from the environment; a bad value (a TLS file that does not load, a
-    proxy URL that cannot be used included) is a ``ConfigurationError``."""
+    """The settings from the environment; a bad value is a ``ConfigurationError``. (TLS
+    files and proxy URLs are checked by ``serve``: ``upstream.connect.check_network``.)"""
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]).upper() if error["loc"] else "setting"
         raise ConfigurationError(f"invalid {name}: {error['msg']}") from exc
-    # TLS files and proxy URLs are checked as the backend client will use them.
-    from luthien_control.upstream.connect import check_network  # the client imports us
-
-    check_network(settings.network)
-    return settings

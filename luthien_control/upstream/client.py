@@ -15,12 +15,13 @@ per request on the development machine; this client, about 30 µs (docs/performa
 request. What it does:
 
 - one request at a time per connection; idle connections are kept per origin (LIFO, at
-  most ``IDLE_TIMEOUT`` seconds) and reused; a reused connection that turns out to have
-  been closed by the backend before any byte of the answer came back is replaced once,
-  by a new connection, whatever the method: a backend closes an idle connection without
-  reading what came on it (the rare backend that read the request and then closed
-  without a byte of answer gets it twice; the alternative was a 502 whenever a keep-alive
-  timeout crossed a request);
+  most ``IDLE_TIMEOUT`` seconds, and no more than recent demand needs: the most requests
+  in flight at once over the last ``DEMAND_WINDOW`` to two windows) and reused; a reused
+  connection that turns out to have been closed by the backend before any byte of the
+  answer came back is replaced once, by a new connection, whatever the method: a
+  backend closes an idle connection without reading what came on it (the rare backend
+  that read the request and then closed without a byte of answer gets it twice; the
+  alternative was a 502 whenever a keep-alive timeout crossed a request);
 - a body read to its end gives its connection back to the pool and frees its slot at
   once; the path goes out as the client wrote it, with anything that could end the
   request line percent-encoded, and a header that could end a line is refused;
@@ -72,6 +73,10 @@ from luthien_control.upstream.urls import (
 )
 
 IDLE_TIMEOUT = 15.0  # seconds an idle keep-alive connection is kept for reuse
+# Idle connections kept per origin: at most the most requests in flight at once during
+# the current and the previous window of this many seconds (see ``_finish``).
+DEMAND_WINDOW = 2.0
+TRIM_PER_FINISH = 4  # surplus idle connections closed per connection given back, at most
 HIGH_WATER = 256 * 1024  # buffered answer bytes at which reading pauses
 _NOT_SENT = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "proxy-authorization"}
@@ -408,8 +413,12 @@ class BackendClient:
         self._pool_setting = pool_setting
         self._connector = Connector(network or Network())
         self._origins: dict[str, _Origin] = {}
-        self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[bool, str, int], deque[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._in_flight = 0  # requests holding a slot
+        self._peak = 0  # the most in flight at once in the current demand window
+        self._previous_peak = 0  # the same, in the window before
+        self._window_end = 0.0
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self._limits.pool_size)
@@ -436,16 +445,23 @@ class BackendClient:
         timeout, as waiting for a connection would be."""
         if not slots.locked():
             await slots.acquire()  # free: no timer to set up
-            return
-        try:
-            async with asyncio.timeout(self._timeouts.connect):
-                await slots.acquire()
-        except TimeoutError as exc:
-            raise BackendTimeout(
-                f"no free backend connection within {self._timeouts.connect:g} s: "
-                f"{self._limits.pool_size} requests in flight ({self._pool_setting}) "
-                f"({display_url(url)})"
-            ) from exc
+        else:
+            try:
+                async with asyncio.timeout(self._timeouts.connect):
+                    await slots.acquire()
+            except TimeoutError as exc:
+                raise BackendTimeout(
+                    f"no free backend connection within {self._timeouts.connect:g} s: "
+                    f"{self._limits.pool_size} requests in flight ({self._pool_setting}) "
+                    f"({display_url(url)})"
+                ) from exc
+        self._in_flight += 1
+        if self._in_flight > self._peak:
+            self._peak = self._in_flight
+
+    def _release(self, slots: asyncio.Semaphore) -> None:
+        slots.release()
+        self._in_flight -= 1
 
     def _split(self, url: str) -> tuple[_Origin, str]:
         """The origin of ``url`` (parsed once per origin) and the request target."""
@@ -512,16 +528,36 @@ class BackendClient:
         return None
 
     def _finish(self, connection: _Connection) -> None:
-        """Back to the pool when the answer was read to its end; closed otherwise."""
+        """Back to the pool when the answer was read to its end; closed otherwise.
+
+        The pool keeps what recent demand needs, not what a burst once opened: at most
+        as many idle connections per origin as there were requests in flight at once
+        during the last ``DEMAND_WINDOW`` to two windows, none idle longer than
+        ``IDLE_TIMEOUT``. Reuse takes the newest (LIFO), so the oldest are the surplus:
+        they are closed from the bottom, a few per connection given back, without a
+        timer or a scan. Kept, a burst's connections were held for good (reuse never
+        reached them, the idle timeout was checked only on reuse), as were those the
+        backend had closed meanwhile."""
         if not connection.reusable:
             connection.close()
             return
         connection.begin("", head_only=False)
-        connection.idle_since = asyncio.get_running_loop().time()
-        idle = self._idle.setdefault(connection.origin.key, [])
-        if len(idle) >= self._limits.pool_size:
-            idle.pop(0).close()
+        now = asyncio.get_running_loop().time()
+        connection.idle_since = now
+        idle = self._idle.get(connection.origin.key)
+        if idle is None:
+            idle = self._idle[connection.origin.key] = deque()
         idle.append(connection)
+        if now >= self._window_end:
+            self._previous_peak = self._peak
+            self._peak = self._in_flight + 1  # this one, just given back, counts
+            self._window_end = now + DEMAND_WINDOW
+        keep = min(max(self._peak, self._previous_peak), self._limits.pool_size)
+        for _ in range(TRIM_PER_FINISH):
+            if len(idle) > keep or now - idle[0].idle_since >= IDLE_TIMEOUT:
+                idle.popleft().close()
+            else:
+                break
 
     async def _connect(self, origin: _Origin, url: str) -> _Connection:
         """A new connection (``connect.py``: addresses raced, through the egress proxy if
@@ -583,7 +619,7 @@ class _Exchange:
         try:
             connection = await client._send(origin, request, url, head_only=self._method == "HEAD")
         except BaseException:
-            slots.release()
+            client._release(slots)
             raise
         self._slots = slots
         self.connection = connection
@@ -593,7 +629,7 @@ class _Exchange:
         """The slot back, and the connection to the pool (read to its end) or closed;
         once, whichever comes first: the end of the body or the end of the block."""
         if self._slots is not None:
-            self._slots.release()
+            self._client._release(self._slots)
             self._slots = None
         if self.connection is not None:
             self._client._finish(self.connection)

@@ -17,6 +17,7 @@ import pytest
 from luthien_control.exceptions import BackendBroken, BackendTimeout, BackendUnreachable
 from luthien_control.settings import Limits, Timeouts
 from luthien_control.upstream import BackendClient
+from luthien_control.upstream import client as client_module
 from luthien_control.upstream.client import HIGH_WATER, display_url, has_dot_segment
 
 pytestmark = pytest.mark.anyio
@@ -710,3 +711,48 @@ async def test_a_host_name_is_resolved_once_for_many_connections(
             async with c.open("GET", named, {}, None) as r:
                 assert await r.read() == b"ok"
     assert (asked, side.connections) == (["localhost"], 3)
+
+
+async def test_a_burst_s_idle_connections_are_closed_once_demand_falls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reuse takes the newest idle connection, so a burst's surplus would never be reached
+    again: the pool closes what the last windows' demand did not need."""
+    monkeypatch.setattr(client_module, "DEMAND_WINDOW", 0.05)
+    gate, all_in = asyncio.Event(), asyncio.Event()
+    sides: list[Backend] = []
+    waiting = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal waiting
+        while True:
+            try:
+                raw = await sides[0].request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if raw.startswith(b"GET /burst "):
+                waiting += 1
+                if waiting == 8:
+                    all_in.set()
+                await gate.wait()
+            writer.write(answer(b"ok"))
+            await writer.drain()
+
+    async def one(c: BackendClient, url: str) -> bytes:
+        async with c.open("GET", url, {}, None) as r:
+            return await r.read()
+
+    async with backend(script) as (side, url), client(pool_size=10) as c:
+        sides.append(side)
+        burst = [asyncio.create_task(one(c, f"{url}/burst")) for _ in range(8)]
+        await asyncio.wait_for(all_in.wait(), 5)  # eight connections at once
+        gate.set()
+        assert await asyncio.gather(*burst) == [b"ok"] * 8
+        assert side.open_now == 8  # all kept while demand was recent
+        for _ in range(40):  # one at a time, across windows, until the surplus is gone
+            assert await one(c, f"{url}/one") == b"ok"
+            if side.open_now == 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        assert (side.open_now, side.connections) == (1, 8)  # closed, none opened anew

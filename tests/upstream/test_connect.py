@@ -9,6 +9,7 @@ import base64
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 from luthien_control.exceptions import BackendBroken, BackendUnreachable, ConfigurationError
 from luthien_control.settings import Limits, Network, Timeouts, load_settings
 from luthien_control.upstream import BackendClient
-from luthien_control.upstream.connect import MAX_HEAD_BYTES, Proxies, race
+from luthien_control.upstream.connect import MAX_HEAD_BYTES, Proxies, check_network, race
+from tests.conftest import python_env
 from tests.upstream.test_client import (
     CERT,
     KEY,
@@ -248,8 +250,25 @@ def test_an_unusable_proxy_stops_the_start_without_its_credentials(
 ) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError) as caught:
-        load_settings()
+        check_network(load_settings().network)
     assert caught.value.message == message
+
+
+def test_serve_refuses_an_unusable_proxy_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "luthien_control", "serve", "--port", "9"],
+        env=python_env(ALL_PROXY=f"socks5://u:{PASSWORD}@127.0.0.1:1080", BACKEND_URL="http://x"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        "luthien-control: error: invalid ALL_PROXY: socks5://127.0.0.1:1080: "
+        "only http:// proxies are supported\n",
+    )
 
 
 # --- happy eyeballs -----------------------------------------------------------------------
@@ -479,7 +498,7 @@ def test_tls_files_that_do_not_load_stop_the_start(
         for name, value in variables.items():
             monkeypatch.setenv(name, str(value))
         with pytest.raises(ConfigurationError) as caught:
-            load_settings()
+            check_network(load_settings().network)
         assert caught.value.message == message
 
     missing = tmp_path / "missing.pem"
