@@ -221,8 +221,12 @@ def _run(args: argparse.Namespace, plan: Plan, only: set[str] | None) -> dict[st
         notes.append("one core only: the load generator shares it with the servers")
     if bench.proxy.pid is None:
         notes.append("no --target-pid: the target's memory and CPU time were not measured")
-    if args.target and any(s["kind"] == "open" for s in scenarios.values()):
-        notes.append("an external target is not restarted before the memory scenarios")
+    if args.target and any(s["kind"] in ("open", "pool") for s in scenarios.values()):
+        notes.append(
+            "an external target is not restarted before the memory scenarios, nor before "
+            "each round of the pool burst (only the first round's 'before' is before any "
+            "burst)"
+        )
     return {
         "version": 1,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -239,6 +243,7 @@ def _run(args: argparse.Namespace, plan: Plan, only: set[str] | None) -> dict[st
         "direct": {"url": bench.direct.url},
         "verification": {"problems": bench.problems},
         "idle_rss_mb": bench.idle_rss_mb,
+        "idle_rss": bench.idle_rss,
         "peak_rss_mb": _peak(rounds),
         "scenarios": scenarios,
         "summary": summary,

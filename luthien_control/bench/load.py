@@ -62,6 +62,7 @@ class LoadSpec:
     words: int = 64
     chunks: int = 64
     delay_ms: float = 0.0
+    first_byte_delay_ms: float = 0.0  # the mock holds the whole answer back this long
     timeout: float = 60.0
     warmup: bool = True
     cpus: tuple[int, ...] | None = None
@@ -156,12 +157,15 @@ class Client:
             "x-mock-words": str(spec.words),
         }
         self.body = request_body(spec.api, stream=spec.stream)
+        if spec.first_byte_delay_ms:
+            self.headers["x-mock-first-byte-delay-ms"] = repr(spec.first_byte_delay_ms)
         if spec.stream:
             self.headers["x-mock-chunks"] = str(spec.chunks)
             if spec.delay_ms:
                 self.headers["x-mock-delay-ms"] = repr(spec.delay_ms)
         self.warm_headers = {**self.headers, "x-mock-words": "1"}
         self.warm_headers.pop("x-mock-delay-ms", None)
+        self.warm_headers.pop("x-mock-first-byte-delay-ms", None)
         self.warm_body = request_body(spec.api, stream=False)
 
     async def warm(self) -> None:

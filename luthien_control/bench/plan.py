@@ -3,6 +3,12 @@
 Every scenario runs against both sides (the mock directly, and the proxy) with the same
 ``LoadSpec``; only the URL and the key differ.
 
+Memory and the backend pool are measured after the rest: RSS with 64 open streams on the
+proxy that has just run the throughput scenarios (``open_64_loaded``); non-streamed
+requests/s before and after a burst of concurrent requests that grows the backend pool
+(``pool_N``, on a fresh proxy each round); then, on a fresh proxy again, RSS with 64 and
+with many open streams, and once the many have closed.
+
 Chat completions are measured in every kind of scenario; Anthropic's Messages API in the
 streamed ones (``messages_stream_N``, ``messages_unpaced_N``). Beside chat it is paced at
 64 clients only, which keeps the full run near five minutes; measured alone
@@ -21,9 +27,13 @@ DEFAULT_ROUNDS = 3
 DEFAULT_DURATION = 5.0
 DEFAULT_STREAMS = 1000
 QUICK_STREAMS = 200
-KINDS = ("stream", "nonstream", "unpaced", "open")
+KINDS = ("stream", "nonstream", "unpaced", "open", "pool")
 # Scenarios measured on a freshly started proxy, after all the others: memory only grows.
 MEMORY_KINDS = ("open",)
+# Concurrent non-streamed requests that grow the backend pool, each held back by the mock
+# long enough for all of them to be in flight together.
+POOL_BURST = 512
+POOL_BURST_DELAY_MS = 250.0
 # The paced clients of the Messages API beside chat (all of ``stream_clients`` alone).
 MESSAGES_BESIDE_CHAT = (64,)
 
@@ -45,6 +55,8 @@ class Plan:
     hold: float
     quick: bool
     apis: tuple[str, ...] = ("chat",)
+    settle: float = 2.0  # idle seconds after the many streams closed, before RSS is read
+    pool_burst: int = POOL_BURST
 
     @property
     def messages_stream_clients(self) -> tuple[int, ...]:
@@ -69,6 +81,7 @@ class Plan:
                 hold=0.3,
                 quick=True,
                 apis=apis,
+                settle=1.0,
             )
         return cls(
             rounds=args.rounds or DEFAULT_ROUNDS,
@@ -108,12 +121,42 @@ class Plan:
             unpaced = self.unpaced_clients
             wanted.append(("messages", "unpaced", unpaced, f"messages_unpaced_{unpaced}"))
         if "chat" in self.apis:
-            wanted += [("chat", "open", 64, "open_64"), ("chat", "open", self.streams, "open_many")]
+            wanted += [
+                ("chat", "open", 64, "open_64_loaded"),
+                ("chat", "pool", self.request_clients, f"pool_{self.pool_burst}"),
+                ("chat", "open", 64, "open_64"),
+                ("chat", "open", self.streams, "open_many"),
+            ]
         found: dict[str, dict[str, Any]] = {}
         for api, kind, clients, name in wanted:
             if only is None or kind in only:
                 found[name] = {"kind": kind, "clients": clients, "api": api}
+        if "open_64_loaded" in found:
+            # After the throughput scenarios, on the same proxy: not without them.
+            if any(s["kind"] in ("nonstream", "unpaced", "stream") for s in found.values()):
+                found["open_64_loaded"]["loaded"] = True
+            else:
+                del found["open_64_loaded"]
+        if "open_many" in found:
+            found["open_many"]["settle"] = self.settle
+        pool = f"pool_{self.pool_burst}"
+        if pool in found:
+            found[pool]["burst"] = self.pool_burst
         return found
+
+    def burst_spec(self, url: str, key: str) -> LoadSpec:
+        """The burst that grows the backend pool: ``pool_burst`` non-streamed requests at
+        once, each answered after ``POOL_BURST_DELAY_MS``, so that all are in flight
+        together and each holds a backend connection of its own."""
+        return LoadSpec(
+            url=url,
+            key=key,
+            clients=self.pool_burst,
+            stream=False,
+            duration=0.0,
+            first_byte_delay_ms=POOL_BURST_DELAY_MS,
+            warmup=False,
+        )
 
     def spec(self, kind: str, clients: int, url: str, key: str, api: str = "chat") -> LoadSpec:
         if kind == "stream":
@@ -129,7 +172,7 @@ class Plan:
                 chunks=self.chunks,
                 delay_ms=self.delay_ms,
             )
-        if kind == "nonstream":
+        if kind in ("nonstream", "pool"):  # pool: the measurements before and after the burst
             return LoadSpec(url=url, key=key, clients=clients, stream=False, duration=self.duration)
         if kind == "unpaced":
             return LoadSpec(

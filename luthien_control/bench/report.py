@@ -31,6 +31,7 @@ class Metric:
     unit: str
     read: Callable[[Measurement], float | None]
     compare: Compare
+    optional: bool = False  # a row left out of the table when neither side has a figure
 
 
 def _load(*path: str) -> Callable[[Measurement], float | None]:
@@ -56,6 +57,34 @@ def _per_1000_chunks_ms(measurement: Measurement) -> float | None:
 def _rss_mb(measurement: Measurement) -> float | None:
     value = measurement.get("rss_open_mb")
     return float(value) if value is not None else None
+
+
+def _measured(key: str) -> Callable[[Measurement], float | None]:
+    def read(measurement: Measurement) -> float | None:
+        value = measurement.get(key)
+        return float(value) if value is not None else None
+
+    return read
+
+
+def _rss_kept_mb(measurement: Measurement) -> float | None:
+    """What the streams left behind: RSS once they have closed, above RSS before them."""
+    before, after = measurement.get("rss_before_mb"), measurement.get("rss_after_mb")
+    return after - before if before is not None and after is not None else None
+
+
+def _after_over_before(measurement: Measurement) -> float | None:
+    load = measurement["load"]
+    before, after = load.get("requests_per_s_before"), load.get("requests_per_s_after")
+    return after / before if before and after is not None else None
+
+
+def _run_cpu_us(run: str) -> Callable[[Measurement], float | None]:
+    def read(measurement: Measurement) -> float | None:
+        measured = measurement.get("runs", {}).get(run)
+        return _per_request_us(measured) if measured is not None else None
+
+    return read
 
 
 def _errors(measurement: Measurement) -> float:
@@ -86,7 +115,48 @@ METRICS: dict[str, tuple[Metric, ...]] = {
     ),
     "open": (
         Metric("rss_mb", "RSS, all streams open", "MB", _rss_mb, None),
+        Metric(
+            "rss_after_mb",
+            "RSS, all closed, after an idle moment",
+            "MB",
+            _measured("rss_after_mb"),
+            None,
+            optional=True,
+        ),
+        Metric("rss_kept_mb", "  kept (vs before the streams)", "MB", _rss_kept_mb, None, True),
         Metric("errors", "errors", "", _errors, None),
+    ),
+    "pool": (
+        Metric(
+            "requests_per_s_before",
+            "requests/s, before the burst",
+            "/s",
+            _load("requests_per_s_before"),
+            "ratio",
+        ),
+        Metric(
+            "requests_per_s_after",
+            "requests/s, after the burst",
+            "/s",
+            _load("requests_per_s_after"),
+            "ratio",
+        ),
+        Metric("after_over_before", "after / before", "x", _after_over_before, None),
+        Metric(
+            "cpu_us_per_request_before",
+            "CPU time per request, before",
+            "us",
+            _run_cpu_us("before"),
+            None,
+        ),
+        Metric(
+            "cpu_us_per_request_after",
+            "CPU time per request, after",
+            "us",
+            _run_cpu_us("after"),
+            None,
+        ),
+        Metric("errors", "errors (burst included)", "", _errors, None),
     ),
 }
 
@@ -108,6 +178,7 @@ def summarize(rounds: list[Round], scenarios: dict[str, dict[str, Any]]) -> dict
             "kind": scenario["kind"],
             "clients": scenario["clients"],
             "api": scenario.get("api", "chat"),
+            **{k: scenario[k] for k in ("loaded", "burst", "settle") if k in scenario},
         }
         for metric in METRICS[scenario["kind"]]:
             direct = [metric.read(m["direct"]) if "direct" in m else None for m in measured]
@@ -168,6 +239,13 @@ TARGETS = (
     ),
     Target("chunks_per_s_ratio", "unpaced_32", "chunks_per_s", "ratio", 0.5, False, ">= 0.5x"),
     Target("rss_mb_64", "open_64", "rss_mb", "proxy", 80.0, True, "< 80 MB"),
+    # Issue 11: the same 64 streams on the proxy that has just served the throughput
+    # scenarios; what 1,000 streams leave behind once closed; the pool's burst.
+    Target("rss_mb_64_loaded", "open_64_loaded", "rss_mb", "proxy", 80.0, True, "< 80 MB"),
+    Target("rss_kept_many", "open_many", "rss_kept_mb", "proxy", 10.0, True, "< 10 MB"),
+    Target(
+        "pool_after_over_before", "pool_512", "after_over_before", "proxy", 0.9, False, ">= 0.9x"
+    ),
     Target("open_many_errors", "open_many", "errors", "proxy", 0.5, True, "0 errors"),
 )
 
@@ -280,6 +358,8 @@ def _number(value: float | None, unit: str) -> str:
         return f"{value:.1f} MB"
     if unit == "us":
         return f"{value:,.0f} us"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:.2f} {unit}"
 
 
@@ -297,9 +377,21 @@ def _heading(entry: dict[str, Any], plan: dict[str, Any]) -> str:
     if kind == "stream":
         what = f"streamed, {plan['chunks']} chunks {plan['delay_ms']:g} ms apart"
     else:
-        what = {"nonstream": "non-streamed", "unpaced": "streamed, no pacing"}.get(kind, "open")
+        what = {
+            "nonstream": "non-streamed",
+            "unpaced": "streamed, no pacing",
+            "pool": "non-streamed",
+        }.get(kind, "open")
     noun = "streams (long, paced)" if kind == "open" else "client" if clients == 1 else "clients"
     heading = f"{what}, {clients:,} {noun}"
+    if kind == "pool":
+        heading += (
+            f", before and after a burst of {entry['burst']:,} concurrent requests (fresh proxy)"
+        )
+    elif entry.get("loaded"):
+        heading += ", right after the throughput scenarios (same proxy)"
+    elif kind == "open":
+        heading += ", fresh proxy"
     if entry.get("api") == "messages":
         heading = f"Messages API (/v1/messages), {heading}"
     direct, proxy = entry["direct_errors"], entry["proxy_errors"]
@@ -314,13 +406,18 @@ def render_table(document: dict[str, Any]) -> str:
     verdicts = {(v["scenario"], v["metric"]): v for v in document["targets"]}
     header = ("", "direct", document["proxy"]["label"], "added/ratio", "target", "")
     rows: list[tuple[str, ...]] = []
-    memory_rows = [
-        ("memory",),
-        ("  idle, before the open streams", *_pair(document["idle_rss_mb"]), "", "", ""),
-        ("  peak of the whole run", *_pair(document["peak_rss_mb"]), "", "", ""),
-    ]
+    idle = document.get("idle_rss") or {"before_open": document["idle_rss_mb"]}
+    memory_rows: list[tuple[str, ...]] = [("memory",)]
+    for key, label in (
+        ("start", "  idle, at the start"),
+        ("after_load", "  idle, after the throughput scenarios"),
+        ("before_open", "  idle, fresh proxy before the open streams"),
+    ):
+        if key in idle:
+            memory_rows.append((label, *_pair(idle[key]), "", "", ""))
+    memory_rows.append(("  peak of the whole run", *_pair(document["peak_rss_mb"]), "", "", ""))
     for name, entry in summary.items():
-        if entry["kind"] == "open" and memory_rows:
+        if entry["kind"] in ("open", "pool") and memory_rows:
             rows += memory_rows
             memory_rows = []
         rows.append((_heading(entry, document["config"]),))
@@ -330,6 +427,8 @@ def render_table(document: dict[str, Any]) -> str:
             if metric.name == "errors":  # all rounds together
                 direct, proxy = entry["direct_errors"], entry["proxy_errors"]
             verdict = verdicts.get((name, metric.name))
+            if metric.optional and direct is None and proxy is None:
+                continue
             rows.append(
                 (
                     "  " + metric.label,

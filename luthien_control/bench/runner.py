@@ -1,8 +1,11 @@
 """One benchmark run: the two sides, the servers behind them, and the rounds.
 
 Within a round every scenario is measured on both sides, one after the other, the order
-alternating; the memory scenarios come last, on a freshly started proxy, because a
-Python process keeps the memory it once needed and earlier load would be counted.
+alternating. Then, on the same proxy, RSS with 64 open streams after that load; then the
+backend pool's burst, on a freshly started proxy each round (its "before" must find a
+pool that no burst has grown); the memory scenarios come last, on a freshly started
+proxy, because a Python process keeps the memory it once needed and earlier load would
+be counted.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,9 @@ class Bench:
         self.proxy = Side("proxy", "", "", None)
         self.problems: list[str] = []
         self.idle_rss_mb: dict[str, float | None] = {}
+        # Idle RSS of each side at the start, after the throughput scenarios, and on the
+        # fresh proxy of the memory scenarios.
+        self.idle_rss: dict[str, dict[str, float | None]] = {}
 
     def progress(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -148,7 +155,7 @@ class Bench:
         self.problems += problems
         return problems
 
-    def restart_proxy(self) -> None:
+    def restart_proxy(self, purpose: str = "the memory scenarios") -> None:
         """A fresh proxy process (same database and policy), warmed up: only the proxy we
         started can be restarted; an external target is measured as it is."""
         own = self.own_proxy
@@ -160,7 +167,7 @@ class Bench:
         self.servers.append(server)
         own.server = server
         self.proxy = replace(self.proxy, url=url, pid=server.pid)
-        self.progress(f"fresh proxy for the memory scenarios on {url} (pid {server.pid})")
+        self.progress(f"fresh proxy for {purpose} on {url} (pid {server.pid})")
         # Warm-up (the backend session's first request is slow) and the same check again.
         try:
             problems = verify_side(
@@ -181,19 +188,35 @@ class Bench:
         """Every scenario on both sides, round after round; memory scenarios last, on a
         fresh proxy, and each of them through all rounds before the next."""
         rounds: list[Round] = [{} for _ in range(self.plan.rounds)]
-        timed = {n: s for n, s in scenarios.items() if s["kind"] not in MEMORY_KINDS}
-        memory = {n: s for n, s in scenarios.items() if s["kind"] in MEMORY_KINDS}
-        self.idle_rss_mb = self._idle()
+        loaded = {n: s for n, s in scenarios.items() if s.get("loaded")}
+        pool = {n: s for n, s in scenarios.items() if s["kind"] == "pool"}
+        memory = {
+            n: s for n, s in scenarios.items() if s["kind"] in MEMORY_KINDS and n not in loaded
+        }
+        timed = {n: s for n, s in scenarios.items() if n not in {**loaded, **pool, **memory}}
+        self.idle_rss_mb = self.idle_rss["start"] = self._idle()
         for index, this_round in enumerate(rounds):
             for position, (name, scenario) in enumerate(timed.items()):
                 this_round[name] = self._both(index + position, index, name, scenario)
+        if loaded:
+            # What the proxy keeps of the load it has just served.
+            self.idle_rss["after_load"] = self._idle()
+            self._all_rounds(rounds, loaded)
+        for name, scenario in pool.items():
+            for index, this_round in enumerate(rounds):
+                self.restart_proxy(f"the backend pool burst, round {index + 1}")
+                this_round[name] = self._both(index, index, name, scenario)
         if memory:
             self.restart_proxy()
-            self.idle_rss_mb = self._idle()
-            for position, (name, scenario) in enumerate(memory.items()):
-                for index, this_round in enumerate(rounds):
-                    this_round[name] = self._both(index + position, index, name, scenario)
+            self.idle_rss_mb = self.idle_rss["before_open"] = self._idle()
+            self._all_rounds(rounds, memory)
         return rounds
+
+    def _all_rounds(self, rounds: list[Round], scenarios: dict[str, dict[str, Any]]) -> None:
+        """Each scenario through all its rounds before the next."""
+        for position, (name, scenario) in enumerate(scenarios.items()):
+            for index, this_round in enumerate(rounds):
+                this_round[name] = self._both(index + position, index, name, scenario)
 
     def _idle(self) -> dict[str, float | None]:
         return {side.name: _rss_mb(side.pid) for side in (self.direct, self.proxy)}
@@ -211,10 +234,26 @@ class Bench:
         return measured
 
     def _measure(self, scenario: dict[str, Any], side: Side) -> dict[str, Any]:
-        assert self.generator is not None
         spec = self.plan.spec(
             scenario["kind"], scenario["clients"], side.url, side.key, scenario.get("api", "chat")
         )
+        if scenario["kind"] == "pool":
+            before = self._run(spec, side)
+            burst = self._run(self.plan.burst_spec(side.url, side.key), side)
+            return pool_measurement(before, burst, self._run(spec, side))
+        idle_before = _rss_mb(side.pid)
+        measured = self._run(spec, side)
+        settle = scenario.get("settle")
+        if settle:
+            # Once every stream has closed and the proxy has been idle a moment: does
+            # the memory they took come back?
+            time.sleep(settle)
+            measured["rss_before_mb"] = idle_before
+            measured["rss_after_mb"] = _rss_mb(side.pid)
+        return measured
+
+    def _run(self, spec: LoadSpec, side: Side) -> dict[str, Any]:
+        assert self.generator is not None
         spec = LoadSpec(**{**asdict(spec), "cpus": self.load_cores})
         limit = spec.stagger + spec.duration + spec.stream_seconds + spec.timeout
         sample = self.generator.measure(
@@ -246,6 +285,42 @@ def measurement(sample: Sample, side: Side) -> dict[str, Any]:
     }
 
 
+def pool_measurement(
+    before: dict[str, Any], burst: dict[str, Any], after: dict[str, Any]
+) -> dict[str, Any]:
+    """Non-streamed requests/s before and after a burst, as one measurement: its ``load``
+    adds up the three runs' requests and errors (a burst error is named as one) and
+    gives both rates; each run's own figures are kept under its name."""
+    runs = {"before": before, "burst": burst, "after": after}
+    loads = {name: run["load"] for name, run in runs.items()}
+    kinds: Counter[str] = Counter()
+    warmup: Counter[str] = Counter()
+    for name, load in loads.items():
+        prefix = "burst: " if name == "burst" else ""
+        kinds.update({prefix + kind: n for kind, n in load["error_kinds"].items()})
+        warmup.update(load["warmup_errors"])
+    rss_max = [run["rss_max_mb"] for run in runs.values() if run["rss_max_mb"] is not None]
+    return {
+        "server": before["server"],
+        "load": {
+            "requests": sum(load["requests"] for load in loads.values()),
+            "ok": sum(load["ok"] for load in loads.values()),
+            "errors": sum(kinds.values()),
+            "error_kinds": dict(kinds),
+            "warmup_errors": dict(warmup),
+            "cpu_share": max(loads["before"]["cpu_share"], loads["after"]["cpu_share"]),
+            "requests_per_s_before": loads["before"]["requests_per_s"],
+            "requests_per_s_after": loads["after"]["requests_per_s"],
+            "burst_ok": loads["burst"]["ok"],
+        },
+        "runs": runs,
+        "server_cpu_s": None,
+        "rss_open_mb": None,
+        "rss_max_mb": max(rss_max) if rss_max else None,
+        "rss_samples": sum(run["rss_samples"] for run in runs.values()),
+    }
+
+
 def _rss_mb(pid: int | None) -> float | None:
     value = rss_bytes(pid) if pid is not None else None
     return value / MB if value is not None else None
@@ -261,9 +336,16 @@ def _line(name: str, scenario: dict[str, Any], side: str, m: dict[str, Any]) -> 
         figures = f"{load['requests_per_s']:,.0f} req/s, p50 {_ms(load['latency_ms']['p50'])}"
     elif kind == "unpaced":
         figures = f"{load['chunks_per_s']:,.0f} chunks/s"
+    elif kind == "pool":
+        figures = (
+            f"{load['requests_per_s_before']:,.0f} req/s, burst of {scenario['burst']:,} "
+            f"({load['burst_ok']} ok), then {load['requests_per_s_after']:,.0f} req/s"
+        )
     else:
-        rss = m["rss_open_mb"]
+        rss, after = m["rss_open_mb"], m.get("rss_after_mb")
         figures = f"RSS {rss:.1f} MB" if rss is not None else "RSS n/a"
+        if after is not None:
+            figures += f", {after:.1f} MB once closed"
     errors = load["errors"] + sum(load["warmup_errors"].values())
     return (
         f"{name:<14} {side:<6} {figures}; {load['ok']} ok, {errors} errors; "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUN_TIMEOUT = 90.0
+RUN_TIMEOUT = 150.0  # a bound against hanging: the run takes about 40 s on a quiet machine
 SCENARIOS = {
     "stream_1",
     "stream_16",
@@ -19,6 +19,10 @@ SCENARIOS = {
     "unpaced_32",
     "open_64",
     "open_many",
+    # Issue 11: 64 open streams right after the throughput scenarios, on the same proxy;
+    # non-streamed requests/s before and after a burst that grows the backend pool.
+    "open_64_loaded",
+    "pool_512",
     # Anthropic's Messages API, streamed, beside chat: paced at 64 clients, and unpaced.
     "messages_stream_64",
     "messages_unpaced_32",
@@ -78,6 +82,24 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
             assert document["rounds"][0][name][side]["load"]["ok"] > 0, (name, side)
     assert not [p for p in document["verification"]["problems"] if "Messages" in p]
     assert "proxy" in document["summary"]["open_many"]["rss_mb"]
+    # Memory after load and after the burst of open streams, and the pool's burst.
+    assert document["summary"]["open_64_loaded"]["loaded"] is True
+    assert document["summary"]["open_64_loaded"]["rss_mb"]["proxy"] > 0
+    assert {"start", "after_load", "before_open"} <= document["idle_rss"].keys()
+    assert "right after the throughput scenarios (same proxy)" in run.stdout
+    many = document["summary"]["open_many"]
+    assert many["rss_after_mb"]["proxy"] > 0 and many["rss_kept_mb"]["proxy"] is not None
+    assert "RSS, all closed, after an idle moment" in run.stdout
+    pool = document["summary"]["pool_512"]
+    assert pool["kind"] == "pool" and pool["burst"] == 512
+    for metric in ("requests_per_s_before", "requests_per_s_after"):
+        assert {"direct", "proxy", "ratio"} <= pool[metric].keys()
+        assert pool[metric]["proxy"] > 0
+    assert pool["after_over_before"]["proxy"] > 0
+    assert "before and after a burst of 512 concurrent requests" in run.stdout
+    for side in ("direct", "proxy"):
+        runs = document["rounds"][0]["pool_512"][side]["runs"]
+        assert runs["burst"]["load"]["ok"] == 512, side  # every request of the burst answered
     assert "proxy" in document["summary"]["unpaced_32"]["cpu_ms_per_1000_chunks"]
     names = {target["name"] for target in document["targets"]}
     assert {
@@ -85,6 +107,9 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
         "requests_per_s_ratio",
         "open_many_errors",
         "leak_scan_per_chunk_ratio",
+        "rss_mb_64_loaded",
+        "rss_kept_many",
+        "pool_after_over_before",
     } <= names
     # The leak scan: CPU per chunk of 1 KB streams and of one 1 MB stream, same chunk count.
     assert "CPU per chunk, 1 MB stream" in run.stdout
