@@ -33,6 +33,7 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
 DEFAULT_RECORDER_BACKLOG = 50_000
+DEFAULT_RECORDER_BACKLOG_BYTES = 256 * 1024 * 1024  # the queued rows' text, together
 DEFAULT_DNS_TTL = 300.0
 
 
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
     recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
+    recorder_backlog_bytes: int = Field(DEFAULT_RECORDER_BACKLOG_BYTES, ge=1024 * 1024)
     # Where the recorder writes the records the database refuses (one JSON line each);
     # unset: next to the SQLite file, or in the working directory (recording.py).
     recorder_dead_letter: Path | None = None
