@@ -183,7 +183,6 @@ class Services:
                 engine,
                 Redactor(),
                 backlog=settings.recorder_backlog,
-                backlog_bytes=settings.recorder_backlog_bytes,
                 dead_letter=settings.recorder_dead_letter,
             ),
         )
@@ -225,9 +224,8 @@ class Services:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         if self.recorder is not None:
-            # Requests cancelled at the end of the grace period record themselves as
-            # their tasks unwind: give them a moment before the last flush.
-            await asyncio.sleep(0.1)
+            # The requests cut at the end of the grace period have queued their records
+            # by now (``LuthienProxy.lifespan`` waits for them).
             await self.recorder.stop()
         await self.backend.close()
         await self.judge_backend.close()

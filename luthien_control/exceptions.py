@@ -10,6 +10,8 @@ messages by ``luthien_control.cli.main``::
     ├── ClientError                  the client's request is wrong          (4xx)
     │   ├── MalformedRequest         bad JSON, wrong types                  400
     │   ├── RequestTooLarge          body above the configured limit        413
+    │   ├── RequestTimeout           head or body not received in time      408
+    │   ├── HeadTooLarge             request line and headers too large     431
     │   ├── NotFound                 no such route                          404
     │   └── AuthenticationFailed     missing or unknown client key          401
     ├── PolicyError                  a control policy acted or failed
@@ -19,6 +21,9 @@ messages by ``luthien_control.cli.main``::
     │   ├── BackendUnreachable       connection refused, DNS, TLS           502
     │   ├── BackendBroken            dropped mid-response, garbled          502
     │   └── BackendTimeout           connect or read timeout                504
+    ├── Unavailable                  the proxy takes no request just now    503
+    │   ├── OverCapacity             MAX_CONNECTIONS connections are open
+    │   └── ShuttingDown             the shutdown's grace period is over
     ├── StorageError                 the database failed or is unreachable  503
     │   └── StorageRefused           it answered: this data cannot be stored (a constraint, a value)
     └── ConfigurationError           settings or files are wrong (start-up, CLI)
@@ -57,6 +62,18 @@ class MalformedRequest(ClientError):
 class RequestTooLarge(ClientError):
     status_code = 413
     code = "request_too_large"
+
+
+class RequestTimeout(ClientError):
+    """The client did not send its request head, or its body, in time."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class HeadTooLarge(ClientError):
+    status_code = 431
+    code = "request_header_fields_too_large"
 
 
 class NotFound(ClientError):
@@ -121,6 +138,26 @@ class BackendBroken(BackendError):
 class BackendTimeout(BackendError):
     status_code = 504
     code = "backend_timeout"
+
+
+class Unavailable(LuthienError):
+    """The proxy cannot take this request now; the client may try again (``Retry-After``)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "unavailable"
+
+
+class OverCapacity(Unavailable):
+    """The worker already holds ``MAX_CONNECTIONS`` connections."""
+
+    code = "over_capacity"
+
+
+class ShuttingDown(Unavailable):
+    """The proxy is shutting down and its grace period is over: what still runs is cut."""
+
+    code = "shutting_down"
 
 
 class StorageError(LuthienError):

@@ -10,6 +10,7 @@ failure ends the stream with an error event and no ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -17,7 +18,13 @@ from typing import Any
 from luthien_control import metrics
 from luthien_control.decoding import check_stream_start, strict_event_data
 from luthien_control.dialects import StreamAssembler
-from luthien_control.exceptions import BackendBroken, BackendError, ClientError, PolicyBlocked
+from luthien_control.exceptions import (
+    BackendBroken,
+    BackendError,
+    ClientError,
+    PolicyBlocked,
+    ShuttingDown,
+)
 from luthien_control.responses import HOP_BY_HOP, STREAM_HEADERS, TRANSACTION_HEADER
 from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
 from luthien_control.transaction import StreamTransform, Transaction
@@ -27,6 +34,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Response headers that describe one hop or that the proxy sets itself.
 _NOT_FORWARDED = HOP_BY_HOP | {"date", "server", "x-luthien-transaction-id"}
 _STREAM_OWN = frozenset(name.decode() for name, _ in STREAM_HEADERS) | {"content-encoding"}
+# The recorded outcome of a transaction the shutdown cut (its grace period over).
+CUT_BY_SHUTDOWN = "cut_by_shutdown"
+# How long a stream cut by the shutdown waits for its client to take the error event.
+CUT_SEND_TIMEOUT = 1.0
 
 
 def response_headers(
@@ -80,6 +91,12 @@ async def relay_stream(tx: Transaction, send: Send, *, dev: bool) -> None:
             if await relay.read(data):
                 break
         await relay.finish()
+    except asyncio.CancelledError:
+        # By the client's disconnect (server.py notes it first), or by the server once
+        # its shutdown grace period is over: then the client gets the error event.
+        if not relay.started or tx.outcome == "client_disconnected":
+            raise
+        await relay.cut_by_shutdown(dev=dev)
     except Exception as exc:
         if not relay.started:
             raise  # nothing sent yet: a real HTTP error (responses.py)
@@ -213,6 +230,19 @@ class _StreamRelay:
             last = dialect.error_event(exc, tx, sent, dev=dev)
         await self.send({"type": "http.response.body", "body": last, "more_body": False})
 
+    async def cut_by_shutdown(self, *, dev: bool) -> None:
+        """The server cancelled the stream at the end of its shutdown grace period: end it
+        with the error event, so that the client's SDK raises instead of waiting on half
+        an answer; a client that does not read it within ``CUT_SEND_TIMEOUT`` is left."""
+        task = asyncio.current_task()
+        assert task is not None
+        task.uncancel()
+        try:
+            async with asyncio.timeout(CUT_SEND_TIMEOUT):
+                await self.fail(shutdown_error(), dev=dev)
+        except TimeoutError:
+            pass
+
     def close(self) -> None:
         tx = self.tx
         if tx.usage is None and self.received.usage is not None:  # a stream cut short too
@@ -264,10 +294,17 @@ def _parsed(raw: bytes) -> Any:
     return Chunk(raw).data
 
 
+def shutdown_error() -> ShuttingDown:
+    """What a request still running at the end of the shutdown grace period is told."""
+    return ShuttingDown("the proxy is shutting down and its grace period is over; retry")
+
+
 def outcome_for(exc: BaseException) -> str:
     """The recorded outcome of a transaction that ended with ``exc``."""
     if isinstance(exc, PolicyBlocked):
         return "blocked"
+    if isinstance(exc, ShuttingDown):
+        return CUT_BY_SHUTDOWN
     if isinstance(exc, BackendError):
         return "backend_error"
     if isinstance(exc, ClientError):

@@ -203,11 +203,13 @@ def serve(host: str | None = None, port: int | None = None, workers: int = 1) ->
             port=port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            # httptools, with head timeouts and the connection cap (protocol.py)
+            http="luthien_control.protocol:ProxyProtocol",
             lifespan="on",
             access_log=False,
             log_config=log_config(settings.log_level),
-            timeout_graceful_shutdown=30,
+            # Then what still runs is cut, each stream with its error event (relay.py).
+            timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         )
     except _Terminated:
         pass

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
+import orjson
 from sqlalchemy import text
 
 from luthien_control import metrics
@@ -31,9 +32,17 @@ from luthien_control.exceptions import (
     MalformedRequest,
     NotFound,
     PolicyBlocked,
+    RequestTimeout,
     RequestTooLarge,
 )
-from luthien_control.relay import note_usage, outcome_for, relay_stream, send_buffered
+from luthien_control.relay import (
+    CUT_BY_SHUTDOWN,
+    note_usage,
+    outcome_for,
+    relay_stream,
+    send_buffered,
+    shutdown_error,
+)
 from luthien_control.responses import (
     STREAM_HEADERS,
     TRANSACTION_HEADER,
@@ -41,7 +50,7 @@ from luthien_control.responses import (
     send_error,
     send_json,
 )
-from luthien_control.settings import Settings
+from luthien_control.settings import DEFAULT_CLIENT_BODY_TIMEOUT, Settings
 from luthien_control.transaction import ProxyRequest, Transaction, new_transaction_id
 from luthien_control.upstream.client import DOT_SEGMENT_REFUSED, has_dot_segment
 
@@ -54,6 +63,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 API_PREFIXES = ("/v1", "/api/v1")
 GC_THRESHOLD = 50_000  # allocations between two collections of the youngest generation
+# At shutdown, after the grace period: how long the transactions cut then have to send
+# their last bytes and queue their records before the recorder's last flush.
+SETTLE_SECONDS = 5.0
 
 
 def api_path(path: str) -> str | None:
@@ -92,8 +104,74 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was complete."""
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """Read the whole request body (the only place the proxy calls ``receive`` for it)."""
+_EXPIRED = -1.0  # in ``BodyDeadlines.waiting``: past the deadline, its task cancelled
+
+
+class BodyDeadlines:
+    """The requests still receiving their body, with the loop time each began.
+
+    A sweep every ``period`` seconds (a quarter of the timeout, at most 1 s) cancels
+    those that have waited longer than ``timeout`` (``CLIENT_BODY_TIMEOUT``), and
+    ``read_body`` turns that cancellation into a 408. A request costs a dict entry, not a
+    timer: a timer armed and cancelled per request cost some 4 µs on uvloop, a timeout
+    scope (``asyncio.timeout``) twice that.
+    """
+
+    def __init__(self, timeout: float = DEFAULT_CLIENT_BODY_TIMEOUT) -> None:
+        self.timeout = timeout
+        self.period = min(1.0, timeout / 4)
+        self.waiting: dict[asyncio.Task[Any], float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="luthien-body-deadlines")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.period)
+            if self.waiting:
+                self.sweep(loop.time())
+
+    def sweep(self, now: float) -> None:
+        """Cancel the body reads that began before ``now - timeout``."""
+        began_by = now - self.timeout
+        waiting = self.waiting
+        late = [task for task, began in waiting.items() if 0 <= began <= began_by]
+        for task in late:
+            waiting[task] = _EXPIRED
+            task.cancel()
+
+
+async def read_body(receive: Receive, limit: int, deadlines: BodyDeadlines | None = None) -> bytes:
+    """Read the whole request body (the only place the proxy calls ``receive`` for it),
+    within ``deadlines.timeout`` seconds (else ``RequestTimeout``)."""
+    if deadlines is None:
+        return await _read_body(receive, limit)
+    task = asyncio.current_task()
+    assert task is not None
+    waiting = deadlines.waiting
+    waiting[task] = asyncio.get_running_loop().time()
+    try:
+        return await _read_body(receive, limit)
+    except asyncio.CancelledError:
+        if waiting[task] != _EXPIRED:
+            raise  # not ours: the server is shutting down
+        task.uncancel()
+        raise RequestTimeout(
+            f"the request body did not arrive within {deadlines.timeout:g} s"
+        ) from None
+    finally:
+        del waiting[task]
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:
@@ -117,6 +195,9 @@ class LuthienProxy:
         self.settings = settings or Settings()
         self.services: Services | None = None
         self._console: Any = None  # the operator console (console/), made on first use
+        self.body_deadlines = BodyDeadlines(self.settings.client_body_timeout)
+        self.in_flight = 0  # transactions between their start and their record
+        self._settled: asyncio.Event | None = None  # set when ``in_flight`` drops to 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -179,13 +260,28 @@ class LuthienProxy:
                 # threshold (700) it walked the requests in flight hundreds of times a
                 # second: ~12 % of the CPU per non-streamed request (docs/performance.md).
                 gc.set_threshold(GC_THRESHOLD, 10, 10)
+                self.body_deadlines.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.body_deadlines.stop()
+                await self._settle()
                 if self.services is not None:
                     await self.services.stop()
                 metrics.worker_stopped()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _settle(self) -> None:
+        """Wait (at most ``SETTLE_SECONDS``) for the transactions still running: those the
+        server cut at the end of the shutdown grace period send their last bytes and queue
+        their records as they unwind, before the recorder's last flush."""
+        if not self.in_flight:
+            return
+        self._settled = asyncio.Event()
+        with anyio.move_on_after(SETTLE_SECONDS):
+            await self._settled.wait()
+        if self.in_flight:
+            logger.error("%d transaction(s) still running at exit: not recorded", self.in_flight)
 
     async def ready(self, send: Send) -> None:
         services = self.services
@@ -215,11 +311,12 @@ class LuthienProxy:
         request = ProxyRequest(scope["method"], path, scope.get("query_string", b""), headers, b"")
         tx = Transaction(request=request, services=services)
         metrics.ACTIVE.inc()
+        self.in_flight += 1
         try:
             await self._run(tx, receive, send, dev=dev)
         finally:
             # Synchronous bookkeeping first: it must happen even when the task is being
-            # cancelled (a stream cut at the end of the shutdown grace period).
+            # cancelled.
             tx.timings.end = time.perf_counter()
             if tx.outcome == "pending":
                 tx.outcome = "client_disconnected"
@@ -227,7 +324,22 @@ class LuthienProxy:
             metrics.observe(tx)
             if services.recorder is not None:
                 services.recorder.record(tx)
-            await tx.resources.aclose()
+            if tx.outcome == CUT_BY_SHUTDOWN:
+                logger.warning(
+                    "transaction %s (%s %s) cut by the shutdown: %s",
+                    tx.id,
+                    request.method,
+                    path,
+                    f"its stream ended with an error event after {tx.chunks_sent} event(s)"
+                    if tx.chunks_sent
+                    else f"answered {tx.status}",
+                )
+            try:
+                await tx.resources.aclose()
+            finally:
+                self.in_flight -= 1
+                if not self.in_flight and self._settled is not None:
+                    self._settled.set()
 
     async def _run(self, tx: Transaction, receive: Receive, send: Send, *, dev: bool) -> None:
         """Read the body, run the policies and answer, racing the client's disconnect."""
@@ -235,7 +347,9 @@ class LuthienProxy:
         request = tx.request
         failure: Exception | None = None
         try:
-            body = await read_body(receive, services.settings.max_request_bytes)
+            body = await read_body(
+                receive, services.settings.max_request_bytes, self.body_deadlines
+            )
             request.set_body(body)
             tx.trail.request_body = body
             # The handler races a disconnect listener: the listener cancels the handler's
@@ -259,9 +373,9 @@ class LuthienProxy:
             try:
                 await self.handle(tx, send, dev=dev)
             except asyncio.CancelledError:
-                if not disconnected:
-                    raise  # the server is shutting down: not ours to swallow
                 handler.uncancel()
+                if not disconnected:  # by the server: its shutdown grace period is over
+                    failure = shutdown_error()
             except Exception as exc:
                 failure = exc
             finally:
@@ -269,6 +383,11 @@ class LuthienProxy:
                 watcher.cancel()
         except ClientDisconnected:
             tx.outcome = "client_disconnected"
+        except asyncio.CancelledError:  # the shutdown, while the body was still coming
+            current = asyncio.current_task()
+            assert current is not None
+            current.uncancel()
+            failure = shutdown_error()
         except Exception as exc:
             failure = exc
         if failure is not None:
@@ -278,9 +397,14 @@ class LuthienProxy:
             if tx.status is None and not await _blocked_answer(tx, failure, send):
                 status, payload = tx.dialect.error_body(failure, tx.id, dev=dev)
                 tx.status = status
-                body = await send_json(send, status, payload, tx.id)
+                body = orjson.dumps(payload, default=str)
+                headers = json_headers(body, tx.id)
+                if isinstance(failure, RequestTimeout):  # the rest of the body is not read
+                    headers.append((b"connection", b"close"))
                 tx.trail.client_body = body
-                tx.trail.client_headers = json_headers(body, tx.id)
+                tx.trail.client_headers = headers
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def handle(self, tx: Transaction, send: Send, *, dev: bool) -> None:
         request = tx.request

@@ -33,7 +33,13 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
 DEFAULT_RECORDER_BACKLOG = 50_000
-DEFAULT_RECORDER_BACKLOG_BYTES = 256 * 1024 * 1024  # the queued rows' text, together
+# Clients (docs/operations.md#limits): the time to send a request's head, and then its
+# whole body; the connections one worker holds open; how long a shutdown lets the
+# requests in flight finish before it ends them.
+DEFAULT_CLIENT_HEADER_TIMEOUT = 30.0
+DEFAULT_CLIENT_BODY_TIMEOUT = 120.0
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_SHUTDOWN_GRACE = 30
 DEFAULT_DNS_TTL = 300.0
 
 
@@ -98,7 +104,10 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     refresh_interval: float = Field(DEFAULT_REFRESH_INTERVAL, gt=0)
     recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
-    recorder_backlog_bytes: int = Field(DEFAULT_RECORDER_BACKLOG_BYTES, ge=1024 * 1024)
+    client_header_timeout: float = Field(DEFAULT_CLIENT_HEADER_TIMEOUT, gt=0)
+    client_body_timeout: float = Field(DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    shutdown_grace_seconds: int = Field(DEFAULT_SHUTDOWN_GRACE, ge=0)
     # Where the recorder writes the records the database refuses (one JSON line each);
     # unset: next to the SQLite file, or in the working directory (recording.py).
     recorder_dead_letter: Path | None = None
