@@ -183,6 +183,7 @@ class Services:
                 engine,
                 Redactor(),
                 backlog=settings.recorder_backlog,
+                backlog_bytes=settings.recorder_backlog_bytes,
                 dead_letter=settings.recorder_dead_letter,
             ),
         )

@@ -2,9 +2,13 @@
 request path.
 
 The proxy calls ``Recorder.record(tx)`` once per transaction, after the client has its
-answer. ``DatabaseRecorder`` queues the transaction and a background task turns queued
-transactions into rows, redacts every secret, and inserts them in batches. While the
-database is unreachable the queue holds the records (up to ``RECORDER_BACKLOG``) and the
+answer. ``DatabaseRecorder`` turns the transaction into its row there and then (redacting
+every secret) and queues the row; a background task inserts queued rows in batches. The
+queue holds rows, never transactions: a transaction (its parsed bodies, its stream's
+assemblers, the backend stream it read from) is freed as soon as its request ends, and
+the work of building its row is done at the pace requests end, so that a busy proxy
+cannot run ahead of its audit trail. While the database is unreachable the queue holds
+the rows (up to ``RECORDER_BACKLOG`` rows and ``RECORDER_BACKLOG_BYTES`` of them) and the
 writer retries; an insert is idempotent (the transaction id is the key), so a retry after
 an ambiguous failure never writes a record twice. On shutdown the queue is flushed.
 
@@ -35,6 +39,7 @@ from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.dialects import StreamAssembler
 from luthien_control.exceptions import StorageError, StorageRefused
+from luthien_control.memory import IDLE_RELEASE_AFTER, release_free_memory
 from luthien_control.policies.audit_log import redacted_headers
 from luthien_control.policies.backend import client_keys, redact_keys
 from luthien_control.policies.secrets import (
@@ -43,14 +48,14 @@ from luthien_control.policies.secrets import (
     default_secrets,
     rewrite_json,
 )
-from luthien_control.settings import DEFAULT_RECORDER_BACKLOG
+from luthien_control.settings import DEFAULT_RECORDER_BACKLOG, DEFAULT_RECORDER_BACKLOG_BYTES
 from luthien_control.transaction import Transaction
 from luthien_control.upstream.client import REDACTED, display_url
 
 logger = logging.getLogger("luthien_control.transactions")
 
 
-BATCH_SIZE = 100  # the rows of one batch are prepared on the event loop: keep stalls short
+BATCH_SIZE = 100  # rows per insert (one database transaction)
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)  # after a failed write; then every 5 s
 # A JSON value of a record nested deeper than this is stored as its JSON text (a string)
@@ -62,6 +67,9 @@ _ORJSON_MAX_DEPTH = 254
 DEAD_LETTER_SUFFIX = "-dead-letter.jsonl"
 DEAD_LETTER_FILE = "luthien_control-dead-letter.jsonl"
 _INT4 = 2**31  # PostgreSQL's integer columns
+# What a queued row holds beyond its text columns (the dict, datetimes, small values),
+# measured near 1.5 KB on CPython 3.11; counted towards RECORDER_BACKLOG_BYTES.
+ROW_OVERHEAD = 2048
 
 
 class Recorder(Protocol):
@@ -497,8 +505,15 @@ def dead_letter_line(row: dict[str, Any], reason: str) -> bytes:
     return orjson.dumps(entry, default=repr, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def row_size(row: dict[str, Any]) -> int:
+    """The memory a queued row holds, near enough: its text columns (the JSON documents,
+    which carry the bodies) plus ``ROW_OVERHEAD``."""
+    return ROW_OVERHEAD + sum(len(value) for value in row.values() if isinstance(value, str))
+
+
 class DatabaseRecorder:
-    """Queues finished transactions and writes them in batches, in the background.
+    """Builds the row of each finished transaction at once and writes the rows in
+    batches, in the background.
 
     A failed write is either an outage (``StorageError``: locked, busy, unreachable),
     after which the rows stay queued and are tried again, or a refusal
@@ -511,12 +526,15 @@ class DatabaseRecorder:
         redactor: Redactor,
         *,
         backlog: int = DEFAULT_RECORDER_BACKLOG,
+        backlog_bytes: int = DEFAULT_RECORDER_BACKLOG_BYTES,
         dead_letter: Path | None = None,
     ) -> None:
         self._engine = engine
         self.redactor = redactor
-        self._queue: deque[tuple[Transaction, Redactor]] = deque()
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()  # (row, row_size)
+        self._queued_bytes = 0
         self._backlog = backlog
+        self._backlog_bytes = backlog_bytes
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._log = LogRecorder()
@@ -526,24 +544,49 @@ class DatabaseRecorder:
         self.dead_letter = dead_letter or default_dead_letter(engine.url)
 
     def record(self, tx: Transaction) -> None:
+        """Build the transaction's row (redacted with the patterns in force now) and queue
+        it; never raises. Beyond the backlog's bounds the record is dropped, counted and
+        logged: only a database away for long lets the queue fill up."""
         self._log.record(tx, self.redactor)
-        if len(self._queue) >= self._backlog:
+        if len(self._queue) >= self._backlog or self._queued_bytes >= self._backlog_bytes:
             self._overflowed += 1
             metrics.RECORDER_OVERFLOW.inc()
             if self._overflowed == 1 or self._overflowed % 1000 == 0:
                 logger.error(
-                    "recorder backlog full (%d records): %d record(s) dropped so far",
-                    self._backlog,
+                    "recorder backlog full (%d records, %d bytes): %d record(s) dropped so far",
+                    len(self._queue),
+                    self._queued_bytes,
                     self._overflowed,
                 )
             return
-        # The patterns in force when the transaction ran, not when it is written.
-        self._queue.append((tx, self.redactor))
+        row = self._row(tx, self.redactor)
+        size = row_size(row)
+        self._queue.append((row, size))
+        self._queued_bytes += size
         self._wakeup.set()  # the writer updates the backlog gauge, once per batch
+
+    @staticmethod
+    def _row(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
+        try:
+            return build_record(tx, redactor)
+        except Exception as exc:  # a bug: the transaction is still recorded, in short
+            logger.exception("cannot build the record of transaction %s", tx.id)
+            return summary_row(tx, redactor, f"record could not be built: {exc!r}")
 
     @property
     def backlog(self) -> int:
+        """Rows waiting to be written."""
         return len(self._queue)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """What the waiting rows hold in memory (``row_size``), together."""
+        return self._queued_bytes
+
+    def _written(self) -> None:
+        """The row at the head of the queue is in the database (or dead-lettered)."""
+        _, size = self._queue.popleft()
+        self._queued_bytes -= size
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="luthien-recorder")
@@ -567,10 +610,22 @@ class DatabaseRecorder:
 
     async def _run(self) -> None:
         attempt = 0
+        busy = False  # records came since the memory was last released
         while True:
             if not self._queue:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if busy:
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), IDLE_RELEASE_AFTER)
+                    except TimeoutError:
+                        # Nothing finished for a while: the rush is over, give back what
+                        # it took (memory.py).
+                        release_free_memory()
+                        busy = False
+                        continue
+                else:
+                    await self._wakeup.wait()
+            busy = True
             if len(self._queue) < BATCH_SIZE:
                 # Not a full batch: let it fill. Writing whatever came in during the
                 # last write made batches of a few rows under load, each paying for a
@@ -600,18 +655,9 @@ class DatabaseRecorder:
         from luthien_control.db.transactions import insert_records
 
         metrics.RECORDER_BACKLOG.set(len(self._queue))
-        batch = [self._queue[i] for i in range(min(BATCH_SIZE, len(self._queue)))]
-        if not batch:
+        rows = [self._queue[i][0] for i in range(min(BATCH_SIZE, len(self._queue)))]
+        if not rows:
             return True
-        rows = []
-        for number, (tx, redactor) in enumerate(batch, 1):
-            try:
-                rows.append(build_record(tx, redactor))
-            except Exception as exc:  # a bug: the transaction is still recorded, in short
-                logger.exception("cannot build the record of transaction %s", tx.id)
-                rows.append(summary_row(tx, redactor, f"record could not be built: {exc!r}"))
-            if number % 10 == 0:
-                await asyncio.sleep(0)  # let streams in flight send their chunks
         try:
             await insert_records(self._engine, rows)
         except StorageRefused:
@@ -621,8 +667,8 @@ class DatabaseRecorder:
             self._outage(exc)
             return False
         else:
-            for _ in batch:
-                self._queue.popleft()
+            for _ in rows:
+                self._written()
         if self._failing or self._bug is not None:
             logger.info("transaction records are being written again")
             self._failing, self._bug = False, None
@@ -648,7 +694,7 @@ class DatabaseRecorder:
             except StorageError as exc:
                 self._outage(exc)
                 return False
-            self._queue.popleft()
+            self._written()
         return True
 
     async def _refused(self, row: dict[str, Any], reason: str) -> None:

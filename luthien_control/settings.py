@@ -40,6 +40,7 @@ DEFAULT_CLIENT_HEADER_TIMEOUT = 30.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 120.0
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_SHUTDOWN_GRACE = 30
+DEFAULT_RECORDER_BACKLOG_BYTES = 256 * 1024 * 1024  # the queued rows' text, together
 DEFAULT_DNS_TTL = 300.0
 
 
@@ -108,6 +109,7 @@ class Settings(BaseSettings):
     client_body_timeout: float = Field(DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
     shutdown_grace_seconds: int = Field(DEFAULT_SHUTDOWN_GRACE, ge=0)
+    recorder_backlog_bytes: int = Field(DEFAULT_RECORDER_BACKLOG_BYTES, ge=1024 * 1024)
     # Where the recorder writes the records the database refuses (one JSON line each);
     # unset: next to the SQLite file, or in the working directory (recording.py).
     recorder_dead_letter: Path | None = None
