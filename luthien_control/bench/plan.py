@@ -55,7 +55,7 @@ class Plan:
     hold: float
     quick: bool
     apis: tuple[str, ...] = ("chat",)
-    settle: float = 2.0  # idle seconds after the many streams closed, before RSS is read
+    settle: float = 3.0  # idle seconds after the many streams closed, before RSS is read
     pool_burst: int = POOL_BURST
 
     @property
@@ -81,7 +81,7 @@ class Plan:
                 hold=0.3,
                 quick=True,
                 apis=apis,
-                settle=1.0,
+                settle=3.0,
             )
         return cls(
             rounds=args.rounds or DEFAULT_ROUNDS,

