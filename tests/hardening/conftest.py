@@ -234,8 +234,8 @@ async def raw_exchange(
         name, _, value = line.partition(b":")
         result.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
     result.transaction_id = result.headers.get("x-luthien-transaction-id")
-    if head:
-        result.ending = "answer" if not body else "cut"
+    if head:  # no body is due (uvicorn's own 400 has one all the same)
+        result.ending = "answer"
         return result
     if result.headers.get("transfer-encoding") == "chunked":
         whole = dechunk(body)
@@ -478,6 +478,15 @@ def hardening_proxy(
             "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         },
     )
+
+
+@pytest.fixture(autouse=True)
+def fresh_request_log(request: pytest.FixtureRequest) -> None:
+    """The shared mock's request log emptied before each test that uses it: it keeps the
+    newest 10,000 requests, which a soak's test alone may reach."""
+    if "hardening_mock" in request.fixturenames:
+        mock: MockBackendServer = request.getfixturevalue("hardening_mock")
+        mock.client.delete(f"{mock.url}/_mock/requests").raise_for_status()
 
 
 def proxy_policy(backend_url: str, *, routes: dict[str, str] | None = None) -> dict[str, Any]:

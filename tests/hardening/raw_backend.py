@@ -96,6 +96,7 @@ FAULTS: dict[str, Callable[[bool], Answer]] = {
     "huge-head": lambda stream: Answer(_huge_head(stream)),
 }
 GATE = "gate"  # a stream held after its first event until the gate opens (``Gate``)
+HELD_COMMENT_EVERY = 0.5  # seconds between the comments a held stream gets
 
 
 class Gate:
@@ -206,7 +207,13 @@ class RawBackend:
         )
         await writer.drain()
         assert self.gate is not None, "no gate set"
-        await self.gate.hold()
+        held = asyncio.ensure_future(self.gate.hold())
+        while not held.done():
+            # A comment now and then, so that a stream held long is not a stalled one.
+            await asyncio.wait({held}, timeout=HELD_COMMENT_EVERY)
+            if not held.done():
+                writer.write(_chunked([b": held\n\n"], end=False))
+                await writer.drain()
         writer.write(_chunked(events[1:]))
         await writer.drain()
 

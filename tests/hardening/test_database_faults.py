@@ -65,7 +65,7 @@ async def traffic(proxy: ProxyServer, prefix: str, scenario: Awaitable[None]) ->
         finally:
             over.set()
 
-    await asyncio.gather(run_scenario(), *(lane(n) for n in range(scaled(4, 16))))
+    await asyncio.gather(run_scenario(), *(lane(n) for n in range(scaled(4, 8))))
     return calls
 
 

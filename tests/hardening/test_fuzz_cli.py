@@ -13,7 +13,9 @@ import contextlib
 import copy
 import json
 import random
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -103,7 +105,7 @@ def mutated_policy(seed: int, number: int) -> tuple[str, str, bytes]:
     policy = copy.deepcopy(POLICY)
     for _ in range(rng.randint(0, 3)):
         steps.append(_restructure(rng, policy))
-    data = json.dumps(policy, indent=rng.choice([None, 2])).encode()  # YAML reads it too
+    data = dumps(policy, indent=rng.choice([None, 2]))  # YAML reads it too
     if name.startswith("p.y") and rng.random() < 0.5:
         with contextlib.suppress(RecursionError):  # too deep for PyYAML's writer
             data = yaml.safe_dump(policy, sort_keys=False).encode()
@@ -112,6 +114,17 @@ def mutated_policy(seed: int, number: int) -> tuple[str, str, bytes]:
             step, data = rng.choice(MUTATIONS)(rng, data)
             steps.append(step)
     return f"seed {seed}, policy file {number}: {name}, " + "; ".join(steps), name, data
+
+
+def dumps(value: Any, indent: int | None) -> bytes:
+    """JSON text of a policy however deep its mutations made it (the encoder's recursion
+    limit raised for the purpose)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))
+    try:
+        return json.dumps(value, indent=indent).encode()
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def mutated_arguments(seed: int, number: int) -> list[str]:
