@@ -21,6 +21,7 @@ taking its place in the table. A locked or unreachable database only delays the 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
@@ -37,15 +38,17 @@ import orjson
 from luthien_control import metrics
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
-from luthien_control.dialects import StreamAssembler
+from luthien_control.dialects import StreamAssembler, TextSlot
+from luthien_control.dialects.base import joined_slots
 from luthien_control.exceptions import StorageError, StorageRefused
 from luthien_control.memory import IDLE_RELEASE_AFTER, release_free_memory
 from luthien_control.policies.audit_log import redacted_headers
-from luthien_control.policies.backend import client_keys, redact_keys
+from luthien_control.policies.backend import client_keys, redact_keys, sent_keys
 from luthien_control.policies.secrets import (
     DEFAULT_PATTERNS,
     SecretPattern,
     default_secrets,
+    joined_secrets,
     rewrite_json,
 )
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG, DEFAULT_RECORDER_BACKLOG_BYTES
@@ -92,6 +95,21 @@ class Redactor:
         for index, pattern in enumerate(extra_patterns):
             patterns[f"policy pattern {index}"] = pattern
         self._secrets = SecretPattern(patterns)
+
+    def with_literals(self, literals: list[str]) -> Redactor:
+        """This redactor, also redacting ``literals`` (the keys the proxy sent the backend
+        in one transaction: ``sent_keys``) as the patterns are redacted."""
+        if not literals:
+            return self
+        other = copy.copy(self)
+        other._secrets = self._secrets.with_literals(literals)
+        return other
+
+    def joined(self, slots: list[TextSlot]) -> None:
+        """Redact, in place, the secrets that strings read as one text spell together
+        (``TextSlot.joins``: the parts of a message), before each is redacted alone."""
+        for group in joined_slots(slots):
+            joined_secrets(self._secrets, group, redact=True)
 
     def text(self, value: str) -> str:
         """``value`` with every secret replaced (``SecretPattern.scrub``)."""
@@ -285,6 +303,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
     bodies = _Bodies()
     request = tx.request
     keys = client_keys(request.headers)
+    redactor = redactor.with_literals(sent_keys(tx))  # the backend key, whatever its shape
     payload = request.payload if isinstance(request.payload, dict) else {}
     model = payload.get("model") if isinstance(payload.get("model"), str) else None
     timings = tx.timings
@@ -298,6 +317,24 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         if trail.stream_sent is trail.stream_received
         else _stream(trail.stream_sent)
     )
+    # A key split across the parts of a message is redacted in the parts that hold it
+    # (each body once: the backend most often got the client's, unchanged).
+    dialect = tx.dialect
+    seen: set[int] = set()
+    for slots, body in (
+        (dialect.request_slots, trail.request_body),
+        (dialect.request_slots, backend_request and backend_request["body"]),
+        (dialect.answer_slots, trail.backend_body),
+        (dialect.answer_slots, trail.client_body),
+    ):
+        value = bodies.value(body or None)
+        if isinstance(value, dict) and id(value) not in seen:
+            seen.add(id(value))
+            redactor.joined(slots(value))
+    for assembled in (received_stream, sent_stream):
+        if assembled is not None and id(assembled) not in seen:
+            seen.add(id(assembled))
+            redactor.joined(dialect.assembled_slots(assembled))
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),

@@ -42,13 +42,17 @@ class TextSlot:
     ``key`` is its channel (strings of one channel are joined by the client across
     events); ``kind`` says what the text is: ``text`` (the model's message), ``refusal``,
     ``reasoning``, ``arguments`` (a tool call's input), ``name`` (a tool's name),
-    ``audio`` (a transcript).
+    ``audio`` (a transcript). ``joins`` names the text it is a piece of when the client
+    (or the model) reads several strings as one, in order: the parts of a message, the
+    text blocks of an answer, the ``output_text`` of a Responses answer (the SDKs join
+    them); ``None``: it is read alone.
     """
 
     key: ChannelKey
     holder: Any  # a dict, or a list for a string inside an array
     field: Any  # the key in a dict, or the index in a list
     kind: str
+    joins: ChannelKey | None = None
 
     @property
     def text(self) -> str:
@@ -169,6 +173,22 @@ class Dialect:
         """The channel texts of one stream event."""
         return []
 
+    def joins(self, key: ChannelKey) -> ChannelKey | None:
+        """The text a stream channel is a piece of, when the client reads several
+        channels as one, in order (the parts of a message, the text blocks of an answer:
+        the SDK joins them); ``None``: the channel is read alone."""
+        return None
+
+    def event_answer(self, data: dict[str, Any]) -> Any:
+        """The answer (or part of one) that a stream event repeats whole, in the shape
+        ``answer_slots`` reads (the Responses API's response object), or None."""
+        return None
+
+    def assembled_slots(self, summary: dict[str, Any]) -> list[TextSlot]:
+        """The texts of a stream's assembled answer (``StreamAssembler.summary()``), as
+        ``answer_slots`` finds them in a buffered answer."""
+        return self.answer_slots(summary)
+
     # The stream repeats a channel's whole text in later events (the Responses API's
     # ``*.done``, ``output_item.done``, ``response.completed``): ``summary_slots`` finds
     # those, and a rewriter makes them say what the channel's deltas said as sent.
@@ -281,6 +301,16 @@ class RawAssembler:
 
     def summary(self) -> dict[str, Any]:
         return {"chunks": self.chunks}
+
+
+def joined_slots(slots: list[TextSlot]) -> list[list[TextSlot]]:
+    """The slots that are read as one text (``TextSlot.joins``), grouped, in order; only
+    groups of two strings or more."""
+    groups: dict[ChannelKey, list[TextSlot]] = {}
+    for slot in slots:
+        if slot.joins is not None:
+            groups.setdefault(slot.joins, []).append(slot)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def string_slots(value: Any, key: ChannelKey, kind: str) -> list[TextSlot]:

@@ -241,6 +241,8 @@ class ChatAssembler:
                 content = delta.get("content")
                 if content is not None and type(content) is str:
                     state.content.append(content)
+                elif type(content) is list:  # content as parts (some providers): one text
+                    state.content.extend(_part_texts(content))
                 calls = delta.get("tool_calls")
                 if calls:
                     self._feed_tool_calls(state, calls)
@@ -335,13 +337,15 @@ def _message_slots(message: Any, key: ChannelKey) -> list[TextSlot]:
     content = message.get("content")
     if isinstance(content, str):
         slots.append(TextSlot((*key, "content"), message, "content", "text"))
-    elif isinstance(content, list):
+    elif isinstance(content, list):  # parts: their texts are read as one text
+        joined = (*key, "content")
         for position, part in enumerate(content):
             if isinstance(part, dict):
                 for name in ("text", "refusal"):
                     if isinstance(part.get(name), str):
                         kind = "text" if name == "text" else "refusal"
-                        slots.append(TextSlot((*key, "content", position), part, name, kind))
+                        joins = joined if name == "text" else None
+                        slots.append(TextSlot((*joined, position), part, name, kind, joins))
     for name, kind in (("refusal", "refusal"), ("reasoning_content", "reasoning")):
         if isinstance(message.get(name), str):
             slots.append(TextSlot((*key, name), message, name, kind))
@@ -585,12 +589,37 @@ def _made_up(tx: Transaction, kind: str) -> dict[str, Any]:
     }
 
 
+class _Parts:
+    """A delta whose ``content`` is a list of parts, seen as the one text they spell.
+    Rewritten, it is written back as a string: the API's own shape (the SDK's delta
+    holds a string), the text the client would have read."""
+
+    __slots__ = ("delta",)
+
+    def __init__(self, delta: dict[str, Any]) -> None:
+        self.delta = delta
+
+    def __getitem__(self, name: str) -> str:
+        return "".join(_part_texts(self.delta[name]))
+
+    def __setitem__(self, name: str, text: str) -> None:
+        self.delta[name] = text
+
+
+def _part_texts(parts: list[Any]) -> list[str]:
+    return [part["text"] for part in parts if type(part) is dict and type(part.get("text")) is str]
+
+
 def _delta_slots(index: int, delta: dict[str, Any], slots: list[TextSlot]) -> None:
     for field_name, value in delta.items():
         if isinstance(value, str):
             if field_name not in _NOT_TEXT:
                 kind = _DELTA_KINDS.get(field_name, "other")
                 slots.append(TextSlot((index, field_name, None), delta, field_name, kind))
+        elif field_name == "content" and isinstance(value, list):
+            # Content as a list of parts (some providers): the text they spell continues
+            # the choice's content channel, as the client reads it.
+            slots.append(TextSlot((index, "content", None), _Parts(delta), "content", "text"))
         elif field_name == "tool_calls" and isinstance(value, list):
             for call in value:
                 function = call.get("function") if isinstance(call, dict) else None
@@ -623,6 +652,8 @@ def _put_back(delta: dict[str, Any], piece: Released) -> None:
         if field_name == "audio":
             audio = delta.setdefault("audio", {})
             audio["transcript"] = (audio.get("transcript") or "") + piece.text
+        elif isinstance(delta.get(field_name), list):  # content as parts: one more part
+            delta[field_name].append({"type": "text", "text": piece.text})
         else:
             delta[field_name] = (delta.get(field_name) or "") + piece.text
         return

@@ -160,12 +160,14 @@ class MessagesAssembler:
         return {"chunks": self.chunks, "message": message}
 
 
-def _block_slots(block: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
+def _block_slots(
+    block: Any, key: ChannelKey, slots: list[TextSlot], joins: ChannelKey | None = None
+) -> None:
     if not isinstance(block, dict):
         return
     kind = block.get("type")
     if kind == "text" and isinstance(block.get("text"), str):
-        slots.append(TextSlot(key, block, "text", "text"))
+        slots.append(TextSlot(key, block, "text", "text", joins))
     elif kind == "thinking" and isinstance(block.get("thinking"), str):
         slots.append(TextSlot(key, block, "thinking", "reasoning"))
     elif kind in ("tool_use", "server_tool_use"):
@@ -177,10 +179,12 @@ def _block_slots(block: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
 
 
 def _content_slots(content: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
+    """The texts of content blocks; their text blocks are read as one text (the SDK's
+    ``get_final_text()`` joins them, a model reads a message's blocks so)."""
     if isinstance(content, str):
         return  # the caller adds it: only it knows the holder
     for index, block in enumerate(content if isinstance(content, list) else ()):
-        _block_slots(block, (*key, index), slots)
+        _block_slots(block, (*key, index), slots, key)
 
 
 def _blocks_text(content: Any) -> str:
@@ -331,6 +335,12 @@ class MessagesDialect(AnthropicDialect):
                 if start is not None and isinstance(block.get(start[0]), str):
                     return [TextSlot((index, start[1]), block, start[0], start[2])]
         return []
+
+    def joins(self, key: ChannelKey) -> ChannelKey | None:
+        return _TEXT_CHANNELS if key[1:] == ("text",) else None
+
+    def assembled_slots(self, summary: dict[str, Any]) -> list[TextSlot]:
+        return self.answer_slots(summary.get("message"))
 
     def plain_text(self, data: dict[str, Any]) -> tuple[Any, str, ChannelKey] | None:
         if data.get("type") != "content_block_delta":
@@ -495,6 +505,7 @@ def _notice_end(index: int, notice: str, output_tokens: int, stop: str = "end_tu
 
 
 _TEXT = {"type": "text", "text": ""}
+_TEXT_CHANNELS: ChannelKey = ("text",)  # every text block of an answer: one text
 _CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
 _INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 OUTPUT_TEXT_DELTA = "response.output_text.delta"
+_OUTPUT_TEXT_BASE = OUTPUT_TEXT_DELTA[:-6]
+# The output text of an answer: every output_text part of every message item, read as
+# one text (the SDK's ``output_text``).
+_OUTPUT_TEXT: ChannelKey = ("output_text",)
 
 
 def _kind(base: str) -> str:
@@ -145,22 +149,27 @@ class ResponsesAssembler:
         }
 
 
-def _item_slots(item: Any, key: ChannelKey, slots: list[TextSlot]) -> None:
-    """The texts of an input or output item."""
+def _item_slots(
+    item: Any, key: ChannelKey, slots: list[TextSlot], joins: ChannelKey | None = None
+) -> None:
+    """The texts of an input or output item. The text parts of its ``content`` are read
+    as one text: the item's own (``joins`` None), or the one ``joins`` names."""
     if isinstance(item, str):
         return
     if not isinstance(item, dict):
         return
     content = item.get("content")
     if isinstance(content, str):
-        slots.append(TextSlot((*key, "content"), item, "content", "text"))
+        slots.append(TextSlot((*key, "content"), item, "content", "text", joins))
     elif isinstance(content, list):
+        joined = joins or (*key, "content")
         for position, part in enumerate(content):
             if isinstance(part, dict):
                 for name in ("text", "refusal"):
                     if isinstance(part.get(name), str):
                         kind = "text" if name == "text" else "refusal"
-                        slots.append(TextSlot((*key, position), part, name, kind))
+                        slot_joins = joined if name == "text" else None
+                        slots.append(TextSlot((*key, position), part, name, kind, slot_joins))
     for name, kind in (("name", "name"), ("arguments", "arguments"), ("input", "arguments")):
         if isinstance(item.get(name), str):
             slots.append(TextSlot((*key, name), item, name, kind))
@@ -263,8 +272,24 @@ class ResponsesDialect(Dialect):
         slots: list[TextSlot] = []
         output = payload.get("output") if isinstance(payload, dict) else None
         for index, item in enumerate(output if isinstance(output, list) else ()):
-            _item_slots(item, ("output", index), slots)
+            # The SDK's output_text joins the text of every message item, in order.
+            message = isinstance(item, dict) and item.get("type", "message") == "message"
+            _item_slots(item, ("output", index), slots, _OUTPUT_TEXT if message else None)
         return slots
+
+    def assembled_slots(self, summary: dict[str, Any]) -> list[TextSlot]:
+        return []  # the assembler keeps the output text joined already (``output_text``)
+
+    def event_answer(self, data: dict[str, Any]) -> Any:
+        kind = data.get("type")
+        if kind in RESPONSES_TERMINAL or kind == "response.created":
+            return data.get("response")
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            return {"output": [data.get("item")]}
+        return None
+
+    def joins(self, key: ChannelKey) -> ChannelKey | None:
+        return _OUTPUT_TEXT if key[2:] == (_OUTPUT_TEXT_BASE,) else None
 
     def new_assembler(self) -> ResponsesAssembler:
         return ResponsesAssembler()
@@ -360,14 +385,16 @@ class ResponsesDialect(Dialect):
 
 class _ResponsesRules:
     """No delta for a part once its ``.done`` came, none for an item once its
-    ``output_item.done`` came, nothing after the terminal event."""
+    ``output_item.done`` came, nothing after the terminal event; the output text's parts
+    one at a time, in order (the SDK joins them in that order: a policy reads them so)."""
 
-    __slots__ = ("_closed", "_done_items", "_ended")
+    __slots__ = ("_closed", "_done_items", "_ended", "_text")
 
     def __init__(self) -> None:
         self._closed: set[ChannelKey] = set()
         self._done_items: set[Any] = set()
         self._ended = False
+        self._text: ChannelKey | None = None  # the output text part begun last
 
     def check(self, data: Any) -> None:
         kind = data.get("type") if type(data) is dict else None
@@ -383,8 +410,15 @@ class _ResponsesRules:
                 data.get("content_index", data.get("summary_index", 0)), int
             ):
                 raise BackendBroken("the backend's stream has a delta without its place")
-            if index in self._done_items or _channel(data, kind[:-6]) in self._closed:
+            key = _channel(data, kind[:-6])
+            if index in self._done_items or key in self._closed:
                 raise BackendBroken("the backend's stream went on with a finished part")
+            if kind == OUTPUT_TEXT_DELTA and key != self._text:
+                if self._text is not None and (
+                    self._text not in self._closed or key[:2] < self._text[:2]
+                ):
+                    raise BackendBroken("the backend's output text parts are out of order")
+                self._text = key
         elif kind == "response.output_item.done":
             self._done_items.add(data.get("output_index", 0))
         elif kind.endswith(".done"):

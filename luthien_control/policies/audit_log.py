@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
 
-from luthien_control.policies.backend import client_keys, redact_keys
+from luthien_control.dialects.base import TextSlot, joined_slots
+from luthien_control.policies.backend import client_keys, redact_keys, sent_keys
 from luthien_control.policies.base import Policy, PolicyConfig
-from luthien_control.policies.secrets import copy_json, default_secrets, rewrite_json
+from luthien_control.policies.secrets import (
+    SecretPattern,
+    copy_json,
+    default_secrets,
+    joined_secrets,
+    rewrite_json,
+)
 from luthien_control.sse import Chunk
 from luthien_control.transaction import Message, StreamTransform, Transaction
 
@@ -21,17 +29,36 @@ SECRET_HEADERS = frozenset(
 _SECRETS = default_secrets()
 
 
+def _secrets(tx: Transaction) -> SecretPattern:
+    """The patterns, and the keys the proxy sent the backend in ``tx`` (literals)."""
+    return _SECRETS.with_literals(sent_keys(tx))
+
+
 def redacted_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: ("[REDACTED]" if k in SECRET_HEADERS else v) for k, v in headers.items()}
 
 
-def redacted_body(message: Message) -> Any:
+def redacted_body(
+    message: Message,
+    slots: Callable[[Any], list[TextSlot]] | None = None,
+    secrets: SecretPattern = _SECRETS,
+) -> Any:
     """The body as JSON (or text) with every known secret pattern replaced, in every
-    decoded string and object key (a copy: the message is not touched)."""
+    decoded string and object key (a copy: the message is not touched). ``slots`` finds
+    the strings read as one text (a dialect's ``request_slots``, ``answer_slots``): a key
+    split across them is redacted too."""
     payload = message.payload
     if payload is None:
-        return _SECRETS.scrub(message.body.decode("utf-8", "replace"))
-    return rewrite_json(copy_json(payload), _SECRETS.scrub)[0]
+        return secrets.scrub(message.body.decode("utf-8", "replace"))
+    copy = copy_json(payload)
+    if slots is not None:
+        _redact_joined(secrets, slots(copy))
+    return rewrite_json(copy, secrets.scrub)[0]
+
+
+def _redact_joined(secrets: SecretPattern, slots: list[TextSlot]) -> None:
+    for group in joined_slots(slots):
+        joined_secrets(secrets, group, redact=True)
 
 
 class TransactionContextLoggingPolicy(Policy):
@@ -51,9 +78,11 @@ class TransactionContextLoggingPolicy(Policy):
             record = {"transaction_id": tx.id, "side": side, **entry}
             # Every decoded string and key of what is logged (path, headers, body,
             # assembled stream), never the serialized line: no escape hides a key; nor
-            # the client's own key, wherever the client copied it.
+            # the client's own key, wherever the client copied it, nor the keys the
+            # proxy sent the backend, whatever their shape.
             keys = client_keys(tx.request.headers)
-            rewrite_json(record, lambda text: redact_keys(_SECRETS.scrub(text), keys))
+            secrets = _secrets(tx)
+            rewrite_json(record, lambda text: redact_keys(secrets.scrub(text), keys))
             logger.log(self.level, "%s", orjson.dumps(record).decode())
 
     async def on_request(self, tx: Transaction) -> None:
@@ -67,7 +96,7 @@ class TransactionContextLoggingPolicy(Policy):
                 "method": request.method,
                 "path": request.path,
                 "headers": redacted_headers(request.headers),
-                "body": redacted_body(request),
+                "body": redacted_body(request, tx.dialect.request_slots, _secrets(tx)),
                 "client_key_name": tx.client_key_name,
             },
         )
@@ -82,7 +111,7 @@ class TransactionContextLoggingPolicy(Policy):
             {
                 "status": response.status,
                 "headers": redacted_headers(response.headers),
-                "body": redacted_body(response),
+                "body": redacted_body(response, tx.dialect.answer_slots, _secrets(tx)),
             },
         )
 
@@ -105,14 +134,16 @@ class _StreamLog:
         return [chunk]
 
     async def on_end(self) -> list[Chunk]:
-        assembler = self._assembler
+        tx = self._tx
+        summary = self._assembler.summary()  # chunks, and the message(s) the stream spelled
+        _redact_joined(_secrets(tx), tx.dialect.assembled_slots(summary))
         self._policy._log(  # redacts what it logs
-            self._tx,
+            tx,
             "response",
             {
-                "status": self._tx.response.status if self._tx.response else None,
+                "status": tx.response.status if tx.response else None,
                 "streamed": True,
-                **assembler.summary(),  # chunks, and the message(s) the stream spelled out
+                **summary,
             },
         )
         return []

@@ -6,12 +6,13 @@ members after it see the response.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import orjson
 from pydantic import field_validator
@@ -96,18 +97,35 @@ def backend_request_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def backend_keys(tx: Transaction, base_url: str) -> list[str]:
-    """The credentials the proxy itself adds to the backend request: the values of
-    ``tx.backend_headers`` and the backend URL's userinfo; only those long enough to
-    redact (``MIN_KEY_CHARS``)."""
+    """The credentials the proxy itself adds to the backend request, in every form it
+    sends them: the values of ``tx.backend_headers``, and the backend URL's userinfo as
+    written (percent-encoded), decoded, and as the ``Authorization: Basic`` credential
+    the backend client makes of it (base64 of ``user:password``, without its padding:
+    an echo may drop it). Only those long enough to redact (``MIN_KEY_CHARS``)."""
     keys = credentials(tx.backend_headers.values())
     if "@" in base_url:
         try:
             parts = urlsplit(base_url)
-            userinfo = [parts.username, parts.password]
+            user, password = parts.username, parts.password
         except ValueError:  # refused by the backend client anyway
-            userinfo = []
-        keys.extend(unquote(part) for part in userinfo if part)
+            user = password = None
+        if user is not None:
+            for part in (user, password):
+                if part:
+                    keys.extend({part, unquote(part), quote(unquote(part), safe="")})
+            basic = f"{unquote(user)}:{unquote(password or '')}"
+            keys.append(base64.b64encode(basic.encode()).decode().rstrip("="))
     return [key for key in keys if len(key) >= MIN_KEY_CHARS]
+
+
+def sent_keys(tx: Transaction) -> list[str]:
+    """``backend_keys`` of this transaction: its backend URL as sent (before it is sent,
+    as chosen)."""
+    sent = tx.trail.backend_request
+    url = sent["url"] if sent else tx.backend_url
+    if url is None:
+        url = getattr(tx.services, "default_backend_url", None)
+    return backend_keys(tx, url or "")
 
 
 def without_keys(data: bytes, keys: list[str]) -> bytes:

@@ -20,7 +20,8 @@ from urllib.parse import unquote
 import orjson
 import regex
 
-from luthien_control.policies.backend import CLIENT_KEY_HEADERS
+from luthien_control.dialects.base import Dialect, TextSlot, joined_slots
+from luthien_control.policies.backend import CLIENT_KEY_HEADERS, sent_keys
 from luthien_control.policies.base import BlockingConfig, Policy, RegexPattern
 from luthien_control.policies.literals import minimal, required_prefixes
 from luthien_control.policies.text import TextRewriter, TextStream
@@ -76,6 +77,9 @@ DEFAULT_PATTERNS: dict[str, str] = {
 }
 # What a lookbehind may need to see before a match (``_START``: an ANSI code).
 LOOKBEHIND_CHARS = 24
+# The name of the literal secrets of a transaction (``SecretPattern.with_literals``).
+LITERAL_KIND = "backend_key"
+_MAX_LITERAL_SETS = 64  # sets of literals compiled and kept, per set of patterns
 # A header value (or path, or query) is also checked decoded, this many times over:
 # "%2573k-..." is "%73k-..." once decoded, and "sk-..." twice.
 PERCENT_DECODINGS = 3
@@ -134,7 +138,9 @@ class SecretPattern:
     """
 
     def __init__(self, patterns: dict[str, str]) -> None:
+        self.patterns = dict(patterns)
         self.names = list(patterns)
+        self._with: dict[tuple[str, ...], SecretPattern] = {}
         joined = "|".join(f"(?P<p{i}>{p})" for i, p in enumerate(patterns.values()))
         self.regex = regex.compile(joined)
         literals = self.literals = derived_literals(patterns.values())
@@ -167,6 +173,23 @@ class SecretPattern:
             if self._prefixes
             else None
         )
+
+    def with_literals(self, literals: Iterable[str]) -> SecretPattern:
+        """These patterns and ``literals`` (strings that are secrets whatever their
+        shape: the keys the proxy itself sends the backend), as one more pattern
+        (``LITERAL_KIND``) scanned by the same machinery, prefilter included. Compiled
+        once per set of literals (most transactions share the same few keys)."""
+        key = tuple(sorted(set(literals), key=lambda text: (-len(text), text)))
+        if not key:
+            return self
+        extended = self._with.get(key)
+        if extended is None:
+            if len(self._with) >= _MAX_LITERAL_SETS:
+                self._with.clear()
+            alternatives = "|".join(regex.escape(text) for text in key)
+            patterns = {**self.patterns, LITERAL_KIND: f"(?:{alternatives})"}
+            extended = self._with[key] = SecretPattern(patterns)
+        return extended
 
     def kind(self, match: Any) -> str:
         group = match.lastgroup
@@ -256,6 +279,37 @@ def byte_arrays(value: Any) -> list[tuple[list[Any], str]]:
             else:
                 stack.extend(item)
     return out
+
+
+def joined_secrets(secrets: SecretPattern, group: list[TextSlot], *, redact: bool) -> list[str]:
+    """The secrets in the text that the strings of ``group`` spell together (the parts
+    of one message, read as one text), as kinds; with ``redact``, each is taken out of
+    the strings that hold its pieces, ``[REDACTED]`` where it begins, so that neither
+    the joined text nor any string still spells it."""
+    texts = [slot.text for slot in group]
+    joined = "".join(texts)
+    if not secrets.may_contain(joined):
+        return []
+    matches = list(secrets.regex.finditer(joined))
+    if not matches or not redact:
+        return [secrets.kind(match) for match in matches]
+    start = 0
+    for slot, text in zip(group, texts, strict=True):
+        end = start + len(text)
+        pieces: list[str] = []
+        position = start
+        for match in matches:
+            if match.end() <= position or match.start() >= end:
+                continue
+            pieces.append(joined[position : max(match.start(), position)])
+            if match.start() >= start:  # it begins here
+                pieces.append(REDACTED)
+            position = min(match.end(), end)
+        if position != start or pieces:
+            pieces.append(joined[position:end])
+            slot.set("".join(pieces))
+        start = end
+    return [secrets.kind(match) for match in matches]
 
 
 def json_strings(value: Any) -> list[str]:
@@ -405,9 +459,14 @@ class SecretScanner:
 
     __slots__ = ("_before", "_context", "_held", "_limit", "_open", "_policy", "_secrets", "_tx")
 
-    def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
+    def __init__(
+        self,
+        policy: LeakedApiKeyDetection,
+        tx: Transaction,
+        secrets: SecretPattern | None = None,
+    ) -> None:
         self._policy = policy
-        self._secrets = policy.secrets
+        self._secrets = secrets or policy.secrets
         self._context = self._secrets.context_chars
         self._limit = 2 * self._context
         self._tx = tx
@@ -431,9 +490,28 @@ class SecretScanner:
             return text
         return self._scan(text, final=False)
 
+    @property
+    def holding(self) -> bool:
+        """Text is held back (a part that ends now may go on in the next one)."""
+        return bool(self._held)
+
     def flush(self) -> str:
         held, self._held = self._held, ""
-        return self._scan(held, final=True) if held else ""
+        if not held:
+            return ""
+        released = self._scan(held, final=True)
+        # A part of a joined text ended: the start of a key it released may still be
+        # completed by the next part (the scanner goes on there), so it stays watched.
+        self._open = self._partial_tail()
+        return released
+
+    def _partial_tail(self) -> int:
+        """How many of the last released characters begin a key not yet complete."""
+        before = self._before
+        for match in self._secrets.regex.finditer(before, 0, partial=True):
+            if match.partial:
+                return len(before) - int(match.start())
+        return 0
 
     def flush_held(self) -> str:
         """What is held back, as it is, without scanning or releasing it (the caller
@@ -517,18 +595,25 @@ class LeakedApiKeyDetection(Policy):
             verb = "contain" if where.endswith("headers") else "contains"
             raise self.refuse(f"blocked by {self.name}: the {where} {verb} a secret ({kind})")
 
+    def transaction_secrets(self, tx: Transaction) -> SecretPattern:
+        """What an answer is scanned for: the patterns, and the keys the proxy itself
+        sent the backend in this transaction (``sent_keys``), literal secrets whatever
+        their shape."""
+        return self.secrets.with_literals(sent_keys(tx))
+
     async def on_request(self, tx: Transaction) -> None:
         request = tx.request
-        self._check_fields(tx, request_fields(request))
-        self._check_message(tx, request, where="request")
+        self._check_fields(tx, request_fields(request), self.secrets)
+        self._check_message(tx, request, self.secrets, where="request")
 
     async def on_response(self, tx: Transaction) -> None:
         response = tx.response
         assert response is not None
-        self._check_response_headers(tx)
-        self._check_message(tx, response, where="response")
+        secrets = self.transaction_secrets(tx)
+        self._check_response_headers(tx, secrets)
+        self._check_message(tx, response, secrets, where="response")
 
-    def _check_response_headers(self, tx: Transaction) -> None:
+    def _check_response_headers(self, tx: Transaction, secrets: SecretPattern) -> None:
         if tx.response is None:
             return
         headers = tx.response.headers
@@ -539,36 +624,68 @@ class LeakedApiKeyDetection(Policy):
                 for name, value in headers.items()
                 for text in (name, value)
             ],
+            secrets,
         )
 
-    def _check_fields(self, tx: Transaction, fields: list[tuple[str, str]]) -> None:
+    def _check_fields(
+        self, tx: Transaction, fields: list[tuple[str, str]], secrets: SecretPattern
+    ) -> None:
         """Headers, the path, the query: a secret there blocks, even with ``redact`` (a
         path or a header cannot be meaningfully redacted). Each is also checked
         decoded (``field_forms``)."""
         joined = "\n".join(text for _, text in fields)
-        if "%" not in joined and "\\" not in joined and not self.secrets.may_contain(joined):
+        if "%" not in joined and "\\" not in joined and not secrets.may_contain(joined):
             return  # one C search (and two character checks) for all of them
         for where, text in fields:
             for form in field_forms(text):
-                if (match := self.secrets.search(form)) is not None:
-                    self.found(tx, self.secrets.kind(match), where=where, block=True)
+                if (match := secrets.search(form)) is not None:
+                    self.found(tx, secrets.kind(match), where=where, block=True)
 
-    def _check_message(self, tx: Transaction, message: Message, *, where: str) -> None:
-        if not self.secrets.may_contain_json(message.body):
-            return  # one C search over the bytes instead of a walk over every string
+    def _check_message(
+        self, tx: Transaction, message: Message, secrets: SecretPattern, *, where: str
+    ) -> None:
+        # One C search over the bytes instead of a walk over every string.
+        if secrets.may_contain_json(message.body):
+            payload = message.payload
+            if payload is None:
+                text = message.body.decode("utf-8", "replace")
+                text, changed = self.scan_value(tx, text, where, secrets)
+                if changed:
+                    message.set_body(text.encode())
+                return
+            if self.scan_value(tx, payload, where, secrets)[1]:
+                message.mark_changed()
+        self._check_joined(tx, message, secrets, where=where)
+
+    def _check_joined(
+        self, tx: Transaction, message: Message, secrets: SecretPattern, *, where: str
+    ) -> None:
+        """The strings a client (or the model) reads as one text, joined: the parts of a
+        message, the text blocks or output text of an answer (``TextSlot.joins``). A key
+        split across them is no less a key (no literal need show in any one of them)."""
         payload = message.payload
-        if payload is None:
-            text, changed = self.scan_value(tx, message.body.decode("utf-8", "replace"), where)
-            if changed:
-                message.set_body(text.encode())
-        elif self.scan_value(tx, payload, where)[1]:
+        if not isinstance(payload, dict | list):
+            return
+        dialect = tx.dialect
+        slots = (
+            dialect.request_slots(payload) if where == "request" else dialect.answer_slots(payload)
+        )
+        changed = False
+        for group in joined_slots(slots):
+            kinds = joined_secrets(secrets, group, redact=self.action == "redact")
+            for kind in kinds:
+                self.found(tx, kind, where=where)
+            changed = changed or bool(kinds)
+        if changed:
             message.mark_changed()
 
-    def scan_value(self, tx: Transaction, value: Any, where: str) -> tuple[Any, bool]:
+    def scan_value(
+        self, tx: Transaction, value: Any, where: str, secrets: SecretPattern | None = None
+    ) -> tuple[Any, bool]:
         """Check every string and object key of a JSON value; block, or redact in place
         (→ changed). A string is also read with its JSON escapes undone: tool-call
         arguments are JSON text, and ``\\u0073k-...`` in them is a key to the client."""
-        secrets = self.secrets
+        secrets = secrets or self.secrets
         if self.action == "block":
             for _, text in byte_arrays(value):  # what the client decodes them to
                 if (match := secrets.search(text)) is not None:
@@ -586,7 +703,7 @@ class LeakedApiKeyDetection(Policy):
             new_text, found = secrets.redact(text)
             kinds.extend(found)
             if "\\" in new_text:
-                new_text = self._redact_escaped(tx, new_text, where)
+                new_text = self._redact_escaped(tx, new_text, where, secrets)
             return new_text
 
         value, changed = rewrite_json(value, redact)
@@ -594,23 +711,26 @@ class LeakedApiKeyDetection(Policy):
             self.found(tx, kind, where=where)
         return value, changed
 
-    def _redact_escaped(self, tx: Transaction, text: str, where: str) -> str:
+    def _redact_escaped(
+        self, tx: Transaction, text: str, where: str, secrets: SecretPattern
+    ) -> str:
         """``text`` holds JSON escapes: a key they spell is redacted in the decoded JSON
         (then written again), or, when ``text`` is not JSON, the whole text is."""
-        if self.secrets.search(_JSON_ESCAPE.sub(_json_unescape, text)) is None:
+        if secrets.search(_JSON_ESCAPE.sub(_json_unescape, text)) is None:
             return text
         try:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
             self.found(tx, "escaped secret", where=where)
             return REDACTED
-        value, changed = self.scan_value(tx, parsed, where)
+        value, changed = self.scan_value(tx, parsed, where, secrets)
         return orjson.dumps(value).decode() if changed else text
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
+        stream = _SecretStream(self, tx)
         # The headers go out with the first event: checked now, a block is still a 403.
-        self._check_response_headers(tx)
-        return _SecretStream(self, tx)
+        self._check_response_headers(tx, stream.secrets)
+        return stream
 
 
 _STRING_BODY = re.compile(r'(?:[^"\\]|\\.)*')  # a JSON string's body, escapes whole
@@ -624,10 +744,16 @@ class _ArgumentsScanner:
     first escape to its closing quote, then decoded, scanned, and written again with
     any secret redacted. Hold-back stays bounded by one string literal."""
 
-    __slots__ = ("_escape", "_hold", "_in_string", "_plain", "_policy", "_tx")
+    __slots__ = ("_escape", "_hold", "_in_string", "_plain", "_policy", "_secrets", "_tx")
 
-    def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
-        self._plain = SecretScanner(policy, tx)
+    def __init__(
+        self,
+        policy: LeakedApiKeyDetection,
+        tx: Transaction,
+        secrets: SecretPattern | None = None,
+    ) -> None:
+        self._secrets = secrets or policy.secrets
+        self._plain = SecretScanner(policy, tx, self._secrets)
         self._policy = policy
         self._tx = tx
         self._in_string = False
@@ -686,7 +812,7 @@ class _ArgumentsScanner:
         raw, self._hold = "".join(self._hold), None
         self._escape = False
         decoded = _JSON_ESCAPE.sub(_json_unescape, raw)
-        redacted, kinds = self._policy.secrets.redact(decoded)
+        redacted, kinds = self._secrets.redact(decoded)
         if not kinds:
             return raw
         for kind in kinds:
@@ -700,19 +826,26 @@ class _SecretStream(TextStream):
     the text its channels held back has been released."""
 
     def __init__(self, policy: LeakedApiKeyDetection, tx: Transaction) -> None:
-        super().__init__(lambda: SecretScanner(policy, tx), tx.dialect)
+        # The parts of one text (Dialect.joins) are scanned as one text, as it is read.
+        super().__init__(lambda: SecretScanner(policy, tx), tx.dialect, joined=True)
         self._policy = policy
         self._tx = tx
+        self.secrets = policy.transaction_secrets(tx)
+        # The dialect's events may repeat the answer whole (Dialect.event_answer).
+        self._answers = type(tx.dialect).event_answer is not Dialect.event_answer
+
+    def _repeats_answer(self, data: dict[str, Any]) -> bool:
+        return self._tx.dialect.event_answer(data) is not None
 
     def new_rewriter(self, kind: str) -> TextRewriter:
         if kind == "arguments":
-            return _ArgumentsScanner(self._policy, self._tx)
-        return SecretScanner(self._policy, self._tx)
+            return _ArgumentsScanner(self._policy, self._tx, self.secrets)
+        return SecretScanner(self._policy, self._tx, self.secrets)
 
     async def on_chunk(self, chunk: Any) -> list[Any]:
         # One C search over the event's bytes: without a key literal (or an escape that
         # could spell one) only a channel can hold the start of a secret.
-        whole = self._policy.secrets.may_contain_json(chunk.raw)
+        whole = self.secrets.may_contain_json(chunk.raw)
         if whole:
             self._check_lines(chunk.raw)
         data = chunk.data
@@ -722,8 +855,9 @@ class _SecretStream(TextStream):
         out = self.on_data(chunk, data)
         for event in out:
             # Events the dialect wrote (held text released) copy fields of other
-            # events (an item id, the first event's model): scanned as well.
-            if event is not chunk or whole:
+            # events (an item id, the first event's model), and events that waited:
+            # scanned as well; so is an event that repeats the answer whole.
+            if event is not chunk or whole or (self._answers and self._repeats_answer(data)):
                 self._scan_whole(event)
         return out
 
@@ -741,15 +875,27 @@ class _SecretStream(TextStream):
             if line and not line.startswith(b"data:"):
                 text = line.decode("utf-8", "replace")
                 for form in field_forms(text):
-                    if (match := self._policy.secrets.search(form)) is not None:
-                        kind = self._policy.secrets.kind(match)
+                    if (match := self.secrets.search(form)) is not None:
+                        kind = self.secrets.kind(match)
                         self._policy.found(self._tx, kind, where="response", block=True)
 
     def _scan_whole(self, chunk: Any) -> None:
-        """Every string and key of one event, within it (channels already scanned)."""
+        """Every string and key of one event, within it (channels already scanned); and
+        the answer an event repeats whole (``Dialect.event_answer``), its parts joined."""
         data = chunk.data
-        if data is None or not self._policy.secrets.may_contain_json(chunk.raw):
+        if data is None:
             return
-        value, changed = self._policy.scan_value(self._tx, data, "response")
+        changed = False
+        if self.secrets.may_contain_json(chunk.raw):
+            data, changed = self._policy.scan_value(self._tx, data, "response", self.secrets)
+        dialect = self._tx.dialect
+        answer = dialect.event_answer(data) if isinstance(data, dict) else None
+        if answer is not None:  # no literal need show in any one part: joined first
+            redact = self._policy.action == "redact"
+            for group in joined_slots(dialect.answer_slots(answer)):
+                kinds = joined_secrets(self.secrets, group, redact=redact)
+                for kind in kinds:
+                    self._policy.found(self._tx, kind, where="response")
+                changed = changed or bool(kinds)
         if changed:
-            chunk.set_data(value)
+            chunk.set_data(data)
