@@ -37,7 +37,7 @@ request. What it does:
   piece of the answer (``BACKEND_CONNECT_TIMEOUT``, ``BACKEND_READ_TIMEOUT``);
 - an answer's head (status line and headers, informational answers included) larger
   than ``MAX_HEAD_BYTES`` (64 KiB) is a ``BackendBroken``: nothing is buffered without
-  bound before the body;
+  bound before the body, and a chunked body's trailers are read and dropped;
 - the body comes as the network delivers it (chunked encoding undone, nothing
   decompressed: the backend's bytes pass through untouched); reading pauses while more
   than ``HIGH_WATER`` bytes wait for a slow consumer;
@@ -151,7 +151,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
-        self.head_bytes = 0  # bytes received before the head was complete
         self.idle_since = 0.0
         self._loop = asyncio.get_running_loop()
         self._begin("", head_only=False)
@@ -167,7 +166,7 @@ class _Connection(asyncio.Protocol):
         self.received = False  # some byte of the answer has come
         self.done = False  # the answer is complete
         self.keep_alive = False
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes received before the head was complete
         self.error: Exception | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -237,7 +236,8 @@ class _Connection(asyncio.Protocol):
             raise RuntimeError("the backend sent more than one answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name, value))
+        if not self.head_done:  # a chunked body's trailers are not kept: no bound on them
+            self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()

@@ -20,7 +20,14 @@ import pytest
 from luthien_control.exceptions import BackendBroken, BackendUnreachable, ConfigurationError
 from luthien_control.settings import Limits, Network, Timeouts, load_settings
 from luthien_control.upstream import BackendClient
-from luthien_control.upstream.connect import MAX_HEAD_BYTES, Proxies, check_network, race
+from luthien_control.upstream.client import _Connection, _Origin
+from luthien_control.upstream.connect import (
+    MAX_HEAD_BYTES,
+    Connector,
+    Proxies,
+    check_network,
+    race,
+)
 from tests.conftest import python_env
 from tests.upstream.test_client import (
     CERT,
@@ -524,3 +531,20 @@ def test_tls_files_that_do_not_load_stop_the_start(
     monkeypatch.setenv("BACKEND_CLIENT_CERT", str(combined))  # one PEM holding both
     monkeypatch.delenv("BACKEND_CLIENT_KEY")
     assert load_settings().network.client_cert == combined
+
+
+async def test_a_chunked_body_s_trailers_are_not_kept() -> None:
+    """Trailers are parsed after the head: the head's bound does not hold them, so they
+    are not kept at all (they are not forwarded either)."""
+    url = "http://backend.test/v1"
+    connection = _Connection(_Origin(url, url, Connector(Network())), 5.0)
+    connection.begin(url, head_only=False)
+    trailer = b"x-trailer: " + b"t" * 1000 + b"\r\n"
+    connection.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n")
+    connection.data_received(b"0\r\n" + trailer * (2 * MAX_HEAD_BYTES // len(trailer)))
+    assert (connection.error, connection.raw_headers) == (
+        None,
+        [(b"transfer-encoding", b"chunked")],
+    )
+    connection.data_received(b"\r\n")
+    assert (connection.done, await connection.read_chunk()) == (True, b"ok")
