@@ -7,7 +7,8 @@ proxy, TLS.
 - Several addresses race as RFC 8305 ("happy eyeballs") says: the next attempt starts
   250 ms after the previous one, or at once when it fails, without waiting for it to end;
   the first connected wins and the others are closed. A black-holed first address costs
-  250 ms, not the whole connect timeout.
+  250 ms, not the whole connect timeout, and once: the address that answered goes
+  first in the cache until DNS is asked again.
 - The egress proxy comes from ``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY`` and
   ``NO_PROXY`` (either case), read by ``urllib.request.getproxies_environment()`` and
   matched by ``urllib.request.proxy_bypass_environment()``, as curl and httpx read them.
@@ -237,10 +238,17 @@ class Connector:
     async def _open(self, host: str, port: int, literal: Address | None) -> socket.socket:
         addresses = [literal] if literal is not None else await self._addresses(host, port)
         try:
-            return await race(addresses, HAPPY_EYEBALLS_DELAY)
+            sock, winner = await race(addresses, HAPPY_EYEBALLS_DELAY)
         except OSError:
             self._resolved.pop((host, port), None)  # none answered: ask DNS again next time
             raise
+        cached = self._resolved.get((host, port))
+        if cached is not None and cached[1][0] != winner and winner in cached[1]:
+            # The address that answered goes first until DNS is asked again: an address
+            # that does not answer costs one attempt delay per TTL, not per connection.
+            ordered = [winner, *(address for address in cached[1] if address != winner)]
+            self._resolved[(host, port)] = (cached[0], ordered)
+        return sock
 
     async def _addresses(self, host: str, port: int) -> list[Address]:
         """From the cache, or from ``getaddrinfo`` (in a thread) once the cached answer
@@ -280,19 +288,23 @@ def literal_address(host: str, port: int) -> Address | None:
     return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))
 
 
-async def race(addresses: Sequence[Address], delay: float) -> socket.socket:
+async def race(addresses: Sequence[Address], delay: float) -> tuple[socket.socket, Address]:
     """A connected socket to the first of ``addresses`` that answers (RFC 8305, section
     5): one attempt starts every ``delay`` seconds, or as soon as the previous one failed;
-    the first to connect wins and every other attempt is cancelled or closed."""
+    the first to connect wins and every other attempt is cancelled or closed. Returns
+    the socket and the address it reached."""
     loop = asyncio.get_running_loop()
     if len(addresses) == 1:
-        return await _open_socket(loop, addresses[0])
+        return await _open_socket(loop, addresses[0]), addresses[0]
     attempts: list[asyncio.Task[socket.socket]] = []
+    reached: dict[asyncio.Task[socket.socket], Address] = {}
     errors: list[BaseException] = []
     winner: socket.socket | None = None
     try:
         for number, address in enumerate(addresses, 1):
-            attempts.append(loop.create_task(_open_socket(loop, address)))
+            attempt = loop.create_task(_open_socket(loop, address))
+            attempts.append(attempt)
+            reached[attempt] = address
             last = number == len(addresses)
             deadline = loop.time() + delay
             while winner is None:
@@ -303,16 +315,16 @@ async def race(addresses: Sequence[Address], delay: float) -> socket.socket:
                 done, _ = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                for attempt in done:
-                    error = attempt.exception()
+                for finished in done:
+                    error = finished.exception()
                     if error is not None:
                         errors.append(error)
                     elif winner is None:
-                        winner = attempt.result()
+                        winner, winning = finished.result(), reached[finished]
                 if not last:
                     break  # the delay is over, or an attempt failed: the next one now
             if winner is not None:
-                return winner
+                return winner, winning
         first = errors[0]
         if all(str(error) == str(first) for error in errors) or not isinstance(first, OSError):
             raise first

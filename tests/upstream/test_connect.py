@@ -20,6 +20,7 @@ import pytest
 from luthien_control.exceptions import BackendBroken, BackendUnreachable, ConfigurationError
 from luthien_control.settings import Limits, Network, Timeouts, load_settings
 from luthien_control.upstream import BackendClient
+from luthien_control.upstream import connect as connect_module
 from luthien_control.upstream.client import _Connection, _Origin
 from luthien_control.upstream.connect import (
     MAX_HEAD_BYTES,
@@ -314,12 +315,26 @@ def resolve_to(monkeypatch: pytest.MonkeyPatch, *ports: int) -> list[str]:
 async def test_a_black_holed_first_address_costs_one_attempt_delay_not_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    tried: list[int] = []
+    open_socket = connect_module._open_socket
+
+    async def recording(loop: asyncio.AbstractEventLoop, address: Any) -> socket.socket:
+        tried.append(address[1][1])
+        return await open_socket(loop, address)
+
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"ok", "connection: close"))  # every request: a new connection
+
+    monkeypatch.setattr(connect_module, "_open_socket", recording)
     with black_hole() as dead:
-        async with answering() as (side, url), client(connect=3.0) as c:
+        async with backend(closing) as (side, url), client(connect=3.0) as c:
             port = int(url.rpartition(":")[2])
             resolve_to(monkeypatch, dead, port)
-            assert await get(c, f"http://backend.test:{port}/v1") == (200, b'{"ok":true}')
-    assert side.connections == 1
+            for _ in range(2):
+                assert await get(c, f"http://backend.test:{port}/v1") == (200, b"ok")
+    # The second connection tried the address that had answered first, and only it.
+    assert (tried, side.connections) == ([dead, port, port], 2)
 
 
 async def test_the_first_address_to_connect_wins_and_the_others_are_closed() -> None:
@@ -337,8 +352,8 @@ async def test_the_first_address_to_connect_wins_and_the_others_are_closed() -> 
     servers = [await asyncio.start_server(hold, "127.0.0.1", 0) for _ in range(3)]
     addresses = [(socket.AF_INET, s.sockets[0].getsockname()) for s in servers]
     try:
-        winner = await race(addresses, 0.0)  # every attempt at once: all may connect
-        assert winner.getpeername() in [address for _, address in addresses]
+        winner, address = await race(addresses, 0.0)  # every attempt at once: all may connect
+        assert address in addresses and winner.getpeername() == address[1]
         winner.close()
         await asyncio.wait_for(closed.wait(), 5)  # nothing left open: the losers closed
     finally:
