@@ -16,10 +16,11 @@ run: $(SYNCED)
 
 test: $(SYNCED) $(AGENTS)
 	scripts/ensure-postgres
+	scripts/ensure-chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 $(VENV)/bin/pytest
+	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 LUTHIEN_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check .

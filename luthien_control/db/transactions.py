@@ -177,11 +177,14 @@ async def outcome_counts(engine: AsyncEngine, since: datetime) -> dict[str, Any]
         .group_by(TransactionRow.outcome)
     )
     async with transaction(engine) as session:
-        rows = list(await session.execute(statement))
+        rows: list[tuple[str, int, int]] = [
+            (str(outcome), int(count), int(tokens or 0))
+            for outcome, count, tokens in await session.execute(statement)
+        ]
     return {
-        "total": sum(int(count) for _, count, _ in rows),
-        "tokens": sum(int(tokens) for _, _, tokens in rows),
-        "outcomes": {outcome: int(count) for outcome, count, _ in rows},
+        "total": sum(count for _, count, _ in rows),
+        "tokens": sum(tokens for _, _, tokens in rows),
+        "outcomes": {outcome: count for outcome, count, _ in rows},
     }
 
 

@@ -1,0 +1,195 @@
+"""The operator console in headless Chromium against a real proxy process: sign in, watch a
+streamed request appear live, open it and see the redaction highlighted, a hostile
+prompt shown as text, a key created, used and revoked, sign out and every page closed;
+no Content-Security-Policy violation on the way, readable at a phone's width.
+
+``LUTHIEN_CONSOLE_SCREENSHOTS=DIR`` saves a screenshot of each page there (``docs/console/``
+holds the ones ``docs/console.md`` shows)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import openai
+import pytest
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
+
+ADMIN_KEY = "browser-admin-key-0123"
+HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+SECRET = "sk-proj-" + "Bb1Cc2Dd3Ee4Ff5Gg6Hh7Ii8"
+WAIT = 15.0  # seconds, the most any step may take
+
+
+def chain(backend: str) -> dict[str, Any]:
+    return {
+        "type": "SerialPolicy",
+        "config": {
+            "name": "browser-test",
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "AddApiKeyHeader", "config": {}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": backend}},
+                {"type": "SendBackendRequest", "config": {}},
+                {"type": "LeakedApiKeyDetection", "config": {"action": "redact"}},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    return start_proxy(
+        policy=chain(mock_backend.api_base), env={"ADMIN_API_KEY": ADMIN_KEY}, workers=2
+    )
+
+
+def shot(browser: WebDriver, name: str) -> None:
+    folder = os.environ.get("LUTHIEN_CONSOLE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def wait(browser: WebDriver) -> WebDriverWait[WebDriver]:
+    return WebDriverWait(browser, WAIT, poll_frequency=0.1)
+
+
+def csp_violations(browser: WebDriver) -> list[str]:
+    logs = browser.get_log("browser")  # type: ignore[no-untyped-call]
+    return [entry["message"] for entry in logs if "Content Security Policy" in entry["message"]]
+
+
+def sign_in(browser: WebDriver, proxy: ProxyServer, name: str = "ada") -> None:
+    browser.get(f"{proxy.url}/admin/traffic")
+    assert browser.current_url.startswith(f"{proxy.url}/admin/sign-in?next=")
+    shot(browser, "sign-in")
+    browser.find_element(By.ID, "name").send_keys(name)
+    browser.find_element(By.ID, "key").send_keys(ADMIN_KEY + Keys.ENTER)
+    wait(browser).until(lambda b: b.current_url == f"{proxy.url}/admin/traffic")
+    assert browser.find_element(By.CSS_SELECTOR, ".who strong").text == name
+
+
+def test_watch_a_stream_arrive_and_read_it(browser: WebDriver, proxy: ProxyServer) -> None:
+    sign_in(browser, proxy)
+    before = len(browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq]"))
+    client = openai.OpenAI(base_url=proxy.api_base, api_key=CLIENT_KEY, max_retries=0)
+    content = f"{HOSTILE} {SECRET}"
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": content}],
+        stream=True,
+        extra_headers={"x-mock-content": quote(content, safe="")},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert SECRET not in text and "[REDACTED]" in text
+
+    # The row arrives by itself (server-sent events), no reload.
+    rows = "table.traffic tbody tr[data-seq]"
+    wait(browser).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, rows)) > before)
+    newest = browser.find_element(By.CSS_SELECTOR, rows)
+    assert "POST /chat/completions" in newest.text and "ok" in newest.text
+    shot(browser, "traffic")
+    newest.find_element(By.TAG_NAME, "a").click()
+    wait(browser).until(lambda b: "/admin/transactions/" in b.current_url)
+
+    marks = browser.find_elements(By.CSS_SELECTOR, "mark.redacted")
+    assert marks and {m.text for m in marks} == {"[REDACTED]"}
+    turns = browser.find_elements(By.CSS_SELECTOR, ".conversation .turn pre")
+    assert turns[0].text == f"{HOSTILE} [REDACTED]"  # the prompt, shown as text
+    assert browser.execute_script("return window.pwned === undefined")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018
+    decision = browser.find_element(By.CSS_SELECTOR, ".decisions tr.action-redacted")
+    assert decision.text.startswith("LeakedApiKeyDetection redacted")
+    shot(browser, "transaction")
+    assert csp_violations(browser) == []
+
+
+def test_a_key_made_in_the_browser_works_until_it_is_revoked(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    browser.get(f"{proxy.url}/admin/keys")
+    browser.find_element(By.ID, "key-name").send_keys("made-in-browser" + Keys.ENTER)
+    secret = wait(browser).until(lambda b: b.find_element(By.CSS_SELECTOR, "code.secret"))
+    value = secret.text
+    shot(browser, "keys")
+
+    def status() -> int:
+        return httpx.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {value}"},
+            timeout=10,
+        ).status_code
+
+    deadline = time.monotonic() + WAIT
+    while not all(status() == 200 for _ in range(4)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    browser.get(f"{proxy.url}/admin/keys")
+    assert value not in browser.page_source  # shown once, never again
+    revoke = "button[aria-label='Revoke made-in-browser']"
+    browser.find_element(By.CSS_SELECTOR, revoke).click()
+    wait(browser).until(lambda b: not b.find_elements(By.CSS_SELECTOR, revoke))
+    deadline = time.monotonic() + 2.5
+    while not all(status() == 401 for _ in range(4)):
+        assert time.monotonic() < deadline, "a revoked key still works"
+        time.sleep(0.1)
+    assert csp_violations(browser) == []
+
+
+def test_the_overview_and_a_phone_width(browser: WebDriver, proxy: ProxyServer) -> None:
+    browser.get(f"{proxy.url}/admin/")
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+    assert [c.find_element(By.TAG_NAME, "h2").text for c in cards] == ["last hour", "last day"]
+    shot(browser, "overview")
+    browser.set_window_size(390, 844)
+    try:
+        for path in ("/admin/", "/admin/keys", "/admin/traffic"):
+            browser.get(f"{proxy.url}{path}")
+            overflow = browser.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways at a phone's width"
+        shot(browser, "traffic-phone")
+    finally:
+        browser.set_window_size(1280, 800)
+
+
+def test_keyboard_reaches_everything_from_the_skip_link(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    browser.get(f"{proxy.url}/admin/traffic")
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    first = browser.switch_to.active_element
+    assert first.text == "Skip to content"
+    first.send_keys(Keys.ENTER)
+    assert browser.switch_to.active_element.get_attribute("id") == "main"
+    reached = []
+    for _ in range(12):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        element = browser.switch_to.active_element
+        reached.append(element.get_attribute("name") or element.text)
+    assert "outcome" in reached and "Filter" in reached
+
+
+def test_signing_out_closes_every_page(browser: WebDriver, proxy: ProxyServer) -> None:
+    browser.get(f"{proxy.url}/admin/")
+    browser.find_element(By.CSS_SELECTOR, ".who button").click()
+    wait(browser).until(lambda b: "/admin/sign-in" in b.current_url)
+    for path in ("/admin/", "/admin/traffic", "/admin/keys"):
+        browser.get(f"{proxy.url}{path}")
+        assert browser.current_url == f"{proxy.url}/admin/sign-in?next={quote(path)}"
+    assert csp_violations(browser) == []
