@@ -20,6 +20,7 @@ Errors have the OpenAI shape, like every error of the proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -333,6 +334,13 @@ async def _send_events(
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The server is shutting down (its grace period over): end the stream quietly,
+        # as any stream the proxy cuts; the browser reconnects to another worker.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0
+            )
     finally:
         for task in (producer, watcher):
             task.cancel()

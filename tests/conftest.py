@@ -34,6 +34,13 @@ BACKEND_KEY = "mock-backend-key"
 READY_TIMEOUT = 30.0
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, as the proxy does (uvloop is asyncio's loop). Trio is
+    installed (Selenium needs it), and anyio's own default would run each test on it too."""
+    return "asyncio"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("luthien", "Luthien Control end-to-end tests")
     group.addoption(
