@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from luthien_control import jsontext
+
 DONE_EVENT = b"data: [DONE]\n\n"
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _NOT_PARSED = object()
@@ -37,7 +39,7 @@ class Chunk:
     @property
     def raw(self) -> bytes:
         if self.changed:
-            self._raw = self._prefix() + b"data: " + orjson.dumps(self._data) + b"\n\n"
+            self._raw = self._prefix() + b"data: " + jsontext.dumps(self._data) + b"\n\n"
             self._payload = None
             self.changed = False
         return self._raw

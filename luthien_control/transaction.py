@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from luthien_control import jsontext
 from luthien_control.dialects import Dialect, StreamAssembler, dialect_for
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class Message:
     @property
     def body(self) -> bytes:
         if self.changed:
-            self._body = orjson.dumps(self._payload)
+            self._body = jsontext.dumps(self._payload)  # any depth it was read at
             self.changed = False
         return self._body
 
