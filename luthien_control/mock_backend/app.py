@@ -11,14 +11,13 @@ and ``HEAD`` on ``/`` and ``/health``; the request log at ``/_mock/requests``.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from luthien_control import jsontext
 from luthien_control.mock_backend import content, errors, messages, responses
 from luthien_control.mock_backend.exchange import JSON_TYPE, Exchange
 from luthien_control.mock_backend.models import is_known_model, model_list, model_object
@@ -35,7 +34,6 @@ REQUESTS_PATH = "/_mock/requests"
 MODELS_PATH = "/v1/models"
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
-LOG_MAX_DEPTH = 1024  # the deepest body orjson reads, so the deepest the log holds
 
 
 class MockBackend:
@@ -278,7 +276,7 @@ async def _embeddings(exchange: Exchange, body: Any) -> None:
         inputs = [" ".join(map(str, raw_input))]  # one input given as token ids
     else:
         inputs = [
-            item if isinstance(item, str) else orjson.dumps(item).decode() for item in raw_input
+            item if isinstance(item, str) else jsontext.dumps(item).decode() for item in raw_input
         ]
     as_base64 = body.get("encoding_format") == "base64"
     payload = orjson.dumps(content.embeddings(inputs, body["model"], as_base64=as_base64))
@@ -331,18 +329,9 @@ def _anthropic_auth_error(api_key: str | None, authorization: str | None) -> err
 
 
 def _dump_log(value: Any) -> bytes:
-    """The request log as JSON. orjson reads bodies 1024 levels deep but writes 254: a
-    log holding a deeper body is written by the standard library's encoder instead (its
-    recursion limit raised for it), never a 500."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(limit, 4 * LOG_MAX_DEPTH))
-        try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-        finally:
-            sys.setrecursionlimit(limit)
+    """The request log as JSON, whatever the depth of a body in it (orjson reads 1024
+    levels but writes 254: a deeper body made every read of the log a 500)."""
+    return jsontext.dumps(value)
 
 
 def _parse_body(raw: bytes) -> Any:

@@ -563,3 +563,18 @@ async def test_request_log_serves_a_body_nested_deeper_than_orjson_writes(
     for _ in range(depth - 1):
         level = level["a"]
     assert level == {"a": 1}
+
+
+async def test_embeddings_of_an_input_nested_deeper_than_orjson_writes(
+    client: httpx.AsyncClient,
+) -> None:
+    # An input item that is not a string is embedded as its JSON text; at 300 levels
+    # orjson could not write it, and the mock answered a plain 500 (found by the
+    # hardening fuzzer).
+    depth = 300
+    body = '{"model":"text-embedding-3-small","input":[' + "[" * depth + "1" + "]" * depth + "]}"
+    response = await client.post(
+        "/v1/embeddings", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert [item["index"] for item in response.json()["data"]] == [0]
