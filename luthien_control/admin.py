@@ -10,6 +10,8 @@ answer ``GET``; besides them (``shared/SPEC.md``, "Admin API"):
 - ``PUT policies/{name}`` validates a policy definition and stores it (a new version);
   a definition that does not load is a 400 whose ``param`` is the path of its first
   error;
+- ``GET reviews``: the review queue, flagged transactions no one reviewed yet, oldest
+  first (``transactions/{id}`` holds each one's ``reviews``);
 - ``GET events``: server-sent events, one ``transaction`` event per transaction
   recorded from now on (by any worker), with its summary; the same filters as
   ``transactions``.
@@ -152,6 +154,7 @@ def _filter(query: dict[str, str]) -> Any:
         model=query.get("model"),
         key_name=query.get("key"),
         since=parse_since(query["since"], "since") if "since" in query else None,
+        flagged=True if query.get("flagged") in ("1", "true") else None,
     )
 
 
@@ -207,6 +210,10 @@ async def _route(
             return 200, _policy(stored)
         case "PUT", ["policies", name]:
             return 200, await _store_policy(services, name, body)
+        case "GET", ["reviews"]:
+            from luthien_control.db.reviews import review_queue
+
+            return 200, {"data": await review_queue(engine, limit=MAX_LIMIT)}
         case "GET", ["keys"]:
             from luthien_control.db.keys import list_keys
 
@@ -233,6 +240,7 @@ _ALLOWED: dict[tuple[str, ...], frozenset[str]] = {
     ("keys",): frozenset({"GET", "POST"}),
     ("keys", "*"): frozenset({"DELETE"}),
     ("events",): frozenset({"GET"}),
+    ("reviews",): frozenset({"GET"}),
 }
 
 

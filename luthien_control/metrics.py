@@ -74,6 +74,12 @@ RECORDER_BACKLOG = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+REVIEWS = Counter(
+    "luthien_reviews",
+    "Verdicts people gave on flagged transactions in the operator console, by verdict.",
+    ["verdict"],
+    registry=REGISTRY,
+)
 RECORDER_REFUSED = Counter(
     "luthien_recorder_refused",
     "Transaction records the database refused, each written to the dead-letter file.",

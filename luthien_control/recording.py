@@ -403,6 +403,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "decisions": redactor.document(
             [{"policy": d.policy, "action": d.action, "detail": d.detail} for d in tx.decisions]
         ),
+        "flagged": tx.flagged,
     }
 
 
@@ -442,6 +443,7 @@ def summary_row(tx: Transaction, redactor: Redactor, error: str) -> dict[str, An
         "request": _NOTHING_RECORDED,
         "response": _NOTHING_RECORDED,
         "decisions": SerializedJSON("[]"),
+        "flagged": tx.flagged,
     }
 
 

@@ -208,6 +208,7 @@ class Transaction:
     reads_content: bool = False  # a policy that reads bodies is in force: decoding.py
     usage: Usage | None = None
     decisions: list[Decision] = field(default_factory=list)
+    flagged: bool = False  # a policy asked a person to look (``flag``): the review queue
     timings: Timings = field(default_factory=Timings)
     outcome: str = "pending"
     chunks_sent: int = 0
@@ -224,6 +225,15 @@ class Transaction:
     def record(self, policy: str, action: str, detail: str = "") -> None:
         """Note a policy decision, for the audit record and the metrics."""
         self.decisions.append(Decision(policy, action, detail))
+
+    def flag(self, policy: str, reason: str, *, action: str = "flagged") -> None:
+        """Ask a person to look at this transaction: it is recorded as a decision
+        (``action``, ``reason`` as its detail) and the record joins the operator
+        console's review queue, where a reviewer marks it fine or a violation. Any policy
+        may call it; ``LLMJudgePolicy`` does for ``action: flag``. The reason is stored
+        redacted, like every record; name the rule, do not quote the offending text."""
+        self.flagged = True
+        self.record(policy, action, reason)
 
     def lookup(self, path: str) -> Any:
         """The value at a dotted path such as ``request.payload.model`` (None if absent)."""

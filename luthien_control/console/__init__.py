@@ -126,6 +126,12 @@ class Console:
                 self._signed_in(pages.transaction),
                 methods=["GET"],
             ),
+            Route(
+                f"{PREFIX}/transactions/{{transaction_id}}/review",
+                self._signed_in(pages.add_review),
+                methods=["POST"],
+            ),
+            Route(f"{PREFIX}/review", self._signed_in(pages.review), methods=["GET"]),
             Route(f"{PREFIX}/keys", self._signed_in(pages.keys), methods=["GET"]),
             Route(f"{PREFIX}/keys", self._signed_in(pages.create_key), methods=["POST"]),
             Route(

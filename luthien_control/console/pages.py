@@ -62,15 +62,16 @@ async def traffic(request: Request, visit: Visit) -> Response:
         key_name=query.get("key") or None,
         since=parse_since(since, "since") if since else None,
         before_seq=int(before) if before else None,
+        flagged=True if query.get("flagged") else None,
     )
     rows = await list_transactions(_engine(request), where, limit=PAGE_SIZE + 1, by_seq=True)
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
-    filters = {k: query.get(k, "") for k in ("outcome", "model", "key", "since")}
+    filters = {k: query.get(k, "") for k in ("outcome", "model", "key", "since", "flagged")}
     older = None
     if more:
         older = {**{k: v for k, v in filters.items() if v}, "before": str(rows[-1]["seq"])}
-    live = {k: v for k, v in filters.items() if v and k != "since"}
+    live = {k: v for k, v in filters.items() if v and k not in ("since", "flagged")}
     return _render(
         request,
         "traffic.html",
@@ -196,3 +197,44 @@ async def revoke_key(request: Request, visit: Visit) -> Response:
 
     await revoke(_engine(request), request.path_params["name"])
     return secure(RedirectResponse(f"{PREFIX}/keys", status_code=303))
+
+
+async def review(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.reviews import review_queue
+
+    after = request.query_params.get("after", "")
+    if after and not after.isdigit():
+        raise ClientError("'after' must be a record number")
+    rows = await review_queue(
+        _engine(request), limit=PAGE_SIZE + 1, after_seq=int(after) if after else None
+    )
+    more = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    return _render(
+        request,
+        "review.html",
+        title="Review",
+        visit=visit,
+        rows=rows,
+        newer={"after": str(rows[-1]["seq"])} if more else None,
+    )
+
+
+async def add_review(request: Request, visit: Visit) -> Response:
+    from starlette.responses import RedirectResponse
+
+    from luthien_control import metrics
+    from luthien_control.console import PREFIX, secure
+    from luthien_control.db.reviews import add_review as store
+
+    form = request.state.form
+    verdict = form.get("verdict", "")
+    await store(
+        _engine(request),
+        request.path_params["transaction_id"],
+        verdict,
+        form.get("note", "").strip(),
+        visit.label,
+    )
+    metrics.REVIEWS.labels(verdict).inc()
+    return secure(RedirectResponse(f"{PREFIX}/review", status_code=303))

@@ -9,7 +9,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -145,3 +156,23 @@ class TransactionRow(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"received": ..., "sent": ...}
     response: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"received": ..., "sent": ...}
     decisions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # A policy asked a person to look at it (``Transaction.flag``): the review queue.
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    __table_args__ = (Index("ix_transactions_flagged_seq", "flagged", "seq"),)
+
+
+REVIEW_VERDICTS = ("fine", "violation")
+
+
+class ReviewRow(Base):
+    """A person's verdict on a flagged transaction (the newest one counts)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_id: Mapped[str] = mapped_column(String(32), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # REVIEW_VERDICTS
+    note: Mapped[str] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(NAME_LENGTH))  # the console session's label
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
-from luthien_control.db.models import ClientKeyRow, TransactionRow
+from luthien_control.db.models import ClientKeyRow, ReviewRow, TransactionRow
 from luthien_control.exceptions import StorageRefused
 
 SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
@@ -36,6 +36,7 @@ SUMMARY_COLUMNS = (
     "outcome",
     "total_tokens",
     "duration_ms",
+    "flagged",
 )
 
 
@@ -124,6 +125,7 @@ class TransactionFilter:
     until: datetime | None = None
     after_seq: int | None = None  # rows inserted after this one (``--follow``)
     before_seq: int | None = None  # rows inserted before this one (the console's pages)
+    flagged: bool | None = None  # only those a policy flagged for review (or only not)
 
 
 async def list_transactions(
@@ -151,6 +153,8 @@ async def list_transactions(
         statement = statement.where(TransactionRow.seq > where.after_seq)
     if where.before_seq is not None:
         statement = statement.where(TransactionRow.seq < where.before_seq)
+    if where.flagged is not None:
+        statement = statement.where(TransactionRow.flagged.is_(where.flagged))
     if where.until is not None:
         statement = statement.where(TransactionRow.received_at <= where.until)
     if oldest_first:
@@ -202,7 +206,22 @@ async def get_transaction(engine: AsyncEngine, transaction_id: str) -> dict[str,
         )
         if row is None:
             return None
-        return {c.name: getattr(row, c.key) for c in TransactionRow.__table__.columns}
+        record = {c.name: getattr(row, c.key) for c in TransactionRow.__table__.columns}
+        reviews = await session.scalars(
+            select(ReviewRow)
+            .where(ReviewRow.transaction_id == transaction_id)
+            .order_by(ReviewRow.id)
+        )
+        record["reviews"] = [
+            {
+                "verdict": review.verdict,
+                "note": review.note,
+                "reviewer": review.reviewer,
+                "reviewed_at": review.reviewed_at,
+            }
+            for review in reviews
+        ]
+        return record
 
 
 async def follow_transactions(

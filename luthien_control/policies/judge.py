@@ -284,7 +284,10 @@ class LLMJudgePolicy(Policy):
             "mode": mode,
             "window": window,
         }
-        tx.record(self.name, action, orjson.dumps(detail).decode())
+        if action == "judge_flagged":  # for a person to look at: the review queue
+            tx.flag(self.name, orjson.dumps(detail).decode(), action=action)
+        else:
+            tx.record(self.name, action, orjson.dumps(detail).decode())
 
     async def _ask(self, tx: Transaction, text: str, subject: str) -> Verdict:
         headers = {

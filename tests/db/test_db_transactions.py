@@ -45,6 +45,7 @@ def row(transaction_id: str, **changes: Any) -> dict[str, Any]:
         "request": SerializedJSON('{"received":{"body":"caf\\u00e9 ☕"},"sent":null}'),
         "response": {"received": None, "sent": {"status": 200}},
         "decisions": [],
+        "flagged": False,
     }
     values.update(changes)
     return values
@@ -59,6 +60,7 @@ async def test_a_record_comes_back_exactly_as_written(db: AsyncEngine) -> None:
         **row("a" * 32),
         "backend_first_byte_at": RECEIVED,
         "request": {"received": {"body": "café ☕"}, "sent": None},
+        "reviews": [],
     }
     other = await get_transaction(db, "b" * 32)
     assert other is not None and other["seq"] == seq + 1
