@@ -9,7 +9,7 @@ SYNCED := $(VENV)/.synced
 # The coding-agent CLIs that tests/agents drives (npm, pinned by package-lock.json).
 AGENTS := tests/agents/node_modules/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test soak lint install clean
 
 run: $(SYNCED)
 	$(VENV)/bin/luthien-control serve
@@ -21,6 +21,14 @@ test: $(SYNCED) $(AGENTS)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 LUTHIEN_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
+
+# The hardening suite (tests/hardening, also part of `make test`) at soak scale: 10,000
+# fuzzed requests and policy files, ten rounds of 1,000 streams, longer outages
+# (docs/operations.md#hardening-and-the-soak). LUTHIEN_SOAK_SEED=N changes the fuzzers' seed.
+soak: $(SYNCED)
+	scripts/ensure-postgres
+	LUTHIEN_SOAK=1 LUTHIEN_REQUIRE_POSTGRES=1 $(VENV)/bin/pytest -p no:cacheprovider -q \
+	  --timeout 3600 tests/hardening
 
 lint: $(SYNCED)
 	$(VENV)/bin/ruff check .

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ProxyServer
 from tests.hardening.conftest import (
+    FILES_NEEDED,
     PROXY_CONNECTIONS,
     RAW,
     Call,
@@ -27,6 +28,7 @@ from tests.hardening.conftest import (
     check_log,
     check_records,
     new_marker,
+    raise_fd_limit,
     raw_exchange,
     raw_post,
     rss_bytes,
@@ -65,6 +67,9 @@ async def one_round(proxy: ProxyServer, prefix: str) -> list[Call]:
 
 
 def test_a_thousand_concurrent_streams_in_rounds(proxy: ProxyServer, raw: RawBackend) -> None:
+    files = raise_fd_limit(FILES_NEEDED)
+    if files < FILES_NEEDED:
+        pytest.skip(f"{STREAMS} streams need {FILES_NEEDED} open files; the limit is {files}")
     assert proxy.server is not None and proxy.server.process is not None
     pid = proxy.server.process.pid
     resident: list[int] = []

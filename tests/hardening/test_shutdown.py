@@ -16,10 +16,12 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
 from tests.hardening.conftest import (
     CLIENT_BOUND,
+    SOAK,
     backend_markers,
     check_log,
     new_marker,
@@ -30,7 +32,7 @@ from tests.hardening.conftest import (
 
 STREAMS = scaled(4, 100)  # per SDK and length
 CHUNK_DELAY_MS = 250
-GRACE = 5.0  # SHUTDOWN_GRACE_SECONDS
+GRACE = 5  # SHUTDOWN_GRACE_SECONDS (whole seconds)
 SHORT = 4  # chunks: a stream that ends within the grace period (1 s)
 LONG = 80  # one that would not (20 s)
 CUT_BY_SHUTDOWN = "cut_by_shutdown"  # the outcome of a stream cut by shutdown
@@ -147,6 +149,14 @@ def stored(proxy: ProxyServer, mock: MockBackendServer, prefix: str) -> dict[str
     return {row.marker: row for row in mine}
 
 
+@pytest.mark.xfail(
+    SOAK,
+    strict=True,
+    reason="issue 11, the shutdown's record drain (server.py, recording.py): at soak scale, "
+    "200 streams cut at the end of the grace period are never recorded: the recorder finds "
+    "the proxy's SQLite file locked ('database is locked') and logs 'shutting down with 200 "
+    "unwritten record(s): database unreachable'",
+)
 def test_sigterm_with_live_streams(
     start_proxy: ProxyStarter, hardening_mock: MockBackendServer
 ) -> None:
