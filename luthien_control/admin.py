@@ -26,7 +26,7 @@ import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
@@ -84,33 +84,45 @@ async def _authorize(services: Services, scope: MutableMapping[str, Any]) -> Non
     if given:
         if hmac.compare_digest(given.encode(), expected.encode()):
             return
+        from luthien_control.console import failed_attempt
+
+        await failed_attempt()
         raise AuthenticationFailed("invalid admin API key")
     if cookie and scope["method"] == "GET":
         from luthien_control.db.sessions import find_session
 
-        if await find_session(services.engine, cookie) is not None:
+        if await find_session(services.engine, cookie, expected) is not None:
             return
     raise AuthenticationFailed("invalid admin API key")
 
 
 def _console_cookie(header: str) -> str:
+    """The console's session cookie, read as the console reads it (Starlette's parser)."""
+    from starlette.requests import cookie_parser
+
     from luthien_control.console import COOKIE
 
-    for pair in header.split(";"):
-        name, _, value = pair.strip().partition("=")
-        if name == COOKIE:
-            return value
-    return ""
+    return cookie_parser(header).get(COOKIE, "")
 
 
 async def handle_admin(
     services: Services, scope: MutableMapping[str, Any], receive: Receive, send: Send
 ) -> None:
     request_id = new_transaction_id()
+    outer_send = send
+
+    async def send(message: MutableMapping[str, Any]) -> None:  # type: ignore[no-redef]
+        if message["type"] == "http.response.start":  # answers may hold a key, once
+            message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-store")]
+        await outer_send(message)
+
     try:
         await _authorize(services, scope)
         method = scope["method"]
-        parts = scope["path"][len(PREFIX) :].strip("/").split("/")
+        # Split as written, then decode each part: a name may hold "/" or ".." (%2F).
+        raw = scope.get("raw_path") or scope["path"].encode()
+        written = raw.decode("latin-1").split("?", 1)[0]
+        parts = [unquote(p) for p in written[len(PREFIX) :].strip("/").split("/")]
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
         if parts == ["events"] and method == "GET":
             where = _filter(query)

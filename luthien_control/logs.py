@@ -42,9 +42,11 @@ def parse_since(value: str, name: str = "--since") -> datetime:
             amount, unit = match.groups()
             return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
         moment = datetime.fromisoformat(value)
-    except (ValueError, OverflowError) as exc:  # not a time, or before year 1
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment.astimezone(UTC)  # a time near year 1 or 9999 may not be one in UTC
+    except (ValueError, OverflowError) as exc:  # not a time, or outside years 1 to 9999
         raise mistake from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment
 
 
 def _json_line(record: dict[str, Any]) -> str:

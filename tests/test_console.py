@@ -186,7 +186,7 @@ def test_a_key_is_shown_once_works_and_is_refused_once_revoked(
         assert time.monotonic() < deadline
         time.sleep(0.2)
     revoked = console.post(
-        "/admin/keys/browser/revoke", data={"csrf": token}, headers={"Origin": proxy.url}
+        "/admin/keys/revoke", data={"csrf": token, "name": "browser"}, headers={"Origin": proxy.url}
     )
     assert revoked.status_code == 303
     deadline = time.monotonic() + 2.5
@@ -246,3 +246,96 @@ def test_the_console_is_off_without_an_admin_key(
         assert answer.status_code == 404 and "ADMIN_API_KEY" in answer.text
     refused = httpx.post(f"{proxy.url}/admin/sign-in", data={"name": "a", "key": ""}, timeout=10)
     assert refused.status_code == 404 and "set-cookie" not in refused.headers
+
+
+def test_a_key_name_that_looks_like_a_path_revokes_itself_only(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for name in ("victim", "leaked/../victim", ".."):
+        made = httpx.post(f"{proxy.url}/admin/api/keys", json={"name": name}, headers=auth)
+        assert made.status_code == 201, made.text
+    token = csrf(console.get("/admin/keys"))
+    answer = console.post("/admin/keys/revoke", data={"csrf": token, "name": "leaked/../victim"})
+    assert answer.status_code == 303
+    deleted = httpx.delete(f"{proxy.url}/admin/api/keys/..", headers=auth)
+    assert deleted.status_code == 404  # the route is /keys/{name}: ".." is the path's
+    deleted = httpx.delete(f"{proxy.url}/admin/api/keys/%2E%2E", headers=auth)
+    assert deleted.status_code == 200 and deleted.json()["name"] == ".."
+    assert deleted.headers["cache-control"] == "no-store"
+    active = {
+        k["name"]: k["active"]
+        for k in httpx.get(f"{proxy.url}/admin/api/keys", headers=auth).json()["data"]
+    }
+    assert (active["victim"], active["leaked/../victim"], active[".."]) == (True, False, False)
+
+
+def test_hostile_shapes_in_a_record_still_render(proxy: ProxyServer, console: httpx.Client) -> None:
+    def post(path: str, body: dict[str, Any]) -> str:
+        answer = httpx.post(
+            f"{proxy.api_base}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=10,
+        )
+        proxy.record(answer.headers["x-luthien-transaction-id"])
+        return answer.headers["x-luthien-transaction-id"]
+
+    odd_item = post(
+        "/responses",
+        {"model": "gpt-4o-mini", "input": [{"type": None, "role": "user", "content": "x"}]},
+    )
+    page = console.get(f"/admin/transactions/{odd_item}")
+    assert page.status_code == 200 and "item of an unknown type" in page.text
+    hidden = post(
+        "/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user visually-hidden", "content": "hidden instruction"}],
+        },
+    )
+    page = console.get(f"/admin/transactions/{hidden}")
+    assert 'class="turn role-other kind-text"' in page.text
+    assert "visually-hidden kind" not in page.text
+
+
+@pytest.mark.parametrize(
+    "query", ["before=%C2%B2", "before=" + "9" * 30, "since=9999-12-31T23:59:59-12:00"]
+)
+def test_bad_traffic_filters_are_a_400(console: httpx.Client, query: str) -> None:
+    answer = console.get(f"/admin/traffic?{query}")
+    assert answer.status_code == 400
+    assert "database" not in answer.text
+
+
+def test_no_redirect_from_the_host_header_and_headers_on_a_405(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    slash = console.get("/admin/keys/", headers={"Host": "evil.example"})
+    assert slash.status_code == 404 and "location" not in slash.headers
+    wrong = console.put("/admin/keys")
+    assert wrong.status_code == 405
+    assert wrong.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+def test_the_diff_of_hostile_documents_is_bounded() -> None:
+    # A client chooses what the diff compares: 12,000 identical lines were quadratic work
+    # for difflib (20 s of a worker's event loop); now the common lines are matched in
+    # linear time and each side is cut.
+    from luthien_control.console.pages import MAX_DIFF_LINES, side_by_side
+
+    same = {"stop": ["a"] * 12_000}
+    rows = side_by_side(same, same)
+    assert len(rows) == MAX_DIFF_LINES + 1
+    assert rows[-1][1] == f"... cut here: only the first {MAX_DIFF_LINES} lines are shown"
+    assert {row[0] for row in rows} == {"same"}
+    changed = side_by_side({"s": ["a"] * 3000}, {"s": ["b"] * 3000})  # too big to align
+    assert changed[0] == ("same", "{", "same", "{")
+    assert changed[2] == ("changed", '    "a",', "changed", '    "b",')
+    small = side_by_side({"x": 1, "y": "k"}, {"x": 1, "y": "[REDACTED]"})
+    assert small == [
+        ("same", "{", "same", "{"),
+        ("same", '  "x": 1,', "same", '  "x": 1,'),
+        ("changed", '  "y": "k"', "changed", '  "y": "[REDACTED]"'),
+        ("same", "}", "same", "}"),
+    ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -135,13 +135,15 @@ class Console:
             Route(f"{PREFIX}/keys", self._signed_in(pages.keys), methods=["GET"]),
             Route(f"{PREFIX}/keys", self._signed_in(pages.create_key), methods=["POST"]),
             Route(
-                f"{PREFIX}/keys/{{name}}/revoke",
+                f"{PREFIX}/keys/revoke",
                 self._signed_in(pages.revoke_key),
                 methods=["POST"],
             ),
             Route(f"{PREFIX}/static/{{name}}", self.static, methods=["GET"]),
         ]
-        self.router = Router(routes=routes, default=self.not_found)
+        # No redirect to the path with or without a slash: it would be built from the
+        # request's Host header.
+        self.router = Router(routes=routes, redirect_slashes=False, default=self.not_found)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.services.settings.admin_api_key:
@@ -149,7 +151,30 @@ class Console:
             await response(scope, receive, send)
             return
         scope["luthien_console"] = self
-        await self.router(scope, receive, send)
+
+        async def send_secured(message: MutableMapping[str, Any]) -> None:
+            # Every answer, Starlette's own (a 405) included, carries the headers.
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *(
+                        (name.encode(), value.encode())
+                        for name, value in SECURITY_HEADERS.items()
+                        if name.encode() not in names
+                    ),
+                ]
+            await send(message)
+
+        await self.router(scope, receive, send_secured)
+
+    @property
+    def _engine(self) -> Any:
+        return self.services.engine
+
+    @property
+    def _admin_key(self) -> str:
+        return self.services.settings.admin_api_key or ""
 
     async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -188,7 +213,7 @@ class Console:
             from luthien_control.db.sessions import find_session
 
             token = request.cookies.get(COOKIE, "")
-            found = await find_session(self.services.engine, token) if token else None
+            found = await find_session(self._engine, token, self._admin_key) if token else None
             if found is None:
                 if request.method != "GET":
                     return self.render(
@@ -254,14 +279,17 @@ class Console:
         if not _same_origin(request):
             error = "This form did not come from this console."
         elif not hmac.compare_digest(given.encode(), expected.encode()):
-            await asyncio.sleep(FAILED_SIGN_IN_DELAY)
+            await failed_attempt()
             error = "Wrong admin key."
         elif not label:
             error = "Give your name: it is shown on the reviews you make."
         if error is None:
             try:
                 session = await start_session(
-                    self.services.engine, label, self.services.settings.admin_session_lifetime
+                    self._engine,
+                    label,
+                    self.services.settings.admin_session_lifetime,
+                    self._admin_key,
                 )
             except LuthienError as exc:
                 error = exc.message
@@ -284,10 +312,21 @@ class Console:
     async def sign_out(self, request: Request, visit: Visit) -> Response:
         from luthien_control.db.sessions import end_session
 
-        await end_session(self.services.engine, visit.token)
+        await end_session(self._engine, visit.token, self._admin_key)
         response = secure(RedirectResponse(f"{PREFIX}/sign-in", status_code=303))
         response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
         return response
+
+
+_FAILURES = asyncio.Lock()
+
+
+async def failed_attempt() -> None:
+    """A wrong admin key, at sign-in or on the admin API: answered after
+    ``FAILED_SIGN_IN_DELAY``, one wrong attempt at a time per worker, so that guessing in
+    parallel is no faster than guessing in turn. A right key never waits here."""
+    async with _FAILURES:
+        await asyncio.sleep(FAILED_SIGN_IN_DELAY)
 
 
 def secure(response: Response) -> Response:
@@ -304,7 +343,7 @@ async def read_form(request: Request) -> dict[str, str]:
         body += chunk
         if len(body) > MAX_FORM_BYTES:
             return {}
-    if request.headers.get("content-type", "").split(";")[0].strip() != (
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != (
         "application/x-www-form-urlencoded"
     ):
         return {}

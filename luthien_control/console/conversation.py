@@ -75,10 +75,20 @@ def answer_turns(endpoint: str, sent: Any) -> list[Turn]:
     return turns
 
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
 def _turn(role: str, kind: str, text: Any, name: Any = "") -> Turn:
     if not isinstance(text, str):
         text = json.dumps(text, ensure_ascii=False, indent=2)
-    return {"role": role, "kind": kind, "text": text, "name": str(name or "")}
+    return {
+        "role": role,
+        # the role is the client's text: only a known one becomes a class name
+        "role_class": role if role in ROLES else "other",
+        "kind": kind,
+        "text": text,
+        "name": str(name or ""),
+    }
 
 
 def _list(value: Any) -> list[Any]:
@@ -139,6 +149,8 @@ def _anthropic_content(role: str, content: Any) -> list[Turn]:
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
+        if not isinstance(kind, str):
+            continue
         if kind == "text":
             turns.append(_turn(role, "text", block.get("text", "")))
         elif kind == "thinking":
@@ -162,6 +174,8 @@ def _responses_item(item: Any, default_role: str) -> list[Turn]:
     if not isinstance(item, dict):
         return []
     kind = item.get("type", "message")
+    if not isinstance(kind, str):
+        return [_turn("user", "text", item, "item of an unknown type")]
     if kind == "message":
         text = _parts_text(item.get("content"))
         return [_turn(str(item.get("role", default_role)), "text", text)] if text else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -53,7 +54,7 @@ async def traffic(request: Request, visit: Visit) -> Response:
 
     query = request.query_params
     before = query.get("before", "")
-    if before and not before.isdigit():
+    if before and not re.fullmatch(r"[0-9]{1,18}", before):
         raise ClientError("'before' must be a record number")
     since = query.get("since", "").strip()
     where = TransactionFilter(
@@ -120,30 +121,58 @@ def _answer_document(side: Any) -> Any:
     return side.get("stream") if side.get("stream") is not None else side.get("body")
 
 
+MAX_DIFF_LINES = 5000  # of each document shown; the rest is cut, and the page says so
+MAX_DIFF_WORK = 250_000  # lines x lines of a changed middle that difflib may compare
+
+
 def side_by_side(left: Any, right: Any) -> list[tuple[str, str, str, str]]:
     """Two JSON documents as indented lines side by side, each pair tagged ``same``,
     ``changed``, ``removed`` (only on the left) or ``added`` (only on the right): what the
-    policies changed between what was received and what was sent."""
+    policies changed between what was received and what was sent.
+
+    The documents are attacker-controlled, so the work is bounded: the common first and
+    last lines are matched in linear time; only a changed middle small enough
+    (``MAX_DIFF_WORK``) is aligned by difflib, a larger one is paired line by line; each
+    side is cut at ``MAX_DIFF_LINES``."""
     a = _lines(left)
     b = _lines(right)
-    rows: list[tuple[str, str, str, str]] = []
-    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag == "equal":
-            rows += [("same", line, "same", line) for line in a[i1:i2]]
-            continue
-        olds, news = a[i1:i2], b[j1:j2]
-        for k in range(max(len(olds), len(news))):
-            old = olds[k] if k < len(olds) else None
-            new = news[k] if k < len(news) else None
-            rows.append(
-                (
-                    "changed" if old is not None and new is not None else "removed",
-                    old or "",
-                    "changed" if old is not None and new is not None else "added",
-                    new or "",
-                )
-            )
+    cut = len(a) > MAX_DIFF_LINES or len(b) > MAX_DIFF_LINES
+    a, b = a[:MAX_DIFF_LINES], b[:MAX_DIFF_LINES]
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    rows: list[tuple[str, str, str, str]] = [("same", line, "same", line) for line in a[:head]]
+    middle_a, middle_b = a[head : len(a) - tail], b[head : len(b) - tail]
+    if middle_a or middle_b:
+        if len(middle_a) * len(middle_b) <= MAX_DIFF_WORK:
+            matcher = difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False)
+            opcodes = matcher.get_opcodes()
+        else:
+            opcodes = [("replace", 0, len(middle_a), 0, len(middle_b))]
+        for tag, i1, i2, j1, j2 in opcodes:
+            if tag == "equal":
+                rows += [("same", line, "same", line) for line in middle_a[i1:i2]]
+                continue
+            rows += _paired(middle_a[i1:i2], middle_b[j1:j2])
+    rows += [("same", line, "same", line) for line in a[len(a) - tail :]]
+    if cut:
+        note = f"... cut here: only the first {MAX_DIFF_LINES} lines are shown"
+        rows.append(("same", note, "same", note))
+    return rows
+
+
+def _paired(olds: list[str], news: list[str]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for k in range(max(len(olds), len(news))):
+        old = olds[k] if k < len(olds) else None
+        new = news[k] if k < len(news) else None
+        both = old is not None and new is not None
+        rows.append(
+            ("changed" if both else "removed", old or "", "changed" if both else "added", new or "")
+        )
     return rows
 
 
@@ -195,7 +224,7 @@ async def revoke_key(request: Request, visit: Visit) -> Response:
     from luthien_control.console import PREFIX, secure
     from luthien_control.db.keys import revoke_key as revoke
 
-    await revoke(_engine(request), request.path_params["name"])
+    await revoke(_engine(request), request.state.form.get("name", ""))
     return secure(RedirectResponse(f"{PREFIX}/keys", status_code=303))
 
 
@@ -203,7 +232,7 @@ async def review(request: Request, visit: Visit) -> Response:
     from luthien_control.db.reviews import review_queue
 
     after = request.query_params.get("after", "")
-    if after and not after.isdigit():
+    if after and not re.fullmatch(r"[0-9]{1,18}", after):
         raise ClientError("'after' must be a record number")
     rows = await review_queue(
         _engine(request), limit=PAGE_SIZE + 1, after_seq=int(after) if after else None

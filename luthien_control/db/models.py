@@ -6,6 +6,7 @@ these models must match them (a test compares the two).
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,12 +46,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_UNSHOWN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def check_name(name: str, what: str) -> None:
     """Names are what people type on the command line: not blank, not too long."""
     if not name.strip():
         raise MalformedRequest(f"a {what} name must not be empty")
     if len(name) > NAME_LENGTH:
         raise MalformedRequest(f"a {what} name must be at most {NAME_LENGTH} characters")
+    # Control and format characters (NUL, bidi overrides, zero-width) would make a name
+    # show as another, or as nothing, where people read it.
+    if any(unicodedata.category(char) in _UNSHOWN for char in name):
+        raise MalformedRequest(
+            f"a {what} name must not hold control or invisible formatting characters"
+        )
 
 
 class UTCDateTime(TypeDecorator[datetime]):
