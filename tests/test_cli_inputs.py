@@ -25,7 +25,6 @@ import yaml
 from luthien_control.cli import MAX_MESSAGE_CHARS, main, one_line
 from luthien_control.db.engine import create_engine
 from luthien_control.db.init_db import upgrade
-from luthien_control.db.keys import add_key
 from luthien_control.exceptions import PolicyConfigError
 from luthien_control.policies.loader import (
     MAX_DOCUMENT_DEPTH,
@@ -292,14 +291,25 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 def test_names_stored_elsewhere_are_escaped_in_tables(
     database: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A name stored through the admin API may hold anything: ``keys list`` shows it
-    escaped."""
+    """A name already in the database (stored before names were checked for control and
+    invisible characters, or written there by hand) may hold anything: ``keys list``
+    shows it escaped."""
+    from luthien_control.db.engine import transaction
+    from luthien_control.db.keys import hash_key
+    from luthien_control.db.models import ClientKeyRow
 
     async def store() -> None:
         engine = create_engine(os.environ["DATABASE_URL"])
         try:
             await upgrade(engine)
-            await add_key(engine, "\x1b]0;owned\x07\u202e", "lc-escaped-key-0123456789")
+            async with transaction(engine) as session:
+                session.add(
+                    ClientKeyRow(
+                        name="\x1b]0;owned\x07\u202e",
+                        key_hash=hash_key("lc-escaped-key-0123456789"),
+                        key_prefix="lc-escap",
+                    )
+                )
         finally:
             await engine.dispose()
 
