@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.engine import Dialect
@@ -134,6 +135,23 @@ class PolicyRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PolicyVersionRow(Base):
+    """Every version a stored policy has had, kept so that any one can be looked at again
+    and put back in force (``PolicyRow`` holds the version in force)."""
+
+    __tablename__ = "policy_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    policy_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    version: Mapped[int] = mapped_column(Integer)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)  # as written, like PolicyRow's
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Who stored it: a console session's label, "admin api", "cli"; None before 0005.
+    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+
+    __table_args__ = (UniqueConstraint("policy_name", "version"),)
 
 
 class TransactionRow(Base):

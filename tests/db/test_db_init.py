@@ -199,3 +199,41 @@ def test_init_db_module_reports_errors_in_one_line(
     assert result.stderr.startswith("luthien-control: error: " + message.format(tmp_path=tmp_path))
     assert result.stderr.count("\n") == 1
     assert "s3cret" not in result.stderr
+
+
+@pytest.mark.anyio
+async def test_the_policies_stored_before_0005_become_their_first_kept_versions(
+    sqlite_path: Path,
+) -> None:
+    """A database stored at 0004 keeps its policies' versions in force as kept versions."""
+    from alembic import command
+
+    from luthien_control.db.policies import list_versions, save_policy
+
+    engine = create_engine(f"sqlite+aiosqlite:///{sqlite_path}")
+
+    def to_0004(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(to_0004)
+            await connection.execute(
+                text(
+                    "INSERT INTO policies (name, definition, version, created_at, updated_at) "
+                    'VALUES (\'root\', \'{"type": "NoopPolicy", "config": {}}\', 4, '
+                    "'2026-12-01 10:00:00', '2026-12-02 10:00:00')"
+                )
+            )
+        assert await upgrade(engine) == SCHEMA_REVISION
+        kept = await list_versions(engine, "root")
+        assert [(v.version, v.definition, v.created_by, v.in_force) for v in kept] == [
+            (4, {"type": "NoopPolicy", "config": {}}, None, True)
+        ]
+        assert (
+            await save_policy(engine, "root", {"type": "NoopPolicy", "config": {}})
+        ).version == 5
+    finally:
+        await engine.dispose()

@@ -8,8 +8,16 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.db.engine import create_engine
-from luthien_control.db.policies import get_policy, list_policies, policy_version, save_policy
-from luthien_control.exceptions import MalformedRequest
+from luthien_control.db.policies import (
+    activate_version,
+    get_policy,
+    get_version,
+    list_policies,
+    list_versions,
+    policy_version,
+    save_policy,
+)
+from luthien_control.exceptions import MalformedRequest, NotFound
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +115,61 @@ async def test_concurrent_saves_of_a_new_policy_all_succeed_with_distinct_versio
             await engine.dispose()
     assert sorted(versions) == list(range(1, 13))
     assert await policy_version(db, "new") == 12
+
+
+async def test_every_version_is_kept_newest_first_with_who_stored_it(db: AsyncEngine) -> None:
+    await save_policy(db, "root", FIRST, by="cli")
+    await save_policy(db, "root", SECOND, by="Ada")
+    await save_policy(db, "other", SECOND)
+    versions = await list_versions(db, "root")
+    assert [(v.version, v.definition, v.created_by, v.in_force) for v in versions] == [
+        (2, SECOND, "Ada", True),
+        (1, FIRST, "cli", False),
+    ]
+    assert await list_versions(db, "nothing") == []
+
+
+async def test_a_version_saved_without_activating_waits_beside_the_one_in_force(
+    db: AsyncEngine,
+) -> None:
+    await save_policy(db, "root", FIRST)
+    stored = await save_policy(db, "root", SECOND, activate=False)
+    assert (stored.version, stored.definition) == (1, FIRST)
+    assert await policy_version(db, "root") == 1
+    draft = await get_version(db, "root", 2)
+    assert draft is not None
+    assert (draft.definition, draft.in_force) == (SECOND, False)
+    # The next save numbers after the draft, not after the version in force.
+    assert (await save_policy(db, "root", FIRST)).version == 3
+
+
+async def test_the_first_version_of_a_policy_is_in_force_even_when_not_activated(
+    db: AsyncEngine,
+) -> None:
+    stored = await save_policy(db, "root", FIRST, activate=False)
+    assert (stored.version, stored.definition) == (1, FIRST)
+    assert [v.in_force for v in await list_versions(db, "root")] == [True]
+
+
+async def test_activating_an_older_version_puts_it_back_in_force(db: AsyncEngine) -> None:
+    await save_policy(db, "root", FIRST)
+    await save_policy(db, "root", SECOND)
+    stored = await activate_version(db, "root", 1)
+    assert (stored.version, stored.definition) == (1, FIRST)
+    assert await get_policy(db, "root") == stored
+    assert await policy_version(db, "root") == 1
+    assert [(v.version, v.in_force) for v in await list_versions(db, "root")] == [
+        (2, False),
+        (1, True),
+    ]
+    # Versions are never renumbered: the next save is version 3.
+    assert (await save_policy(db, "root", SECOND)).version == 3
+
+
+async def test_activating_a_version_that_does_not_exist_is_refused(db: AsyncEngine) -> None:
+    await save_policy(db, "root", FIRST)
+    with pytest.raises(NotFound, match="has no version 7"):
+        await activate_version(db, "root", 7)
+    with pytest.raises(NotFound, match="has no version 1"):
+        await activate_version(db, "nothing", 1)
+    assert await policy_version(db, "root") == 1
