@@ -38,7 +38,7 @@ import orjson
 from luthien_control import metrics
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
-from luthien_control.dialects import StreamAssembler, TextSlot
+from luthien_control.dialects import Dialect, StreamAssembler, TextSlot
 from luthien_control.dialects.base import joined_slots
 from luthien_control.exceptions import StorageError, StorageRefused
 from luthien_control.memory import IDLE_RELEASE_AFTER, release_free_memory
@@ -279,6 +279,19 @@ def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
     return None if assembler is None else assembler.summary()
 
 
+def _event_slots(dialect: Dialect, events: list[Any]) -> list[TextSlot]:
+    """The channel texts of a stream's events, each channel (and the channels the client
+    reads as one text) joined across events as the client joins them: a secret split
+    across events is redacted in the events that hold its pieces."""
+    slots: list[TextSlot] = []
+    for data in events:
+        if isinstance(data, dict):
+            for slot in dialect.text_slots(data):
+                joined = dialect.joins(slot.key) or slot.key
+                slots.append(TextSlot(slot.key, slot.holder, slot.field, slot.kind, joined))
+    return slots
+
+
 def _column(value: str | None, size: int) -> str | None:
     """Fit a value to its column: at most ``size`` characters, no NUL (PostgreSQL refuses it)."""
     if value is None:
@@ -335,6 +348,9 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         if assembled is not None and id(assembled) not in seen:
             seen.add(id(assembled))
             redactor.joined(dialect.assembled_slots(assembled))
+    events = trail.events_received if received_stream is not None else None
+    if events:
+        redactor.joined(_event_slots(dialect, events))
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -390,6 +406,9 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     "headers": redacted_headers(trail.backend_headers or {}),
                     "body": bodies.value(trail.backend_body),
                     "stream": received_stream,
+                    # Each event as it came (for a replay), while there were not too many.
+                    "events": None if events is None or trail.events_cut else events,
+                    "events_named": trail.events_named,
                 },
                 "sent": {
                     "status": tx.status,

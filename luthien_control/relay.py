@@ -38,6 +38,9 @@ _STREAM_OWN = frozenset(name.decode() for name, _ in STREAM_HEADERS) | {"content
 CUT_BY_SHUTDOWN = "cut_by_shutdown"
 # How long a stream cut by the shutdown waits for its client to take the error event.
 CUT_SEND_TIMEOUT = 1.0
+# The events of a stream kept for its record (a replay needs them); beyond, the record
+# says the stream was longer (``events_cut``) and holds its assembled answer only.
+RECORDED_EVENTS = 10_000
 
 
 def response_headers(
@@ -132,6 +135,8 @@ class _StreamRelay:
         # failed on, or cut off by a disconnect.
         received = dialect.new_assembler()
         self.received = tx.trail.stream_received = tx.trail.stream_sent = received
+        self.events: list[Any] = []
+        tx.trail.events_received = self.events
         self.sent: StreamAssembler | None = None  # None: still the same as ``received``
         self.started = False
         self.done = False  # the backend sent [DONE]
@@ -142,6 +147,7 @@ class _StreamRelay:
         tx = self.tx
         if tx.timings.backend_ready is None:
             tx.timings.backend_ready = time.perf_counter()
+            tx.trail.events_named = data.startswith(b"event:")
             if self.strict:
                 check_stream_start(data)
         usage, transforms, strict, rules = self.usage, self.transforms, self.strict, self.rules
@@ -284,6 +290,11 @@ class _StreamRelay:
         received = self.received
         for payload in arrived:
             received.feed(payload)
+        if arrived and not self.tx.trail.events_cut:
+            if len(self.events) + len(arrived) <= RECORDED_EVENTS:
+                self.events.extend(arrived)
+            else:
+                self.tx.trail.events_cut = True
         if sent is not None:
             for chunk in out:
                 sent.feed(chunk.data)

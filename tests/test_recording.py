@@ -125,6 +125,42 @@ def test_streamed_transaction_is_recorded_whole_and_redacted(
     ]
 
 
+def test_a_streams_events_are_recorded_as_received_with_a_split_key_redacted(
+    answering_proxy: ProxyServer,
+) -> None:
+    """The record keeps each event as the backend sent it (a replay feeds them again),
+    and a key the backend split across events (4 characters each) is redacted in the
+    events that hold its pieces: no event, nor their text read together, spells it."""
+    proxy = answering_proxy
+    text = f"Your key is {SECRET} as requested."
+    response = chat(proxy, stream=True, **directives(content=text, chunk_size=4))
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
+    received = record["response"]["received"]
+    events = received["events"]
+    assert received["events_named"] is False  # chat completions: data lines only
+    assert len(events) == received["stream"]["chunks"]
+    assert all(event["object"] == "chat.completion.chunk" for event in events)
+    deltas = [
+        event["choices"][0]["delta"].get("content", "") for event in events if event["choices"]
+    ]
+    # The mock cut the text every 4 characters: the key's first piece holds the mark,
+    # the others are emptied.
+    assert [delta for delta in deltas if delta] == [
+        "Your",
+        " key",
+        " is ",
+        "[REDACTED]",
+        " as ",
+        "requ",
+        "este",
+        "d.",
+    ]
+    assert events[-1]["usage"]["prompt_tokens"] == 1  # the usage event the client never saw
+    stored = json.dumps(record)
+    for piece in ("sk-p", "roj-", "Qq1W", "w2Ee", "3Rr4", "Tt5Y", "y6Uu", "7Ii8"):
+        assert piece not in stored
+
+
 def test_blocked_request_is_recorded_without_the_secret(proxy: ProxyServer) -> None:
     response = chat(proxy, stream=False, content=f"please use {SECRET}")
     assert response.status_code == 403
