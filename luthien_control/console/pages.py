@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from datetime import timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -38,13 +37,9 @@ def _engine(request: Request) -> Any:
 
 
 async def overview(request: Request, visit: Visit) -> Response:
-    from luthien_control.db.transactions import outcome_counts
+    from luthien_control.db.transactions import overview as summaries
 
-    now = utcnow()
-    windows = []
-    for label, span in (("last hour", timedelta(hours=1)), ("last day", timedelta(days=1))):
-        counts = await outcome_counts(_engine(request), now - span)
-        windows.append({"label": label, **counts})
+    windows = await summaries(_engine(request), utcnow())
     return _render(request, "overview.html", title="Overview", visit=visit, windows=windows)
 
 

@@ -190,6 +190,18 @@ class TransactionRow(Base):
     __table_args__ = (Index("ix_transactions_flagged_seq", "flagged", "seq"),)
 
 
+class TransactionTextRow(Base):
+    """What a text search looks in, one row per transaction (``db/search.py``): the
+    recorded prompt and answer, redacted as the record is. Its index is each database's
+    own (made by migration 0006): an FTS5 trigram table on SQLite, a pg_trgm GIN index on
+    PostgreSQL."""
+
+    __tablename__ = "transaction_texts"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
+
+
 REVIEW_VERDICTS = ("fine", "violation")
 
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import math
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, func, or_, select, update
+from sqlalchemy import Float, Integer, Table, func, or_, select, text, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import ClientKeyRow, ReviewRow, TransactionRow
+from luthien_control.db.search import matching_seqs, search_text
 from luthien_control.exceptions import StorageRefused
+
+logger = logging.getLogger(__name__)
 
 SEEN_WINDOW = 10_000  # ids remembered while following, against rows committed late
 LOOKBACK = 1000  # rows re-read on each poll while following
@@ -67,16 +73,48 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
             raise StorageRefused(
                 f"database error at {describe_url(engine.url)}: a value cannot be stored: {exc!r}"
             ) from exc
+        texts = _texts(rows)
         async with translate_errors(engine), engine.begin() as connection:
             await connection.exec_driver_sql(sql, values)
+            await connection.exec_driver_sql(
+                _SQLITE_TEXT_INSERT, [(row["text"], row["id"]) for row in texts]
+            )
             await _touch_keys(connection, rows)
         return
     from sqlalchemy.dialects import postgresql
 
     statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    texts = _texts(rows)
     async with translate_errors(engine), engine.begin() as connection:
         await connection.execute(statement, list(rows))
+        await connection.execute(_POSTGRESQL_TEXT_INSERT, texts)
         await _touch_keys(connection, rows)
+
+
+# Each record's search text beside it, under the seq the insert gave it; a record already
+# stored (a batch written again) keeps the text it has.
+_SQLITE_TEXT_INSERT = (
+    "INSERT INTO transaction_texts (seq, text) SELECT seq, ? FROM transactions WHERE id = ? "
+    "ON CONFLICT DO NOTHING"
+)
+_POSTGRESQL_TEXT_INSERT = text(
+    "INSERT INTO transaction_texts (seq, text) SELECT seq, CAST(:text AS TEXT) "
+    "FROM transactions WHERE id = :id ON CONFLICT DO NOTHING"
+)
+
+
+def _texts(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each row's search text (``search.search_text``); a record whose text cannot be
+    read (a bug) is stored all the same, found by no search."""
+    texts = []
+    for row in rows:
+        try:
+            found = search_text(row["endpoint"], row["request"], row["response"])
+        except Exception:
+            logger.exception("cannot read the search text of transaction %s", row["id"])
+            found = ""
+        texts.append({"text": found, "id": row["id"]})
+    return texts
 
 
 async def _touch_keys(connection: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
@@ -126,6 +164,7 @@ class TransactionFilter:
     after_seq: int | None = None  # rows inserted after this one (``--follow``)
     before_seq: int | None = None  # rows inserted before this one (the console's pages)
     flagged: bool | None = None  # only those a policy flagged for review (or only not)
+    search: str | None = None  # only those whose prompt or answer holds it (search.py)
 
 
 async def list_transactions(
@@ -157,6 +196,17 @@ async def list_transactions(
         statement = statement.where(TransactionRow.flagged.is_(where.flagged))
     if where.until is not None:
         statement = statement.where(TransactionRow.received_at <= where.until)
+    if where.search:
+        statement = statement.where(
+            TransactionRow.seq.in_(
+                matching_seqs(
+                    engine.dialect.name,
+                    where.search,
+                    after_seq=where.after_seq,
+                    before_seq=where.before_seq,
+                )
+            )
+        )
     if oldest_first:
         statement = statement.order_by(TransactionRow.seq)
     elif by_seq:
@@ -168,28 +218,105 @@ async def list_transactions(
         return [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in result]
 
 
-async def outcome_counts(engine: AsyncEngine, since: datetime) -> dict[str, Any]:
-    """How the transactions received since ``since`` ended: ``{"total", "tokens",
-    "outcomes": {outcome: count}}`` (one grouped query on the ``received_at`` index)."""
-    statement = (
-        select(
-            TransactionRow.outcome,
-            func.count(),
-            func.coalesce(func.sum(TransactionRow.total_tokens), 0),
-        )
-        .where(TransactionRow.received_at >= since)
-        .group_by(TransactionRow.outcome)
-    )
+PERCENTILES = (50, 90, 99)
+# The overview's windows: (label, span, buckets of its charts).
+WINDOWS = (("last hour", timedelta(hours=1), 12), ("last day", timedelta(days=1), 24))
+
+
+async def overview(
+    engine: AsyncEngine, now: datetime, windows: Sequence[tuple[str, timedelta, int]] = WINDOWS
+) -> list[dict[str, Any]]:
+    """What the transactions received in each window before ``now`` did, for the
+    console's overview: ``{"label", "start", "total", "tokens", "flagged", "outcomes":
+    {outcome: count}, "ttft": {p: ms}, "duration": {p: ms}, "buckets": [...]}``, each
+    bucket ``{"start", "requests", "blocked", "flagged", "tokens", "ttft_p90"}``.
+
+    One range read on the ``received_at`` index, of the widest window's timing columns
+    only; counts, sums and exact percentiles (nearest rank; TTFT from the request's
+    arrival to the client's first byte) are taken here."""
+    widest = max(span for _, span, _ in windows)
+    received = _epoch(engine.dialect.name, TransactionRow.received_at)
+    ttft = _epoch(engine.dialect.name, TransactionRow.client_first_byte_at) - received
+    statement = select(
+        received,
+        TransactionRow.outcome,
+        TransactionRow.flagged,
+        TransactionRow.total_tokens,
+        TransactionRow.duration_ms,
+        ttft,
+    ).where(TransactionRow.received_at >= now - widest)
     async with transaction(engine) as session:
-        rows: list[tuple[str, int, int]] = [
-            (str(outcome), int(count), int(tokens or 0))
-            for outcome, count, tokens in await session.execute(statement)
-        ]
+        rows = (await session.execute(statement)).all()
+    end = now.timestamp()
+    return [_window(label, now - span, end, count, rows) for label, span, count in windows]
+
+
+def _epoch(dialect: str, column: Any) -> Any:
+    """Seconds since the epoch of a time column, exact to the microsecond."""
+    if dialect == "sqlite":  # stored as "YYYY-MM-DD HH:MM:SS.ffffff"
+        whole = sql_cast(func.strftime("%s", column), Integer)
+        return whole + sql_cast(func.substr(column, 20), Float)
+    return sql_cast(func.extract("epoch", column), Float)
+
+
+def _window(
+    label: str, start: datetime, end: float, count: int, rows: Sequence[Any]
+) -> dict[str, Any]:
+    begin = start.timestamp()
+    width = (end - begin) / count
+    buckets: list[dict[str, Any]] = [
+        {
+            "start": start + timedelta(seconds=width * k),
+            "requests": 0,
+            "blocked": 0,
+            "flagged": 0,
+            "tokens": 0,
+            "ttfts": [],
+        }
+        for k in range(count)
+    ]
+    outcomes: dict[str, int] = {}
+    ttfts: list[float] = []
+    durations: list[float] = []
+    for at, outcome, flagged, tokens, duration_ms, ttft in rows:
+        if at < begin:
+            continue
+        bucket = buckets[min(max(int((at - begin) // width), 0), count - 1)]
+        bucket["requests"] += 1
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome == "blocked":
+            bucket["blocked"] += 1
+        if flagged:
+            bucket["flagged"] += 1
+        bucket["tokens"] += tokens or 0
+        durations.append(duration_ms)
+        if ttft is not None:
+            ms = round(ttft * 1000, 3)
+            ttfts.append(ms)
+            bucket["ttfts"].append(ms)
+    for bucket in buckets:
+        bucket["ttft_p90"] = percentile(sorted(bucket.pop("ttfts")), 90)
+    ttfts.sort()
+    durations.sort()
     return {
-        "total": sum(count for _, count, _ in rows),
-        "tokens": sum(tokens for _, _, tokens in rows),
-        "outcomes": {outcome: count for outcome, count, _ in rows},
+        "label": label,
+        "start": start,
+        "total": sum(b["requests"] for b in buckets),
+        "tokens": sum(b["tokens"] for b in buckets),
+        "flagged": sum(b["flagged"] for b in buckets),
+        "outcomes": outcomes,
+        "ttft": {p: percentile(ttfts, p) for p in PERCENTILES},
+        "duration": {p: percentile(durations, p) for p in PERCENTILES},
+        "buckets": buckets,
     }
+
+
+def percentile(ordered: Sequence[float], p: float) -> float | None:
+    """The ``p``-th percentile of sorted values by nearest rank: the smallest value that at
+    least ``p`` percent of them do not exceed (None of no values)."""
+    if not ordered:
+        return None
+    return ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1]
 
 
 async def max_seq(engine: AsyncEngine) -> int:
