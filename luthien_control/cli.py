@@ -166,6 +166,12 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return _run(commands.policy_show(args.name))
 
 
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    from luthien_control.db import commands
+
+    return _run(commands.policy_replay(args.file, args.transaction, as_json=args.json))
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from luthien_control.logs import run_logs
 
@@ -264,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", cmd_policy_list, "list stored policies", policy)
     p = command("show", cmd_policy_show, "print a stored policy", policy)
     p.add_argument("name", type=text)
+    p = command(
+        "replay",
+        cmd_policy_replay,
+        "dry run: replay a recorded transaction through a policy file, with no backend call",
+        policy,
+    )
+    p.add_argument("file")
+    p.add_argument(
+        "--transaction", type=text, required=True, metavar="ID", help="the recorded transaction"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sub.add_parser(
         "bench", help="benchmark the proxy against the direct call to the backend (--help)"
     )

@@ -409,6 +409,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     # Each event as it came (for a replay), while there were not too many.
                     "events": None if events is None or trail.events_cut else events,
                     "events_named": trail.events_named,
+                    "events_done": trail.events_done,
                 },
                 "sent": {
                     "status": tx.status,

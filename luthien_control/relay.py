@@ -160,7 +160,7 @@ class _StreamRelay:
                 raw = unfed = event.raw
                 if b"[DONE]" in raw and event.is_done:
                     unfed = None
-                    self.done = True
+                    self.done = tx.trail.events_done = True
                     break
                 if strict:
                     payload = strict_event_data(event.payload)

@@ -188,6 +188,7 @@ class Trail:
     # (``replay.py``); at most ``RECORDED_EVENTS`` of them, then ``events_cut``.
     events_received: list[Any] | None = None
     events_named: bool = False  # they came with ``event:`` lines (Responses, Messages)
+    events_done: bool = False  # and ended with ``data: [DONE]`` (chat completions)
     events_cut: bool = False
 
 

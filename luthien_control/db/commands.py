@@ -114,6 +114,74 @@ async def policy_show(name: str) -> int:
     return 0
 
 
+async def policy_replay(file: str, transaction_id: str, *, as_json: bool) -> int:
+    """Replay a recorded transaction through the policy in ``file`` (no backend call) and
+    print what the client would have seen, beside what it saw."""
+    from luthien_control.console.conversation import answer_turns
+    from luthien_control.db.transactions import get_transaction
+    from luthien_control.policies.loader import load_policy_file
+    from luthien_control.replay import replay
+    from luthien_control.settings import Settings
+
+    policy = load_policy_file(file)
+    async with _database() as engine:
+        record = await get_transaction(engine, transaction_id)
+    if record is None:
+        raise NotFound(f"no transaction {transaction_id!r}")
+    result = await replay(record, policy, Settings())
+    now = result.record
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "transaction": transaction_id,
+                    "status": result.status,
+                    "headers": result.headers,
+                    "body": result.body.decode("utf-8", "replace"),
+                    "record": now,
+                },
+                ensure_ascii=False,
+                default=str,
+            )
+        )
+        return 0
+    print(
+        f"replayed transaction {transaction_id} through {policy.type_name} "
+        f"'{printable(policy.name)}' ({printable(file)}); no backend call"
+    )
+    print(f"then: {_replay_line(record)}")
+    print(f"now:  {_replay_line(now)}")
+    decisions = now.get("decisions") or []
+    print("decisions:" if decisions else "decisions: none")
+    for decision in decisions:
+        print(
+            f"  {printable(str(decision.get('policy')))} {printable(str(decision.get('action')))}: "
+            f"{printable(str(decision.get('detail')))}"
+        )
+    turns = answer_turns(str(now.get("endpoint", "")), (now.get("response") or {}).get("sent"))
+    if turns:
+        print("the answer, as the client would read it:")
+        for turn in turns:
+            label = turn["kind"] if not turn["name"] else f"{turn['kind']} {turn['name']}"
+            print(f"  [{printable(label)}] {printable(turn['text'])}")
+    else:
+        body = (now.get("response") or {}).get("sent") or {}
+        shown = body.get("body")
+        print("the answer, as the client would get it:")
+        print(f"  {printable(json.dumps(shown, ensure_ascii=False))}")
+    return 0
+
+
+def _replay_line(record: dict[str, Any]) -> str:
+    status = record.get("status")
+    sent = (record.get("response") or {}).get("sent") or {}
+    stream = sent.get("stream")
+    shape = (
+        f"streamed, {stream.get('chunks', 0)} events" if isinstance(stream, dict) else "buffered"
+    )
+    return f"{status} {printable(str(record.get('outcome')))} ({shape})"
+
+
 @asynccontextmanager
 async def _database() -> AsyncIterator[AsyncEngine]:
     engine = create_engine(database_url())
