@@ -192,3 +192,220 @@ def test_the_neutral_custom_policy_runs_on_every_dialect(
     buffered = httpx.post(f"{proxy.api_base}{path}", json=body, headers=headers, timeout=30)
     assert "secret" not in buffered.text
     assert "the **** is ****-ish" in buffered.text
+
+
+# The tool-call example: a call mentioning "rm -rf" dropped, in every dialect.
+FORBIDDEN = {"name": "run", "arguments": {"cmd": "rm -rf /tmp/x"}}
+ALLOWED = {"name": "run", "arguments": {"cmd": "ls"}}
+
+
+def _chat_calls(raw: str, stream: bool) -> tuple[list[tuple[str, Any]], Any]:
+    """The calls the client reassembles, and the finish reason."""
+    if not stream:
+        choice = json.loads(raw)["choices"][0]
+        calls = choice["message"].get("tool_calls") or []
+        found = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+        return found, choice["finish_reason"]
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    finish = None
+    for event in _events(raw):
+        choice = event["choices"][0]
+        for delta in choice["delta"].get("tool_calls") or ():
+            index = delta["index"]
+            names[index] = names.get(index, "") + (delta["function"].get("name") or "")
+            arguments[index] = arguments.get(index, "") + delta["function"].get("arguments", "")
+        finish = choice.get("finish_reason") or finish
+    assert sorted(names) == list(range(len(names)))  # renumbered without a gap
+    return [(names[i], json.loads(arguments[i])) for i in sorted(names)], finish
+
+
+def _responses_calls(raw: str, stream: bool) -> tuple[list[tuple[str, Any]], Any]:
+    if stream:
+        events = _events(raw)
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        indices = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+        assert indices == list(range(len(indices)))
+        numbers = [e["sequence_number"] for e in events]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        output = events[-1]["response"]["output"]
+        assert output == done  # the final object agrees with the stream
+    else:
+        output = json.loads(raw)["output"]
+    calls = [
+        (i["name"], json.loads(i["arguments"])) for i in output if i["type"] == "function_call"
+    ]
+    return calls, None
+
+
+def _messages_calls(raw: str, stream: bool) -> tuple[list[tuple[str, Any]], Any]:
+    if not stream:
+        message = json.loads(raw)
+        blocks = message["content"]
+        return [(b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"], message[
+            "stop_reason"
+        ]
+    names: dict[int, str] = {}
+    inputs: dict[int, str] = {}
+    starts: list[int] = []
+    stop = None
+    for event in _events(raw):
+        if event["type"] == "content_block_start":
+            starts.append(event["index"])
+            if event["content_block"]["type"] == "tool_use":
+                names[event["index"]] = event["content_block"]["name"]
+        elif event["type"] == "content_block_delta" and "partial_json" in event["delta"]:
+            index = event["index"]
+            inputs[index] = inputs.get(index, "") + event["delta"]["partial_json"]
+        elif event["type"] == "message_delta":
+            stop = event["delta"]["stop_reason"]
+    assert starts == list(range(len(starts)))  # renumbered without a gap
+    return [(names[i], json.loads(inputs[i])) for i in sorted(names)], stop
+
+
+def _events(raw: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+
+
+# Per dialect: the path, a request, the answer's calls, the stop reasons (some calls
+# left, none left), and a history with a forbidden call and its result.
+DIALECTS: dict[str, dict[str, Any]] = {
+    "chat": {
+        "path": "/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        "calls": _chat_calls,
+        "stops": ("tool_calls", "stop"),
+        "history": {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_rm",
+                            "type": "function",
+                            "function": {"name": "run", "arguments": '{"cmd": "rm -rf /"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_rm", "content": "done"},
+                {"role": "user", "content": "next"},
+            ]
+        },
+        "forwarded": {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "next"}]
+        },
+    },
+    "responses": {
+        "path": "/responses",
+        "body": {"model": "gpt-4o-mini", "input": "hi"},
+        "calls": _responses_calls,
+        "stops": (None, None),
+        "history": {
+            "input": [
+                {"role": "user", "content": "hi"},
+                {
+                    "type": "function_call",
+                    "call_id": "call_rm",
+                    "name": "run",
+                    "arguments": '{"cmd": "rm -rf /"}',
+                },
+                {"type": "function_call_output", "call_id": "call_rm", "output": "done"},
+                {"role": "user", "content": "next"},
+            ]
+        },
+        "forwarded": {
+            "input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "next"}]
+        },
+    },
+    "messages": {
+        "path": "/messages",
+        "body": {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        "calls": _messages_calls,
+        "stops": ("tool_use", "end_turn"),
+        "history": {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "running it"},
+                        {
+                            "type": "tool_use",
+                            "id": "toolu_rm",
+                            "name": "run",
+                            "input": {"cmd": "rm -rf /"},
+                        },
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_rm", "content": "done"},
+                        {"type": "text", "text": "next"},
+                    ],
+                },
+            ]
+        },
+        "forwarded": {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": "running it"}]},
+                {"role": "user", "content": [{"type": "text", "text": "next"}]},
+            ]
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_neutral_tool_call_policy_runs_on_every_dialect(
+    my_pkg: Path, start_proxy: ProxyStarter, mock_backend: MockBackendServer, dialect: str
+) -> None:
+    case = DIALECTS[dialect]
+    policy = {
+        "type": "SerialPolicy",
+        "config": {
+            "policies": [
+                {"type": "ClientApiKeyAuth", "config": {}},
+                {"type": "my_pkg.policies:DropCallsMentioning", "config": {"word": "rm -rf"}},
+                {"type": "SetBackendPolicy", "config": {"backend_url": mock_backend.api_base}},
+                {"type": "SendBackendRequest", "config": {}},
+                {"type": "my_pkg.policies:DropCallsMentioning", "config": {"word": "rm -rf"}},
+            ]
+        },
+    }
+    proxy = start_proxy(policy=policy, env={"PYTHONPATH": str(my_pkg)})
+    url = f"{proxy.api_base}{case['path']}"
+    stop_with_calls, stop_without = case["stops"]
+    for stream in (False, True):
+        for scripted, stop in (
+            ([FORBIDDEN, ALLOWED], stop_with_calls),
+            ([FORBIDDEN], stop_without),
+        ):
+            headers = {
+                "x-api-key": CLIENT_KEY,
+                "x-mock-tool-calls": quote(json.dumps(scripted)),
+                "x-mock-chunk-size": "4",
+            }
+            body = {**case["body"], "stream": stream}
+            response = httpx.post(url, json=body, headers=headers, timeout=30)
+            assert response.status_code == 200, response.text
+            assert "rm -rf" not in response.text
+            calls, finish = case["calls"](response.text, stream)
+            expected = [("run", {"cmd": "ls"})] if len(scripted) == 2 else []
+            assert (calls, finish) == (expected, stop), (stream, scripted)
+
+    history = {**case["body"], **case["history"]}
+    request_id = f"docs-tools-{dialect}"
+    headers = {"x-api-key": CLIENT_KEY, "x-mock-request-id": request_id}
+    response = httpx.post(url, json=history, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    record = mock_backend.record(request_id)
+    assert record is not None
+    assert record["body"] == {**case["body"], **case["forwarded"]}

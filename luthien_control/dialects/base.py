@@ -11,8 +11,10 @@ dialect (``tx.dialect``) instead:
   call's arguments, a content block's text), so a rewriter sees the channel as it grows.
 - ``closing(data)``: which channels end with a stream event, and ``release()`` /
   ``release_at_end()``: how text a policy held back goes out before they end.
-- ``tool_calls``: each dialect's tool-call stream holder lives beside it
-  (``policies/tools``), the shapes of calls in requests and answers here.
+- ``request_tool_calls(payload)`` / ``answer_tool_calls(payload)`` /
+  ``tool_call_holder(judge)``: the tool calls of a request, a buffered answer and a
+  stream, in the neutral view of ``tool_calls.py`` (each dialect's shapes in its
+  ``*_tools.py`` module).
 - ``new_assembler()``: folds a stream into the message it spells out, for the record.
 - ``error_body()`` / ``error_event()`` / ``stream_complete()``: how the dialect reports
   an error and how a stream ends.
@@ -29,8 +31,10 @@ from luthien_control.dialects import reading
 from luthien_control.responses import error_status_and_body
 
 if TYPE_CHECKING:
+    from luthien_control.dialects.tool_calls import ToolCalls
+    from luthien_control.policies.tools.hold import CallJudge
     from luthien_control.sse import Chunk
-    from luthien_control.transaction import Transaction, Usage
+    from luthien_control.transaction import StreamTransform, Transaction, Usage
 
 ChannelKey = tuple[Any, ...]
 
@@ -228,6 +232,32 @@ class Dialect:
     def stream_complete(self, received: StreamAssembler, *, done: bool, pending: bytes) -> bool:
         """The backend's stream ended as a complete answer (not cut short)."""
         return not pending.strip()
+
+    # --- tool calls (tool_calls.py) -----------------------------------------------------
+    # The base, and so every OpenAI route, looks for both OpenAI shapes (openai_tools.py);
+    # the modules are loaded on first use, since they build on policies/tools.
+
+    def request_tool_calls(self, payload: Any) -> ToolCalls:
+        """The tool calls of a request's history, in order, each to keep or ``drop()``;
+        ``commit()`` removes the dropped ones with their results."""
+        from luthien_control.dialects import openai_tools
+
+        return openai_tools.request_calls(payload)
+
+    def answer_tool_calls(self, payload: Any) -> ToolCalls:
+        """The tool calls of a buffered answer, as ``request_tool_calls``; ``commit()``
+        keeps the finish or stop reason consistent."""
+        from luthien_control.dialects import openai_tools
+
+        return openai_tools.answer_calls(payload)
+
+    def tool_call_holder(self, judge: CallJudge) -> StreamTransform:
+        """A stream transform holding each streamed tool call until it is complete; then
+        ``judge`` settles it and its events go out as they came, or never (the events
+        after it renumbered, the stop reason made consistent)."""
+        from luthien_control.dialects.openai_tools import OpenAICalls
+
+        return OpenAICalls(judge)
 
     # --- errors -----------------------------------------------------------------------
 

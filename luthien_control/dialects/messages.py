@@ -34,7 +34,9 @@ from luthien_control.exceptions import BackendBroken, MalformedRequest
 from luthien_control.sse import Chunk
 
 if TYPE_CHECKING:
-    from luthien_control.transaction import Transaction, Usage
+    from luthien_control.dialects.tool_calls import ToolCalls
+    from luthien_control.policies.tools.hold import CallJudge
+    from luthien_control.transaction import StreamTransform, Transaction, Usage
 
 # content_block_delta types → (the field holding their text, the channel, its kind)
 _DELTAS = {
@@ -236,6 +238,21 @@ class MessagesDialect(AnthropicDialect):
     """``POST /messages``."""
 
     name = "messages"
+
+    def request_tool_calls(self, payload: Any) -> ToolCalls:
+        from luthien_control.dialects import messages_tools
+
+        return messages_tools.history_calls(payload)
+
+    def answer_tool_calls(self, payload: Any) -> ToolCalls:
+        from luthien_control.dialects import messages_tools
+
+        return messages_tools.answer_calls(payload)
+
+    def tool_call_holder(self, judge: CallJudge) -> StreamTransform:
+        from luthien_control.dialects.messages_tools import MessagesCalls
+
+        return MessagesCalls(judge)
 
     def validate_request(self, payload: Any) -> None:
         """What Anthropic itself refuses, no more: agents send fields the docs do not

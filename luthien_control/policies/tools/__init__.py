@@ -14,16 +14,21 @@ item is held from its ``response.output_item.added`` to its
 ``response.output_item.done``), and the same items in a request's ``input``.
 
 Subclass it and override ``check`` for a check of your own: it receives each call
-reassembled as a ``ToolCall``.
+reassembled as a ``ToolCall``. A policy of another kind can use the same neutral view
+directly: ``tx.dialect.request_tool_calls`` / ``answer_tool_calls`` (each call found, to
+``drop()``) and ``hold_tool_calls(tx, decide)`` for a stream.
 
-The modules: ``policy`` (the policy, its check and decisions), ``call`` (``ToolCall``),
-``names`` (tool names normalised before they are compared), ``hold`` (holding a
-streamed call until it is complete: shared by every dialect), and per dialect where its
-calls sit: ``chat_messages`` and ``chat_stream`` (chat completions), ``responses_items``
-and ``responses_stream`` (the Responses API).
+The modules hold concepts only: ``policy`` (the policy, its check and decisions),
+``call`` (``ToolCall``, the argument texts a pattern is searched in), ``names`` (tool
+names normalised before they are compared) and ``hold`` (holding a streamed call until
+it is complete, and the judge that settles it). Where each dialect keeps its calls (in
+a request, a buffered answer, a stream event) is the dialect's business:
+``luthien_control/dialects/*_tools.py``, ``chat_tool_stream.py`` and
+``responses_tool_stream.py``.
 """
 
-from luthien_control.policies.tools.call import ToolCall
+from luthien_control.policies.tools.call import ToolCall, argument_texts
+from luthien_control.policies.tools.hold import hold_tool_calls
 from luthien_control.policies.tools.policy import ToolCallPolicy
 
-__all__ = ["ToolCall", "ToolCallPolicy"]
+__all__ = ["ToolCall", "ToolCallPolicy", "argument_texts", "hold_tool_calls"]

@@ -1,12 +1,13 @@
 """Holding streamed tool calls: the part every dialect's stream holder shares.
 
-A dialect's holder (``chat_stream``, ``responses_stream``) knows where a call's pieces
-sit in its events. It keeps each call's events in a ``Held`` from the first piece on
-and, once the call is complete, asks ``CallJudge.settle``: ``True`` releases the events
-as they came, ``False`` drops them, ``PolicyBlocked`` ends the stream. The policy
-records the decision. A call that receives more events after its release is reopened:
-it is checked again when complete, and a refusal then blocks, since it cannot be taken
-back from the client any more.
+A dialect's holder (``Dialect.tool_call_holder``: ``dialects/chat_tool_stream.py``,
+``responses_tool_stream.py``, ``messages_tools.py``) knows where a call's pieces sit in
+its events. It keeps each call's events in a ``Held`` from the first piece on and, once
+the call is complete, asks ``CallJudge.settle``: ``True`` releases the events as they
+came, ``False`` drops them, ``PolicyBlocked`` ends the stream. The judge asks the
+policy's ``decide(call, released)``, which records the decision. A call that receives
+more events after its release is reopened: it is checked again when complete, and a
+refusal then blocks, since it cannot be taken back from the client any more.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.tools.call import ToolCall
-from luthien_control.transaction import Transaction
 
 if TYPE_CHECKING:
-    from luthien_control.policies.tools.policy import ToolCallPolicy
+    from luthien_control.transaction import StreamTransform, Transaction
 
 Event = TypeVar("Event")
 Status = Literal["open", "kept", "dropped"]
@@ -47,14 +47,19 @@ class Held(Generic[Event]):
         return held
 
 
+# Whether a complete streamed call may pass: ``True`` keeps it, ``False`` drops it (the
+# refusal recorded), ``PolicyBlocked`` ends the stream. ``released``: the call went out
+# already (it was reopened), so a refusal must block.
+Decide = Callable[[ToolCall, bool], bool]
+
+
 class CallJudge:
     """The policy's decisions on the calls of one stream."""
 
-    __slots__ = ("_policy", "_tx")
+    __slots__ = ("_decide",)
 
-    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
-        self._policy = policy
-        self._tx = tx
+    def __init__(self, decide: Decide) -> None:
+        self._decide = decide
 
     def settle(
         self,
@@ -86,14 +91,18 @@ class CallJudge:
         key = (call.name, call.arguments)
         if held is not None and key in held.passed:
             return True
-        reason = self._policy.check(call)
-        if reason is None:
-            if held is not None:
-                held.passed.add(key)
-            return True
         try:
-            return self._policy.decide(self._tx, call, reason, where="response", block=released)
+            passed = self._decide(call, released)
         except PolicyBlocked:
             if on_block is not None:
                 on_block()
             raise
+        if passed and held is not None:
+            held.passed.add(key)
+        return passed
+
+
+def hold_tool_calls(tx: Transaction, decide: Decide) -> StreamTransform:
+    """A stream transform that holds each tool call of ``tx``'s stream until it is
+    complete and asks ``decide`` about it, in the dialect's shapes."""
+    return tx.dialect.tool_call_holder(CallJudge(decide))

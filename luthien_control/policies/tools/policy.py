@@ -7,16 +7,12 @@ from typing import Any, Literal
 
 import regex
 
+from luthien_control.dialects.tool_calls import ToolCalls
 from luthien_control.policies.base import BlockingConfig, Policy, RegexPattern
 from luthien_control.policies.secrets import SecretPattern, default_secrets
-from luthien_control.policies.tools import messages as anthropic
 from luthien_control.policies.tools.call import ToolCall, argument_texts
-from luthien_control.policies.tools.chat_messages import filter_choices, filter_history
-from luthien_control.policies.tools.chat_stream import ChatCalls
+from luthien_control.policies.tools.hold import hold_tool_calls
 from luthien_control.policies.tools.names import normalise_name
-from luthien_control.policies.tools.responses_items import filter_input, filter_output
-from luthien_control.policies.tools.responses_stream import ResponsesCalls
-from luthien_control.sse import Chunk
 from luthien_control.transaction import StreamTransform, Transaction
 
 
@@ -77,40 +73,27 @@ class ToolCallPolicy(Policy):
         return False
 
     async def on_request(self, tx: Transaction) -> None:
-        payload = tx.request.payload
-        if not isinstance(payload, dict):
-            return
-        messages = payload.get("messages")
-        if tx.dialect.name == "messages":
-            if isinstance(messages, list) and anthropic.filter_history(self, tx, messages):
-                tx.request.mark_changed()
-            return
-        if isinstance(messages, list) and filter_history(self, tx, messages):
-            tx.request.mark_changed()
-        items = payload.get("input")  # the Responses API
-        if isinstance(items, list) and filter_input(self, tx, items):
+        if self._filter(tx, tx.dialect.request_tool_calls(tx.request.payload), "request"):
             tx.request.mark_changed()
 
     async def on_response(self, tx: Transaction) -> None:
         assert tx.response is not None
-        payload = tx.response.payload
-        if tx.dialect.name == "messages":
-            if isinstance(payload, dict) and anthropic.filter_answer(self, tx, payload):
-                tx.response.mark_changed()
-            return
-        choices = payload.get("choices") if isinstance(payload, dict) else None
-        if not isinstance(choices, list):
-            output = payload.get("output") if isinstance(payload, dict) else None
-            if isinstance(output, list) and filter_output(self, tx, output):
-                tx.response.mark_changed()  # a Responses API response object
-            return
-        if filter_choices(self, tx, choices):
+        if self._filter(tx, tx.dialect.answer_tool_calls(tx.response.payload), "response"):
             tx.response.mark_changed()
 
     def stream_transform(self, tx: Transaction) -> StreamTransform:
-        if tx.dialect.name == "messages":
-            return _MessagesStream(anthropic.MessagesCalls(self, tx))
-        return _ToolCallStream(self, tx)
+        def decide(call: ToolCall, released: bool) -> bool:
+            return self.decide(tx, call, self.check(call), where="response", block=released)
+
+        return hold_tool_calls(tx, decide)
+
+    def _filter(self, tx: Transaction, calls: ToolCalls, where: str) -> bool:
+        """Judge each call found in a request or a buffered answer (every version of it
+        must pass) and drop the refused ones; whether the payload changed."""
+        for found in calls:
+            if not all(self.judge(tx, call, where=where) for call in found.versions):
+                found.drop()
+        return calls.commit()
 
 
 _DETAIL_LIMIT = 200  # characters of a tool name kept in a decision's detail
@@ -127,51 +110,3 @@ def _detail(call: ToolCall) -> str:
     if len(name) > _DETAIL_LIMIT:
         name = name[:_DETAIL_LIMIT] + "..."
     return f"tool {name}"
-
-
-class _ToolCallStream:
-    """Hands each event to the holder of its dialect: chat chunks (``choices``) or
-    Responses API events (``type``); any other event goes on as it is."""
-
-    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
-        self._policy = policy
-        self._tx = tx
-        self._chat: ChatCalls | None = None
-        self._responses: ResponsesCalls | None = None
-
-    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
-        data = chunk.data
-        if not isinstance(data, dict):
-            return [chunk]
-        choices = data.get("choices")
-        if isinstance(choices, list) and choices:
-            if self._chat is None:
-                self._chat = ChatCalls(self._policy, self._tx)
-            return self._chat.on_event(chunk, data, choices)
-        if isinstance(data.get("type"), str):
-            if self._responses is None:
-                self._responses = ResponsesCalls(self._policy, self._tx)
-            return self._responses.on_event(chunk, data)
-        return [chunk]
-
-    async def on_end(self) -> list[Chunk]:
-        out: list[Chunk] = []
-        if self._chat is not None:
-            out.extend(self._chat.on_end())
-        if self._responses is not None:
-            out.extend(self._responses.on_end())
-        return out
-
-
-class _MessagesStream:
-    """Anthropic Messages events to their holder (``tools/messages.py``)."""
-
-    def __init__(self, calls: anthropic.MessagesCalls) -> None:
-        self._calls = calls
-
-    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
-        data = chunk.data
-        return self._calls.on_event(chunk, data) if isinstance(data, dict) else [chunk]
-
-    async def on_end(self) -> list[Chunk]:
-        return self._calls.on_end()

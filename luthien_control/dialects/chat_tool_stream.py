@@ -4,21 +4,12 @@ and the legacy ``function_call``) until each is complete."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from luthien_control.dialects.chat_tools import CALL_FIELDS, CALL_FINISHES, EMPTY, function_parts
 from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
-from luthien_control.policies.tools.chat_messages import (
-    CALL_FIELDS,
-    CALL_FINISHES,
-    EMPTY,
-    function_parts,
-)
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
-from luthien_control.transaction import Transaction
-
-if TYPE_CHECKING:
-    from luthien_control.policies.tools.policy import ToolCallPolicy
 
 
 class _Piece:
@@ -151,8 +142,8 @@ class ChatCalls:
     and a choice left without calls finishes with ``stop``.
     """
 
-    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
-        self._judge = CallJudge(policy, tx)
+    def __init__(self, judge: CallJudge) -> None:
+        self._judge = judge
         self._choices: dict[int, _ChoiceCalls] = {}
 
     def on_event(self, chunk: Chunk, data: dict[str, Any], choices: list[Any]) -> list[Chunk]:

@@ -1,4 +1,4 @@
-"""The tool calls of Anthropic's Messages API: ``tool_use`` blocks in a request's
+"""Where Anthropic's Messages API keeps tool calls: ``tool_use`` blocks in a request's
 history, in a buffered answer, and in a stream.
 
 A streamed ``tool_use`` block is held from its ``content_block_start`` to its
@@ -11,17 +11,14 @@ no ``tool_use`` block is left.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from luthien_control.dialects.tool_calls import NO_CALLS, FoundCall, ToolCalls
 from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
-from luthien_control.transaction import Transaction
-
-if TYPE_CHECKING:
-    from luthien_control.policies.tools.policy import ToolCallPolicy
 
 CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
 # What stands in a history message left empty by a dropped call and its result.
@@ -36,75 +33,99 @@ def _block_calls(block: dict[str, Any]) -> list[ToolCall]:
     )
 
 
-def _filter_blocks(
-    policy: ToolCallPolicy, tx: Transaction, content: list[Any], *, where: str
-) -> list[str | None]:
-    """Judge the ``tool_use`` blocks of a content list, removing the dropped ones;
-    returns their ids."""
+def _found_blocks(content: list[Any]) -> list[FoundCall]:
+    return [
+        FoundCall(_block_calls(block), block)
+        for block in content
+        if isinstance(block, dict) and block.get("type") in CALL_BLOCKS
+    ]
+
+
+def _remove_blocks(content: list[Any], found: list[FoundCall]) -> list[str | None]:
+    """Take the dropped ``tool_use`` blocks out of a content list; returns their ids."""
     dropped: list[str | None] = []
-    kept = []
-    for block in content:
-        if (
-            isinstance(block, dict)
-            and block.get("type") in CALL_BLOCKS
-            and not all(policy.judge(tx, call, where=where) for call in _block_calls(block))
-        ):
-            call_id = block.get("id")
+    gone: set[int] = set()
+    for call in found:
+        if call.dropped:
+            gone.add(id(call.at))
+            call_id = call.at.get("id")
             dropped.append(call_id if isinstance(call_id, str) else None)
-            continue
-        kept.append(block)
-    content[:] = kept
+    if gone:
+        content[:] = [block for block in content if id(block) not in gone]
     return dropped
 
 
-def filter_answer(policy: ToolCallPolicy, tx: Transaction, payload: dict[str, Any]) -> bool:
-    """A buffered message: dropped blocks removed, ``stop_reason`` kept consistent."""
-    content = payload.get("content")
-    if not isinstance(content, list) or not _filter_blocks(policy, tx, content, where="response"):
-        return False
-    if payload.get("stop_reason") == "tool_use" and not any(
-        isinstance(block, dict) and block.get("type") in CALL_BLOCKS for block in content
-    ):
-        payload["stop_reason"] = "end_turn"
-    return True
+def answer_calls(payload: Any) -> ToolCalls:
+    """The ``tool_use`` blocks of a buffered message. Committed: the dropped blocks
+    removed, ``stop_reason`` kept consistent."""
+    content = payload.get("content") if isinstance(payload, dict) else None
+    if not isinstance(content, list):
+        return NO_CALLS
+    found = _found_blocks(content)
+    if not found:
+        return NO_CALLS
+
+    def commit() -> bool:
+        if not _remove_blocks(content, found):
+            return False
+        if payload.get("stop_reason") == "tool_use" and not any(
+            isinstance(block, dict) and block.get("type") in CALL_BLOCKS for block in content
+        ):
+            payload["stop_reason"] = "end_turn"
+        return True
+
+    return ToolCalls(found, commit)
 
 
-def filter_history(policy: ToolCallPolicy, tx: Transaction, messages: list[Any]) -> bool:
-    """Drop violating ``tool_use`` blocks from the history, with their ``tool_result``
-    blocks (Anthropic refuses a result without its call)."""
-    dropped: set[str | None] = set()
-    filled = [m for m in messages if isinstance(m, dict) and m.get("content")]
+def history_calls(payload: Any) -> ToolCalls:
+    """The ``tool_use`` blocks of a request's assistant messages. Committed: the dropped
+    blocks removed with their ``tool_result`` blocks (Anthropic refuses a result without
+    its call), a message left empty given a text saying why (and an empty one)."""
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(messages, list):
+        return NO_CALLS
+    groups: list[tuple[list[Any], list[FoundCall]]] = []
     for message in messages:
         if isinstance(message, dict) and message.get("role") == "assistant":
             content = message.get("content")
+            if isinstance(content, list) and (found := _found_blocks(content)):
+                groups.append((content, found))
+    if not groups:
+        return NO_CALLS
+
+    def commit() -> bool:
+        dropped: set[str | None] = set()
+        filled = [m for m in messages if isinstance(m, dict) and m.get("content")]
+        for blocks, found in groups:
+            dropped.update(_remove_blocks(blocks, found))
+        if not dropped:
+            return False
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
-                dropped.update(_filter_blocks(policy, tx, content, where="request"))
-    if not dropped:
-        return False
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            content[:] = [
-                block
-                for block in content
-                if not (
-                    isinstance(block, dict)
-                    and block.get("type") == "tool_result"
-                    and block.get("tool_use_id") in dropped
-                )
-            ]
-    for message in filled:  # Anthropic refuses an empty message
-        if message.get("content") == []:
-            message["content"].append(dict(REMOVED))
-    return True
+                content[:] = [
+                    block
+                    for block in content
+                    if not (
+                        isinstance(block, dict)
+                        and block.get("type") == "tool_result"
+                        and block.get("tool_use_id") in dropped
+                    )
+                ]
+        for message in filled:  # Anthropic refuses an empty message
+            if message.get("content") == []:
+                message["content"].append(dict(REMOVED))
+        return True
+
+    return ToolCalls([call for _, found in groups for call in found], commit)
 
 
 class MessagesCalls:
     """Holds each streamed ``tool_use`` block until it is complete, then lets it go or
     drops it (renumbering the blocks after it)."""
 
-    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
-        self._judge = CallJudge(policy, tx)
+    def __init__(self, judge: CallJudge) -> None:
+        self._judge = judge
         self._open: Held[Chunk] | None = None  # the tool_use block being held
         self._index = -1
         self._block: dict[str, Any] = {}
@@ -112,6 +133,14 @@ class MessagesCalls:
         self._queue: list[Chunk] = []  # events after the held block, in order
         self._dropped = 0  # blocks dropped so far: later indexes move down by this
         self._kept_calls = 0
+
+    async def on_chunk(self, chunk: Chunk) -> list[Chunk]:
+        data = chunk.data
+        return self.on_event(chunk, data) if isinstance(data, dict) else [chunk]
+
+    async def on_end(self) -> list[Chunk]:
+        """A block still open when the stream ended is decided as far as it got."""
+        return self._settle() if self._open is not None else []
 
     def on_event(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
         kind = data.get("type")
@@ -136,10 +165,6 @@ class MessagesCalls:
                 self._pieces = []
                 return []
         return [self._renumbered(chunk, data)]
-
-    def on_end(self) -> list[Chunk]:
-        """A block still open when the stream ended is decided as far as it got."""
-        return self._settle() if self._open is not None else []
 
     def _settle(self) -> list[Chunk]:
         held = self._open

@@ -1,5 +1,5 @@
-"""The tool calls of the Responses API: output items of a buffered answer, and the same
-items in a request's ``input``.
+"""Where the Responses API keeps tool calls: output items of a buffered answer, and the
+same items in a request's ``input``. The stream's: ``responses_tool_stream``.
 
 Besides ``function_call`` and ``custom_tool_call``, the API's built-in tools produce
 call items of their own type (``BUILTIN_ITEMS``). Each is a call to ``ToolCallPolicy``:
@@ -9,15 +9,12 @@ too where it has one (an MCP tool), and its argument-like fields are its argumen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from luthien_control.dialects.tool_calls import NO_CALLS, FoundCall, ToolCalls
 from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
-from luthien_control.transaction import Transaction
-
-if TYPE_CHECKING:
-    from luthien_control.policies.tools.policy import ToolCallPolicy
 
 # Function tools' call items, with the field holding their arguments.
 FUNCTION_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
@@ -86,35 +83,48 @@ def builtin_names(kind: str, item: dict[str, Any]) -> list[str]:
     return [kind, name] if isinstance(name, str) and name else [kind]
 
 
-def filter_output(policy: ToolCallPolicy, tx: Transaction, output: list[Any]) -> bool:
-    """Judge the tool-call items of a Responses ``output`` and remove the dropped ones."""
-    kept = [item for item in output if _passes(policy, tx, item_calls(item), "response")]
-    if len(kept) == len(output):
-        return False
-    output[:] = kept
-    return True
+def output_calls(output: list[Any]) -> ToolCalls:
+    """The tool-call items of a Responses ``output``. Committed: the dropped ones removed."""
+    found = [FoundCall(calls, item) for item in output if (calls := item_calls(item)) is not None]
+    if not found:
+        return NO_CALLS
+
+    def commit() -> bool:
+        gone = {id(call.at) for call in found if call.dropped}
+        if not gone:
+            return False
+        output[:] = [item for item in output if id(item) not in gone]
+        return True
+
+    return ToolCalls(found, commit)
 
 
-def filter_input(policy: ToolCallPolicy, tx: Transaction, items: list[Any]) -> bool:
-    """Drop violating tool-call items from a Responses ``input``, with their results
-    (matched by the id of the call they answer)."""
-    dropped: set[str] = set()
-    kept = []
-    for item in items:
-        calls = item_calls(item)
-        if _passes(policy, tx, calls, "request"):
-            kept.append(item)
-        else:
-            assert calls is not None and isinstance(item, dict)
-            dropped.update(
-                value
-                for value in (calls[0].id, item.get("call_id"), item.get("id"))
-                if isinstance(value, str)
-            )
-    if len(kept) == len(items):
-        return False
-    items[:] = [item for item in kept if _answered(item) not in dropped]
-    return True
+def input_calls(items: list[Any]) -> ToolCalls:
+    """The tool-call items of a Responses ``input``. Committed: the dropped ones removed
+    with their results (matched by the id of the call they answer)."""
+    found = [FoundCall(calls, item) for item in items if (calls := item_calls(item)) is not None]
+    if not found:
+        return NO_CALLS
+
+    def commit() -> bool:
+        gone: set[int] = set()
+        dropped: set[str] = set()
+        for call in found:
+            if call.dropped:
+                item = call.at
+                gone.add(id(item))
+                dropped.update(
+                    value
+                    for value in (call.versions[0].id, item.get("call_id"), item.get("id"))
+                    if isinstance(value, str)
+                )
+        if not gone:
+            return False
+        kept = [item for item in items if id(item) not in gone]
+        items[:] = [item for item in kept if _answered(item) not in dropped]
+        return True
+
+    return ToolCalls(found, commit)
 
 
 def remove_calls(data: dict[str, Any]) -> None:
@@ -123,13 +133,6 @@ def remove_calls(data: dict[str, Any]) -> None:
     output = response.get("output") if isinstance(response, dict) else None
     if isinstance(output, list):
         output[:] = [entry for entry in output if item_calls(entry) is None]
-
-
-def _passes(
-    policy: ToolCallPolicy, tx: Transaction, calls: list[ToolCall] | None, where: str
-) -> bool:
-    """Whether an item may stay: not a call, or every version of its call passes."""
-    return calls is None or all(policy.judge(tx, call, where=where) for call in calls)
 
 
 def _answered(item: Any) -> str | None:

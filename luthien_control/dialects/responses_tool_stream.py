@@ -6,23 +6,19 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from luthien_control.dialects.responses import RESPONSES_TERMINAL
-from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
-from luthien_control.policies.tools.hold import CallJudge, Held
-from luthien_control.policies.tools.responses_items import (
+from luthien_control.dialects.responses_tools import (
     BUILTIN_ITEMS,
     FUNCTION_ITEMS,
     is_call_type,
     item_calls,
     remove_calls,
 )
+from luthien_control.policies.tools.call import ToolCall, json_text, text_of, versions
+from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
-from luthien_control.transaction import Transaction
-
-if TYPE_CHECKING:
-    from luthien_control.policies.tools.policy import ToolCallPolicy
 
 _ITEM_ADDED = "response.output_item.added"
 _ITEM_DONE = "response.output_item.done"
@@ -146,8 +142,8 @@ class ResponsesCalls:
     no gaps, and the item is removed from the ``output`` of the terminal event.
     """
 
-    def __init__(self, policy: ToolCallPolicy, tx: Transaction) -> None:
-        self._judge = CallJudge(policy, tx)
+    def __init__(self, judge: CallJudge) -> None:
+        self._judge = judge
         self._items: dict[int, _Item] = {}  # by the backend's output_index
         self._ids: dict[str, _Item] = {}
         self._dropped: list[int] = []  # output indices of dropped items, sorted
