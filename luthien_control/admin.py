@@ -292,7 +292,7 @@ async def _store_policy(services: Services, name: str, body: Any) -> dict[str, A
         definition = load_policy(body).serialize()
     except PolicyConfigError as exc:
         raise MalformedRequest(exc.message, param=exc.path or None) from None
-    return _policy(await save_policy(services.engine, name, definition))
+    return _policy(await save_policy(services.engine, name, definition, by="admin api"))
 
 
 async def _send_events(

@@ -111,7 +111,7 @@ class Console:
     """The console's ASGI app, mounted by ``LuthienProxy`` at ``/admin/``."""
 
     def __init__(self, services: Services) -> None:
-        from luthien_control.console import pages
+        from luthien_control.console import pages, policies
 
         self.services = services
         self.templates = _templates()
@@ -137,6 +137,19 @@ class Console:
             Route(
                 f"{PREFIX}/keys/revoke",
                 self._signed_in(pages.revoke_key),
+                methods=["POST"],
+            ),
+            Route(f"{PREFIX}/policies", self._signed_in(policies.policies), methods=["GET"]),
+            Route(f"{PREFIX}/policy", self._signed_in(policies.policy), methods=["GET"]),
+            Route(f"{PREFIX}/policies/save", self._signed_in(policies.save), methods=["POST"]),
+            Route(
+                f"{PREFIX}/policies/activate",
+                self._signed_in(policies.activate),
+                methods=["POST"],
+            ),
+            Route(
+                f"{PREFIX}/policies/dry-run",
+                self._signed_in(policies.dry_run),
                 methods=["POST"],
             ),
             Route(f"{PREFIX}/static/{{name}}", self.static, methods=["GET"]),

@@ -77,7 +77,7 @@ async def policy_load(file: str, name: str) -> int:
     except TypeError as exc:
         raise PolicyConfigError(f"policy {file!r} cannot be stored as JSON: {exc}") from exc
     async with _database() as engine:
-        stored = await save_policy(engine, name, definition)
+        stored = await save_policy(engine, name, definition, by="cli")
     print(f"stored policy {name!r} (version {stored.version})")
     return 0
 
