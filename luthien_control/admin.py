@@ -159,14 +159,20 @@ async def _read_json(receive: Receive, limit: int) -> Any:
 
 
 def _filter(query: dict[str, str]) -> Any:
+    from luthien_control.db.search import checked_query
     from luthien_control.db.transactions import TransactionFilter
 
+    before = query.get("before")
+    if before is not None and not (before.isascii() and before.isdigit() and len(before) <= 18):
+        raise ClientError("before must be a record's seq", param="before")
     return TransactionFilter(
         outcome=query.get("outcome"),
         model=query.get("model"),
         key_name=query.get("key"),
         since=parse_since(query["since"], "since") if "since" in query else None,
         flagged=True if query.get("flagged") in ("1", "true") else None,
+        search=checked_query(query["q"]) if query.get("q") else None,
+        before_seq=int(before) if before is not None else None,
     )
 
 
@@ -189,7 +195,11 @@ async def _route(
                 limit = min(int(query.get("limit", "50")), MAX_LIMIT)
             except ValueError as exc:
                 raise ClientError("limit must be a number", param="limit") from exc
-            rows = await list_transactions(engine, _filter(query), limit=max(limit, 1))
+            where = _filter(query)
+            # A search or a page (before) goes by recording order: the last row's seq is
+            # the next page's before, and the search index is read in that order.
+            by_seq = where.search is not None or where.before_seq is not None
+            rows = await list_transactions(engine, where, limit=max(limit, 1), by_seq=by_seq)
             return 200, {"data": rows}
         case "GET", ["transactions", transaction_id]:
             from luthien_control.db.transactions import get_transaction

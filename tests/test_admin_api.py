@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -225,3 +226,53 @@ def test_events_follow_every_recorded_transaction_live_and_resume(
     assert [e["data"]["id"] for e in again if e["data"]["id"] in sent] == later
     bad = admin.get("/events", headers={"Last-Event-ID": "x"})
     assert bad.status_code == 400
+
+
+def test_transactions_are_searched_in_prompts_and_answers_and_paged(
+    proxy: ProxyServer, admin: httpx.Client
+) -> None:
+    secret = "sk-proj-" + "Qq1Ww2Ee3Rr4Tt5Yy6Uu7Ii8"
+    word = f"wombat{uuid.uuid4().hex[:8]}"
+    sent = [
+        chat(proxy, CLIENT_KEY, f"Tell me of the {word} number {k}, key {secret}").headers[
+            "x-luthien-transaction-id"
+        ]
+        for k in range(3)
+    ]
+    for transaction_id in sent:
+        proxy.record(transaction_id)
+    first = admin.get("/transactions", params={"q": word.upper(), "limit": 2})
+    assert first.status_code == 200
+    page = first.json()["data"]
+    rest = admin.get("/transactions", params={"q": word, "limit": 2, "before": page[-1]["seq"]})
+    rows = page + rest.json()["data"]
+    # Newest first by record number, the second page after the first's last row.
+    assert sorted(r["id"] for r in rows) == sorted(sent)
+    assert [r["seq"] for r in rows] == sorted((r["seq"] for r in rows), reverse=True)
+    one = admin.get("/transactions", params={"q": f"{word} number 1"}).json()["data"]
+    assert [r["id"] for r in one] == [sent[1]]
+    # The records hold "[REDACTED]" where the key was, so no search can find the key.
+    assert admin.get("/transactions", params={"q": secret[:16]}).json()["data"] == []
+    assert admin.get("/transactions", params={"q": secret[-12:]}).json()["data"] == []
+    redacted = admin.get("/transactions", params={"q": f"{word} number 2, key [REDACTED]"})
+    assert [r["id"] for r in redacted.json()["data"]] == [sent[2]]
+    blocked = admin.get("/transactions", params={"q": word, "outcome": "blocked"})
+    assert blocked.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "param", "message"),
+    [
+        ({"q": "ab"}, "q", "a search needs at least 3 characters"),
+        ({"q": "x" * 201}, "q", "a search has at most 200 characters"),
+        ({"before": "12a"}, "before", "before must be a record's seq"),
+        ({"before": "²"}, "before", "before must be a record's seq"),
+    ],
+)
+def test_a_bad_search_or_page_is_a_400(
+    admin: httpx.Client, query: dict[str, str], param: str, message: str
+) -> None:
+    answer = admin.get("/transactions", params=query)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["param"], error["message"]) == (param, message)

@@ -6,10 +6,13 @@ escaping of hostile records, keys created and revoked, and the transaction view.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -339,3 +342,143 @@ def test_the_diff_of_hostile_documents_is_bounded() -> None:
         ("changed", '  "y": "k"', "changed", '  "y": "[REDACTED]"'),
         ("same", "}", "same", "}"),
     ]
+
+
+def test_the_traffic_search_finds_a_prompt_or_an_answer_never_a_secret(
+    proxy: ProxyServer, console: httpx.Client
+) -> None:
+    word = f"zebra{uuid.uuid4().hex[:8]}"
+    found = chat(proxy, f"Tell me about the {word} and {SECRET}")
+    other = chat(proxy, "Tell me about lions")
+    for transaction_id in (found, other):
+        proxy.record(transaction_id)
+    page = console.get("/admin/traffic", params={"q": word.upper()})
+    assert page.status_code == 200
+    assert f'name="q" value="{word.upper()}"' in page.text  # the box keeps the search
+    rows = re.findall(r'<tr data-seq="(\d+)".*?/admin/transactions/(\w+)"', page.text, re.S)
+    assert [transaction_id for _, transaction_id in rows] == [found]  # prompt and answer
+    seq = int(rows[0][0])
+    # The search is one more filter: with the others, and in keyset pages.
+    assert found in console.get("/admin/traffic", params={"q": word, "before": seq + 1}).text
+    for more in ({"before": str(seq)}, {"outcome": "blocked"}, {"key": "nobody"}):
+        assert "No transactions." in console.get("/admin/traffic", params={"q": word, **more}).text
+    # What the record holds is redacted: the key is not there to be found.
+    for piece in (SECRET, SECRET[:14], SECRET[-10:]):
+        assert "No transactions." in console.get("/admin/traffic", params={"q": piece}).text
+    redacted = console.get("/admin/traffic", params={"q": f"{word} and [REDACTED]"})
+    assert f"/admin/transactions/{found}" in redacted.text
+    short = console.get("/admin/traffic", params={"q": "ab"})
+    assert short.status_code == 400
+    assert "a search needs at least 3 characters" in short.text
+
+
+def overview_rows(now: datetime) -> list[dict[str, Any]]:
+    """Six records of known timings: three in the last hour, two more in the last day."""
+    minutes = timedelta(minutes=1)
+
+    def at(ago: timedelta, ttft_ms: float | None, **values: Any) -> dict[str, Any]:
+        received = now - ago
+        return {
+            "id": uuid.uuid4().hex,
+            "received_at": received,
+            "backend_first_byte_at": None,
+            "client_first_byte_at": None
+            if ttft_ms is None
+            else received + timedelta(milliseconds=ttft_ms),
+            "ended_at": None,
+            "client_key_name": None,
+            "policy_name": None,
+            "method": "POST",
+            "endpoint": "/chat/completions",
+            "model": "gpt-4o-mini",
+            "streamed": False,
+            "status": 200,
+            "outcome": "ok",
+            "error": None,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "total_tokens": None,
+            "usage_partial": False,
+            "chunks_sent": 0,
+            "request": {"received": None, "sent": None},
+            "response": {"received": None, "sent": None},
+            "decisions": [],
+            "flagged": False,
+            **values,
+        }
+
+    return [
+        at(2.5 * minutes, 100, duration_ms=400, total_tokens=10, flagged=True),
+        at(2.5 * minutes, 20, duration_ms=25, outcome="blocked", status=403),
+        at(32.5 * minutes, 300.5, duration_ms=900, total_tokens=30),
+        at(210 * minutes, 200, duration_ms=1000, total_tokens=50, flagged=True),
+        at(210 * minutes, None, duration_ms=5, outcome="rejected", status=401),
+        at(25 * 60 * minutes, 1, duration_ms=1, total_tokens=1000),  # older than a day
+    ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_overview_shows_the_figures_and_charts_of_the_hour_and_day(
+    request: pytest.FixtureRequest,
+    start_proxy: ProxyStarter,
+    mock_backend: MockBackendServer,
+    backend: str,
+) -> None:
+    from luthien_control.db.engine import create_engine
+    from luthien_control.db.transactions import insert_records
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    fresh = start_proxy(
+        policy=chain(mock_backend.api_base), env={"ADMIN_API_KEY": ADMIN_KEY}, database_url=url
+    )
+
+    async def insert() -> None:
+        engine = create_engine(fresh.database_url)
+        try:
+            await insert_records(engine, overview_rows(datetime.now(UTC)))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(insert())
+    client = sign_in(fresh)
+    page = client.get("/admin/")
+    client.close()
+    assert page.status_code == 200
+    assert "style=" not in page.text  # the CSP allows no inline style: attributes and classes
+    hour, day = page.text.split('<section class="window"')[1:]
+
+    def figure(section: str, name: str) -> str:
+        match = re.search(rf"<dt>{re.escape(name)}</dt><dd>(.*?)</dd>", section)
+        assert match is not None, name
+        return html.unescape(match.group(1))
+
+    names = ("Requests", "Blocked", "Flagged", "Rejected", "Tokens")
+    assert [figure(hour, n) for n in names] == ["3", "1", "1", "0", "40"]
+    assert [figure(day, n) for n in names] == ["5", "1", "2", "1", "90"]
+    assert figure(hour, "TTFT p50 / p90 / p99") == "100.0 ms / 300.5 ms / 300.5 ms"
+    assert figure(hour, "Duration p50 / p90 / p99") == "400.0 ms / 900.0 ms / 900.0 ms"
+    assert figure(day, "TTFT p50 / p90 / p99") == "100.0 ms / 300.5 ms / 300.5 ms"
+    assert figure(day, "Duration p50 / p90 / p99") == "400.0 ms / 1,000.0 ms / 1,000.0 ms"
+    # Five charts a window, a bar a bucket, each with its words: a title and a
+    # description for the chart, a title for each bar, and the numbers in a table.
+    for section, buckets in ((hour, 12), (day, 24)):
+        charts = re.findall(r"<svg .*?</svg>", section, re.S)
+        assert len(charts) == 5
+        for chart in charts:
+            assert 'role="img"' in chart and "<title>" in chart and "<desc id=" in chart
+            assert chart.count("<rect ") == buckets
+    captions = re.findall(r'<figcaption id="[^"]+">([^<]+)<', hour)
+    assert [c.strip() for c in captions] == ["Requests", "Blocked", "Flagged", "Tokens", "TTFT p90"]
+    assert re.search(r"<title>\d\d:\d\d: 2 requests</title>", hour)
+    assert "highest 2 requests at" in hour
+    table = re.findall(
+        r'<tr><th scope="row">\d\d:\d\d</th><td>(\d+)</td><td>(\d+)</td><td>(\d+)</td>'
+        r"<td>(\d+)</td><td>([^<]*)</td></tr>",
+        hour,
+    )
+    none = ("0", "0", "0", "0", "\N{EN DASH}")  # no value
+    assert table == [none] * 5 + [("1", "0", "0", "30", "300.5 ms")] + [none] * 5 + [
+        ("2", "1", "1", "10", "100.0 ms")
+    ]
+    day_requests = re.findall(r'<tr><th scope="row">\d\d:\d\d</th><td>(\d+)</td>', day)
+    assert day_requests == ["0"] * 20 + ["2", "0", "0", "3"]

@@ -40,10 +40,80 @@ async def overview(request: Request, visit: Visit) -> Response:
     from luthien_control.db.transactions import overview as summaries
 
     windows = await summaries(_engine(request), utcnow())
+    for window in windows:
+        buckets = window["buckets"]
+        window["charts"] = [
+            bar_chart(label, unit, [b[key] for b in buckets], [b["start"] for b in buckets])
+            for key, label, unit in CHARTS
+        ]
     return _render(request, "overview.html", title="Overview", visit=visit, windows=windows)
 
 
+# The overview's charts: (bucket key, title, unit).
+CHARTS = (
+    ("requests", "Requests", "requests"),
+    ("blocked", "Blocked", "blocked"),
+    ("flagged", "Flagged", "flagged"),
+    ("tokens", "Tokens", "tokens"),
+    ("ttft_p90", "TTFT p90", "ms"),
+)
+CHART_WIDTH = 240  # SVG user units; the page scales the chart to its box
+CHART_HEIGHT = 80
+
+
+def bar_chart(
+    title: str, unit: str, values: list[float | None], starts: list[Any]
+) -> dict[str, Any]:
+    """One series as bars, laid out here so that the template only writes attributes
+    (the CSP allows no inline style): each bar's box and its own text (a ``<title>``), a
+    one-sentence description of the whole, the axis's top value and the window's ends."""
+    shown = [v for v in values if v is not None]
+    top = max(shown, default=0) or 1
+    step = CHART_WIDTH / max(len(values), 1)
+    bars = []
+    for k, (value, start) in enumerate(zip(values, starts, strict=True)):
+        height = 0.0 if value is None else round(value / top * CHART_HEIGHT, 2)
+        if value is not None and value > 0:
+            height = max(height, 1.0)  # a count of one stays visible beside a thousand
+        bars.append(
+            {
+                "x": round(k * step + step * 0.1, 2),
+                "y": round(CHART_HEIGHT - height, 2),
+                "width": round(step * 0.8, 2),
+                "height": height,
+                "label": f"{start:%H:%M}: {_amount(value, unit)}",
+            }
+        )
+    peak = max(range(len(values)), key=lambda k: values[k] or 0) if shown else None
+    if peak is None or not values[peak]:
+        description = f"No {unit} in this window."
+    else:
+        description = (
+            f"{len(values)} bars from {starts[0]:%H:%M} UTC; highest "
+            f"{_amount(values[peak], unit)} at {starts[peak]:%H:%M}."
+        )
+    return {
+        "title": title,
+        "unit": unit,
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "bars": bars,
+        "top": _amount(max(shown, default=0), unit),
+        "first": f"{starts[0]:%H:%M}" if starts else "",
+        "description": description,
+    }
+
+
+def _amount(value: float | None, unit: str) -> str:
+    if value is None:
+        return "no data"
+    if unit == "ms":
+        return f"{value:,.0f} ms"
+    return f"{value:,.0f} {unit}"
+
+
 async def traffic(request: Request, visit: Visit) -> Response:
+    from luthien_control.db.search import checked_query
     from luthien_control.db.transactions import TransactionFilter, list_transactions
     from luthien_control.logs import parse_since
 
@@ -52,6 +122,7 @@ async def traffic(request: Request, visit: Visit) -> Response:
     if before and not re.fullmatch(r"[0-9]{1,18}", before):
         raise ClientError("'before' must be a record number")
     since = query.get("since", "").strip()
+    search = query.get("q", "").strip()
     where = TransactionFilter(
         outcome=query.get("outcome") or None,
         model=query.get("model") or None,
@@ -59,11 +130,12 @@ async def traffic(request: Request, visit: Visit) -> Response:
         since=parse_since(since, "since") if since else None,
         before_seq=int(before) if before else None,
         flagged=True if query.get("flagged") else None,
+        search=checked_query(search) if search else None,
     )
     rows = await list_transactions(_engine(request), where, limit=PAGE_SIZE + 1, by_seq=True)
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
-    filters = {k: query.get(k, "") for k in ("outcome", "model", "key", "since", "flagged")}
+    filters = {k: query.get(k, "") for k in ("q", "outcome", "model", "key", "since", "flagged")}
     older = None
     if more:
         older = {**{k: v for k, v in filters.items() if v}, "before": str(rows[-1]["seq"])}

@@ -162,7 +162,7 @@ class TransactionRow(Base):
     # Insertion order, for following new records; ``id`` is the X-Luthien-Transaction-Id.
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)  # ix_transactions_overview
     backend_first_byte_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     client_first_byte_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -187,7 +187,19 @@ class TransactionRow(Base):
     # A policy asked a person to look at it (``Transaction.flag``): the review queue.
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
-    __table_args__ = (Index("ix_transactions_flagged_seq", "flagged", "seq"),)
+    __table_args__ = (
+        Index("ix_transactions_flagged_seq", "flagged", "seq"),
+        # By time, and covering what the console's overview reads (0006).
+        Index(
+            "ix_transactions_overview",
+            "received_at",
+            "outcome",
+            "flagged",
+            "total_tokens",
+            "duration_ms",
+            "client_first_byte_at",
+        ),
+    )
 
 
 class TransactionTextRow(Base):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Float, Integer, Table, func, or_, select, text, update
+from sqlalchemy import Float, Integer, Table, func, null, or_, select, text, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -231,24 +230,139 @@ async def overview(
     {outcome: count}, "ttft": {p: ms}, "duration": {p: ms}, "buckets": [...]}``, each
     bucket ``{"start", "requests", "blocked", "flagged", "tokens", "ttft_p90"}``.
 
-    One range read on the ``received_at`` index, of the widest window's timing columns
-    only; counts, sums and exact percentiles (nearest rank; TTFT from the request's
-    arrival to the client's first byte) are taken here."""
-    widest = max(span for _, span, _ in windows)
-    received = _epoch(engine.dialect.name, TransactionRow.received_at)
-    ttft = _epoch(engine.dialect.name, TransactionRow.client_first_byte_at) - received
-    statement = select(
-        received,
-        TransactionRow.outcome,
-        TransactionRow.flagged,
-        TransactionRow.total_tokens,
-        TransactionRow.duration_ms,
-        ttft,
-    ).where(TransactionRow.received_at >= now - widest)
+    Everything is counted and ranked by the database, on ``ix_transactions_overview``
+    (which covers the columns read: the table's wide rows are never visited), and comes
+    back as a few rows per bucket. Percentiles are exact, by nearest rank (the smallest
+    value that at least p percent of the values do not exceed); TTFT runs from the
+    request's arrival to the client's first byte."""
     async with transaction(engine) as session:
-        rows = (await session.execute(statement)).all()
-    end = now.timestamp()
-    return [_window(label, now - span, end, count, rows) for label, span, count in windows]
+        return [
+            await _window(session, engine.dialect.name, label, now - span, now, count)
+            for label, span, count in windows
+        ]
+
+
+async def _window(
+    session: Any, dialect: str, label: str, start: datetime, now: datetime, count: int
+) -> dict[str, Any]:
+    width = (now - start).total_seconds() / count
+    received = _epoch(dialect, TransactionRow.received_at)
+    ttft = (_epoch(dialect, TransactionRow.client_first_byte_at) - received) * 1000
+    offset = (received - start.timestamp()) / width
+    # Truncated on SQLite, floored on PostgreSQL (whose cast rounds): the same for >= 0.
+    bucket = (sql_cast(offset, Integer) if dialect == "sqlite" else func.floor(offset)).label(
+        "bucket"
+    )
+    within = (TransactionRow.received_at >= start, TransactionRow.received_at <= now)
+    buckets: list[dict[str, Any]] = [
+        {
+            "start": start + timedelta(seconds=width * k),
+            "requests": 0,
+            "blocked": 0,
+            "flagged": 0,
+            "tokens": 0,
+            "ttft_p90": None,
+        }
+        for k in range(count)
+    ]
+    postgresql = dialect == "postgresql"
+    # One pass by bucket; on PostgreSQL its p90 TTFT in the same pass (percentile_disc is
+    # the nearest rank), on SQLite ranked after (a window function).
+    grouped = (
+        select(
+            bucket,
+            func.count(),
+            func.count().filter(TransactionRow.outcome == "blocked"),
+            func.count().filter(TransactionRow.flagged.is_(True)),
+            func.coalesce(func.sum(TransactionRow.total_tokens), 0),
+            func.percentile_disc(0.9).within_group(ttft) if postgresql else null(),
+        )
+        .where(*within)
+        .group_by(bucket)
+    )
+    for index, requests, blocked, flagged, tokens, ttft_p90 in await session.execute(grouped):
+        slot = buckets[min(int(index), count - 1)]
+        slot["requests"] += requests
+        slot["blocked"] += blocked
+        slot["flagged"] += flagged
+        slot["tokens"] += int(tokens)
+        if ttft_p90 is not None:
+            slot["ttft_p90"] = round(float(ttft_p90), 3)
+    by_outcome = select(TransactionRow.outcome, func.count()).where(*within)
+    by_outcome = by_outcome.group_by(TransactionRow.outcome)
+    outcomes = {str(o): int(n) for o, n in await session.execute(by_outcome)}
+    if postgresql:
+        overall = select(
+            *(func.percentile_disc(p / 100).within_group(ttft) for p in PERCENTILES),
+            *(
+                func.percentile_disc(p / 100).within_group(TransactionRow.duration_ms)
+                for p in PERCENTILES
+            ),
+        ).where(*within)
+        values = (await session.execute(overall)).one()
+        ranked = [
+            (p, float(v)) for p, v in zip(PERCENTILES, values[:3], strict=True) if v is not None
+        ]
+        durations = {
+            p: float(v) for p, v in zip(PERCENTILES, values[3:], strict=True) if v is not None
+        }
+    else:
+        for index, value in await _ranks(session, ttft, within, (90,), bucket):
+            buckets[min(int(index), count - 1)]["ttft_p90"] = round(value, 3)
+        ranked = await _ranks(session, ttft, within, PERCENTILES)
+        durations = dict(await _ranks(session, TransactionRow.duration_ms, within, PERCENTILES))
+    ttfts = {p: round(v, 3) for p, v in ranked}
+    return {
+        "label": label,
+        "start": start,
+        "total": sum(b["requests"] for b in buckets),
+        "tokens": sum(b["tokens"] for b in buckets),
+        "flagged": sum(b["flagged"] for b in buckets),
+        "outcomes": outcomes,
+        "ttft": {p: ttfts.get(p) for p in PERCENTILES},
+        "duration": {p: durations.get(p) for p in PERCENTILES},
+        "buckets": buckets,
+    }
+
+
+async def _ranks(
+    session: Any,
+    value: Any,
+    within: tuple[Any, ...],
+    percentiles: Sequence[int],
+    bucket: Any = None,
+) -> list[tuple[Any, float]]:
+    """The nearest-rank percentiles of ``value`` over the rows ``within``: ``(p, value)``
+    for each of ``percentiles``; or, by ``bucket``, ``(bucket, value)`` of the one
+    percentile given. Ranked by SQLite (a window function: it has no percentile)."""
+    columns = [value.label("v")] + ([bucket] if bucket is not None else [])
+    inner = select(*columns).where(*within, value.is_not(None)).subquery()
+    partition = [inner.c.bucket] if bucket is not None else None
+    ranked = select(
+        *([inner.c.bucket] if bucket is not None else []),
+        inner.c.v,
+        func.row_number().over(partition_by=partition, order_by=inner.c.v).label("rank"),
+        func.count().over(partition_by=partition).label("n"),
+    ).subquery()
+    # rank == ceil(p * n / 100), in integers: (rank - 1) * 100 < p * n <= rank * 100
+    wanted = or_(
+        *(
+            ((ranked.c.rank - 1) * 100 < p * ranked.c.n) & (p * ranked.c.n <= ranked.c.rank * 100)
+            for p in percentiles
+        )
+    )
+    statement = select(
+        ranked.c.bucket if bucket is not None else ranked.c.n, ranked.c.v, ranked.c.rank
+    ).where(wanted)
+    rows = (await session.execute(statement)).all()
+    if bucket is not None:
+        return [(index, float(v)) for index, v, _ in rows]
+    found = []
+    for n, v, rank in rows:
+        for p in percentiles:
+            if (rank - 1) * 100 < p * n <= rank * 100:
+                found.append((p, float(v)))
+    return found
 
 
 def _epoch(dialect: str, column: Any) -> Any:
@@ -257,66 +371,6 @@ def _epoch(dialect: str, column: Any) -> Any:
         whole = sql_cast(func.strftime("%s", column), Integer)
         return whole + sql_cast(func.substr(column, 20), Float)
     return sql_cast(func.extract("epoch", column), Float)
-
-
-def _window(
-    label: str, start: datetime, end: float, count: int, rows: Sequence[Any]
-) -> dict[str, Any]:
-    begin = start.timestamp()
-    width = (end - begin) / count
-    buckets: list[dict[str, Any]] = [
-        {
-            "start": start + timedelta(seconds=width * k),
-            "requests": 0,
-            "blocked": 0,
-            "flagged": 0,
-            "tokens": 0,
-            "ttfts": [],
-        }
-        for k in range(count)
-    ]
-    outcomes: dict[str, int] = {}
-    ttfts: list[float] = []
-    durations: list[float] = []
-    for at, outcome, flagged, tokens, duration_ms, ttft in rows:
-        if at < begin:
-            continue
-        bucket = buckets[min(max(int((at - begin) // width), 0), count - 1)]
-        bucket["requests"] += 1
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "blocked":
-            bucket["blocked"] += 1
-        if flagged:
-            bucket["flagged"] += 1
-        bucket["tokens"] += tokens or 0
-        durations.append(duration_ms)
-        if ttft is not None:
-            ms = round(ttft * 1000, 3)
-            ttfts.append(ms)
-            bucket["ttfts"].append(ms)
-    for bucket in buckets:
-        bucket["ttft_p90"] = percentile(sorted(bucket.pop("ttfts")), 90)
-    ttfts.sort()
-    durations.sort()
-    return {
-        "label": label,
-        "start": start,
-        "total": sum(b["requests"] for b in buckets),
-        "tokens": sum(b["tokens"] for b in buckets),
-        "flagged": sum(b["flagged"] for b in buckets),
-        "outcomes": outcomes,
-        "ttft": {p: percentile(ttfts, p) for p in PERCENTILES},
-        "duration": {p: percentile(durations, p) for p in PERCENTILES},
-        "buckets": buckets,
-    }
-
-
-def percentile(ordered: Sequence[float], p: float) -> float | None:
-    """The ``p``-th percentile of sorted values by nearest rank: the smallest value that at
-    least ``p`` percent of them do not exceed (None of no values)."""
-    if not ordered:
-        return None
-    return ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1]
 
 
 async def max_seq(engine: AsyncEngine) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -151,8 +152,8 @@ def test_a_key_made_in_the_browser_works_until_it_is_revoked(
 
 def test_the_overview_and_a_phone_width(browser: WebDriver, proxy: ProxyServer) -> None:
     browser.get(f"{proxy.url}/admin/")
-    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
-    assert [c.find_element(By.TAG_NAME, "h2").text for c in cards] == ["last hour", "last day"]
+    windows = browser.find_elements(By.CSS_SELECTOR, "section.window h2")
+    assert [w.text.split(" since ")[0] for w in windows] == ["Last hour", "Last day"]
     shot(browser, "overview")
     browser.set_window_size(390, 844)
     try:
@@ -192,4 +193,75 @@ def test_signing_out_closes_every_page(browser: WebDriver, proxy: ProxyServer) -
     for path in ("/admin/", "/admin/traffic", "/admin/keys"):
         browser.get(f"{proxy.url}{path}")
         assert browser.current_url == f"{proxy.url}/admin/sign-in?next={quote(path)}"
+    assert csp_violations(browser) == []
+
+
+# The traffic's text search and the overview's charts (issue 12, points 2 and 7).
+
+
+def signed_in(browser: WebDriver, proxy: ProxyServer, path: str) -> None:
+    """``path`` open, signing in first if the session is gone."""
+    browser.get(f"{proxy.url}{path}")
+    if "/admin/sign-in" in browser.current_url:
+        browser.find_element(By.ID, "name").send_keys("ada")
+        browser.find_element(By.ID, "key").send_keys(ADMIN_KEY + Keys.ENTER)
+        wait(browser).until(lambda b: b.current_url == f"{proxy.url}{path}")
+
+
+def test_a_search_finds_a_transaction_by_a_word_of_its_prompt(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    word = f"capybara{uuid.uuid4().hex[:6]}"
+    ids = []
+    for prompt in (f"Where does the {word} live?", "Where does the heron live?"):
+        answer = httpx.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        ids.append(answer.headers["x-luthien-transaction-id"])
+        proxy.record(ids[-1])
+    signed_in(browser, proxy, "/admin/traffic")
+    browser.find_element(By.NAME, "q").send_keys(word.upper() + Keys.ENTER)
+    wait(browser).until(lambda b: "q=" in b.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq]")
+    links = [r.find_element(By.TAG_NAME, "a").get_attribute("href") for r in rows]
+    assert links == [f"{proxy.url}/admin/transactions/{ids[0]}"]
+    caption = browser.find_element(By.CSS_SELECTOR, "table.traffic caption").text
+    assert caption.startswith(f"Holding \u201c{word.upper()}\u201d in a prompt or an answer")
+    shot(browser, "traffic-search")
+    rows[0].find_element(By.TAG_NAME, "a").click()
+    wait(browser).until(lambda b: "/admin/transactions/" in b.current_url)
+    turns = browser.find_elements(By.CSS_SELECTOR, ".conversation .turn pre")
+    assert turns[0].text == f"Where does the {word} live?"
+    assert csp_violations(browser) == []
+
+
+def test_the_overview_draws_its_charts(browser: WebDriver, proxy: ProxyServer) -> None:
+    signed_in(browser, proxy, "/admin/")
+    windows = browser.find_elements(By.CSS_SELECTOR, "section.window")
+    assert len(windows) == 2
+    for window, bars in zip(windows, (12, 24), strict=True):
+        charts = window.find_elements(By.CSS_SELECTOR, "figure.chart svg[role='img']")
+        assert len(charts) == 5
+        for chart in charts:
+            assert chart.size["width"] > 150  # drawn, at its box's width
+            assert len(chart.find_elements(By.CSS_SELECTOR, "rect.bar")) == bars
+    # Earlier tests' requests were in the last hour: its Requests chart has a bar drawn.
+    requests = windows[0].find_elements(By.CSS_SELECTOR, "figure.chart")[0]
+    heights = [
+        float(bar.get_attribute("height") or 0)
+        for bar in requests.find_elements(By.CSS_SELECTOR, "rect.bar")
+    ]
+    assert max(heights) > 0
+    figures = windows[0].find_element(By.CSS_SELECTOR, "dl.figures").text
+    assert "Requests" in figures and "TTFT p50 / p90 / p99" in figures
+    shot(browser, "overview")
+    table = windows[0].find_element(By.CSS_SELECTOR, "details.numbers table")
+    assert not table.is_displayed()
+    windows[0].find_element(By.CSS_SELECTOR, "details.numbers summary").click()
+    assert table.is_displayed()
+    assert len(table.find_elements(By.CSS_SELECTOR, "tbody tr")) == 12
     assert csp_violations(browser) == []

@@ -412,11 +412,23 @@ async def test_the_overview_of_the_last_hour_and_day(db: AsyncEngine) -> None:
     assert [b["ttft_p90"] for b in day["buckets"]][20:] == [200.0, None, None, 300.5]
 
 
-def test_percentiles_are_by_nearest_rank() -> None:
-    from luthien_control.db.transactions import percentile
+async def test_percentiles_are_by_nearest_rank(db: AsyncEngine) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
-    values = [float(v) for v in range(1, 101)]
-    assert [percentile(values, p) for p in (50, 90, 99)] == [50.0, 90.0, 99.0]
-    assert [percentile([7.0], p) for p in (50, 90, 99)] == [7.0, 7.0, 7.0]
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
-    assert percentile([], 90) is None
+    async def percentiles(durations: list[float]) -> dict[int, float | None]:
+        await insert_records(
+            db,
+            [
+                row(f"{k:032x}", received_at=now - timedelta(seconds=k + 1), duration_ms=d)
+                for k, d in enumerate(durations)
+            ],
+        )
+        hour, _ = await overview(db, now)
+        async with db.begin() as connection:
+            await connection.execute(text("DELETE FROM transactions"))
+        return dict(hour["duration"])
+
+    assert await percentiles([float(v) for v in range(100, 0, -1)]) == {50: 50, 90: 90, 99: 99}
+    assert await percentiles([7.0]) == {50: 7, 90: 7, 99: 7}
+    assert await percentiles([4.0, 1.0, 3.0, 2.0]) == {50: 2, 90: 4, 99: 4}
+    assert await percentiles([]) == {50: None, 90: None, 99: None}
