@@ -10,7 +10,9 @@ the work of building its row is done at the pace requests end, so that a busy pr
 cannot run ahead of its audit trail. While the database is unreachable the queue holds
 the rows (up to ``RECORDER_BACKLOG`` rows and ``RECORDER_BACKLOG_BYTES`` of them) and the
 writer retries; an insert is idempotent (the transaction id is the key), so a retry after
-an ambiguous failure never writes a record twice. On shutdown the queue is flushed.
+an ambiguous failure never writes a record twice. On shutdown the queue is flushed
+(the write in progress is let finish, never cancelled), and what the database still does
+not take within the grace goes to the dead-letter file.
 
 Nothing is lost on the way: a record that cannot be built is replaced by a summary row
 (``summary_row``), any JSON value nested deeper than ``RECORD_MAX_DEPTH`` is stored as its
@@ -540,22 +542,24 @@ def default_dead_letter(database_url: Any) -> Path:
     return Path(DEAD_LETTER_FILE).absolute()
 
 
-def _append_line(path: Path, line: bytes) -> None:
-    """Append one line and make it durable; the file is created readable by its owner only
+def _append_line(path: Path, *lines: bytes) -> None:
+    """Append lines and make them durable; the file is created readable by its owner only
     (records hold prompts and answers). One write per line: lines of several workers do
     not interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(descriptor, line)
+        for line in lines:
+            os.write(descriptor, line)
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
 def dead_letter_line(row: dict[str, Any], reason: str) -> bytes:
-    """A refused row as one JSON line: ``{"refused_at", "reason", "row"}``, each column
-    as it was to be stored (the JSON columns as JSON)."""
+    """A row the database did not store (it refused the row, or was away until the
+    shutdown) as one JSON line: ``{"refused_at", "reason", "row"}``, each column as it
+    was to be stored (the JSON columns as JSON)."""
     columns = {
         key: orjson.Fragment(str(value)) if type(value) is SerializedJSON else value
         for key, value in row.items()
@@ -596,10 +600,14 @@ class DatabaseRecorder:
         self._backlog_bytes = backlog_bytes
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The write in progress, run as a task of its own: stopping the writer never
+        # cancels it (see ``stop``).
+        self._writing: asyncio.Task[bool] | None = None
         self._log = LogRecorder()
         self._overflowed = 0
         self._failing = False
         self._bug: str | None = None
+        self._last_outage: str | None = None
         self.dead_letter = dead_letter or default_dead_letter(engine.url)
 
     def record(self, tx: Transaction) -> None:
@@ -651,21 +659,63 @@ class DatabaseRecorder:
         self._task = asyncio.create_task(self._run(), name="luthien-recorder")
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Write everything still queued (retrying for ``grace`` seconds), then stop."""
+        """Write everything still queued (retrying for ``grace`` seconds), then stop; what
+        the database would still not take by then goes to the dead-letter file.
+
+        The writer is stopped between two writes, never in one: a database call
+        cancelled half-way can leave its connection holding the database's lock (on
+        SQLite, an insert cancelled while it waited for the lock left its connection
+        open, its write transaction begun, for the life of the process: every later
+        write found the file locked)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        deadline = asyncio.get_running_loop().time() + grace
+        if self._writing is not None:
+            await asyncio.wait([self._writing], timeout=grace)
+            if not self._writing.done():  # the database holds it beyond the grace
+                logger.error(
+                    "shutting down with %d unwritten record(s): a write still waits for "
+                    "the database",
+                    len(self._queue),
+                )
+                return
+            self._writing = None
         while self._queue:
             if not await self._attempt():
-                if asyncio.get_running_loop().time() >= deadline:
-                    logger.error(
-                        "shutting down with %d unwritten record(s): database unreachable",
-                        len(self._queue),
-                    )
+                if loop.time() >= deadline:
+                    await self._dead_letter_unwritten()
                     return
                 await asyncio.sleep(0.5)
+
+    async def _dead_letter_unwritten(self) -> None:
+        """At shutdown, the rows the database would not take within the grace: each to
+        the dead-letter file (whole), or lost if that cannot be written either."""
+        reason = f"not written before shutdown: {self._last_outage or 'database unreachable'}"
+        rows = [row for row, _ in self._queue]
+        try:
+            lines = [dead_letter_line(row, reason) for row in rows]
+            await asyncio.to_thread(_append_line, self.dead_letter, *lines)
+        except OSError as exc:
+            metrics.RECORDER_LOST.inc(len(rows))
+            logger.error(
+                "shutting down with %d unwritten record(s), lost: database unreachable, "
+                "and cannot write the dead-letter file %s: %s",
+                len(rows),
+                self.dead_letter,
+                exc,
+            )
+        else:
+            logger.error(
+                "shutting down with %d unwritten record(s): database unreachable; "
+                "written to the dead-letter file %s",
+                len(rows),
+                self.dead_letter,
+            )
+        self._queue.clear()
+        self._queued_bytes = 0
 
     async def _run(self) -> None:
         attempt = 0
@@ -690,7 +740,9 @@ class DatabaseRecorder:
                 # last write made batches of a few rows under load, each paying for a
                 # whole database transaction.
                 await asyncio.sleep(BATCH_WAIT)
-            if await self._attempt():
+            # Its own task: cancelling the writer (``stop``) does not cancel the write.
+            self._writing = asyncio.create_task(self._attempt(), name="luthien-recorder-write")
+            if await asyncio.shield(self._writing):
                 attempt = 0
             else:
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
@@ -735,6 +787,7 @@ class DatabaseRecorder:
         return True
 
     def _outage(self, exc: StorageError) -> None:
+        self._last_outage = exc.message
         if not self._failing:
             logger.error("cannot write transaction records, will retry: %s", exc.message)
         self._failing = True

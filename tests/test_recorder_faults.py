@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -535,6 +536,113 @@ async def test_postgresql_stopped_and_restarted_while_records_queue_loses_none(
         f"{describe_url(postgres_engine.url)}: "
     )
     assert lines[1] == "transaction records are being written again"
+
+
+class TableLock:
+    """Another client's write that holds the ``transactions`` table (SQLite: the whole
+    file) until ``release``: the recorder's insert waits for it meanwhile."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sqlite: sqlite3.Connection | None = None
+        self.postgres: Any = None
+
+    async def hold(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            self.sqlite = sqlite3.connect(str(self.engine.url.database), isolation_level=None)
+            self.sqlite.execute("BEGIN IMMEDIATE")
+            return
+        self.postgres = await self.engine.connect()
+        await self.postgres.begin()
+        await self.postgres.execute(text("LOCK TABLE transactions IN EXCLUSIVE MODE"))
+
+    async def release(self) -> None:
+        if self.sqlite is not None:
+            self.sqlite.execute("COMMIT")
+            self.sqlite.close()
+        if self.postgres is not None:
+            await self.postgres.commit()
+            await self.postgres.close()
+
+
+@pytest.mark.anyio
+async def test_stopping_the_recorder_while_a_write_waits_for_a_lock_loses_no_record(
+    any_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The soak's lost shutdown: the writer was cancelled in the middle of its insert,
+    which waited for the lock, and on SQLite the abandoned connection kept its write
+    transaction open until the garbage collector found it (the proxy collects rarely,
+    ``server.GC_THRESHOLD``): every later write found the file locked, and the shutdown
+    gave up on all of its records."""
+    gc.disable()  # as rare as the proxy's collections
+    try:
+        await _stop_while_a_write_waits(any_engine, monkeypatch, tmp_path, caplog)
+    finally:
+        gc.enable()
+
+
+async def _stop_while_a_write_waits(
+    any_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = Attempts(monkeypatch)
+    dead_letter = tmp_path / "dead.jsonl"
+    recorder = DatabaseRecorder(any_engine, Redactor(), dead_letter=dead_letter)
+    lock = TableLock(any_engine)
+    await lock.hold()
+    records = [finished() for _ in range(recording.BATCH_SIZE + 20)]
+    with caplog.at_level(logging.INFO, logger="luthien_control.transactions"):
+        for tx in records:
+            recorder.record(tx)
+        recorder.start()
+        await until(lambda: attempts.calls >= 1)
+        # The insert now waits for the lock (SQLite: its 5-second busy timeout), and the
+        # shutdown stops the recorder; the lock goes soon after, well within the grace.
+        await asyncio.sleep(0.3)
+        stopping = asyncio.create_task(recorder.stop(grace=20))
+        await asyncio.sleep(0.2)
+        await lock.release()
+        await stopping
+    assert await stored(any_engine) == [full(tx) for tx in records]
+    assert recorder.backlog == 0
+    assert not dead_letter.exists()
+    assert recorder_lines(caplog) == []
+
+
+@pytest.mark.anyio
+async def test_records_the_database_never_takes_before_shutdown_go_to_the_dead_letter_file(
+    sqlite_engine: AsyncEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead_letter = tmp_path / "dead.jsonl"
+    recorder = DatabaseRecorder(sqlite_engine, Redactor(), dead_letter=dead_letter)
+    lock = TableLock(sqlite_engine)
+    await lock.hold()  # through the whole shutdown
+    records = [finished() for _ in range(3)]
+    lost_before = counter("luthien_recorder_lost_total")
+    with caplog.at_level(logging.INFO, logger="luthien_control.transactions"):
+        for tx in records:
+            recorder.record(tx)
+        recorder.start()
+        await recorder.stop(grace=0.5)
+    await lock.release()
+    assert await stored(sqlite_engine) == []
+    assert recorder.backlog == recorder.backlog_bytes == 0
+    locked = f"cannot reach the database at {describe_url(sqlite_engine.url)}: database is locked"
+    lines = [json.loads(line) for line in dead_letter.read_text().splitlines()]
+    assert [line["reason"] for line in lines] == [f"not written before shutdown: {locked}"] * 3
+    assert [line["row"]["id"] for line in lines] == [tx.id for tx in records]
+    assert [line["row"]["request"] for line in lines] == [full(tx)["request"] for tx in records]
+    assert counter("luthien_recorder_lost_total") == lost_before
+    assert recorder_lines(caplog) == [
+        f"cannot write transaction records, will retry: {locked}",
+        "shutting down with 3 unwritten record(s): database unreachable; written to the "
+        f"dead-letter file {dead_letter}",
+    ]
 
 
 def test_the_dead_letter_file_is_next_to_the_sqlite_file_or_where_configured(

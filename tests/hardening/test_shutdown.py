@@ -16,12 +16,10 @@ from typing import Any
 
 import anthropic
 import openai
-import pytest
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
 from tests.hardening.conftest import (
     CLIENT_BOUND,
-    SOAK,
     backend_markers,
     check_log,
     new_marker,
@@ -149,14 +147,6 @@ def stored(proxy: ProxyServer, mock: MockBackendServer, prefix: str) -> dict[str
     return {row.marker: row for row in mine}
 
 
-@pytest.mark.xfail(
-    SOAK,
-    strict=True,
-    reason="issue 11, the shutdown's record drain (server.py, recording.py): at soak scale, "
-    "200 streams cut at the end of the grace period are never recorded: the recorder finds "
-    "the proxy's SQLite file locked ('database is locked') and logs 'shutting down with 200 "
-    "unwritten record(s): database unreachable'",
-)
 def test_sigterm_with_live_streams(
     start_proxy: ProxyStarter, hardening_mock: MockBackendServer
 ) -> None:
