@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-import json
 import logging
 import os
 import re
-import threading
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from luthien_control import metrics
+from luthien_control import jsontext, metrics
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
 from luthien_control.dialects import Dialect, StreamAssembler, TextSlot
@@ -66,7 +64,6 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)  # after a failed write; then every 5 s
 # A JSON value of a record nested deeper than this is stored as its JSON text (a string)
 # at this level: readers (orjson: 254 levels written, 1024 read) can always take it back.
 RECORD_MAX_DEPTH = 128
-_ORJSON_MAX_DEPTH = 254
 # The records the database refuses: next to a SQLite file (luthien_control.db-dead-letter.jsonl),
 # otherwise in the working directory (unless RECORDER_DEAD_LETTER says where).
 DEAD_LETTER_SUFFIX = "-dead-letter.jsonl"
@@ -122,122 +119,23 @@ class Redactor:
         place), every array or object deeper than ``RECORD_MAX_DEPTH`` as its JSON text.
         Serialized once when it is clean and shallow: a key can be in a decoded string
         only if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
-        serialized = _dumps_shallow(value)
+        serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
         if keys and serialized is not None and any(k.encode() in serialized for k in keys):
             # The client's own key, copied where no credential header is (a header of
             # another name, the query): it is no pattern, it is known.
             rewrite_json(value, lambda text: redact_keys(text, keys))
-            serialized = _dumps_shallow(value)
+            serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
         if serialized is None:  # deeper than RECORD_MAX_DEPTH (or an integer beyond 64 bits)
             rewrite_json(value, self.text)  # every decoded string, at any depth
-            return SerializedJSON(_dumps(_flatten(value, RECORD_MAX_DEPTH)).decode())
+            flat = jsontext.flatten(value, RECORD_MAX_DEPTH)
+            return SerializedJSON(jsontext.dumps(flat).decode())
         may_hold = self._secrets.may_contain_json(serialized) or _PERCENT_ESCAPE.search(serialized)
         if may_hold and rewrite_json(value, self.text)[1]:
-            serialized = _dumps(value)
+            serialized = jsontext.dumps(value)
         return SerializedJSON(serialized.decode())
 
 
 _PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
-
-
-class _Raw(str):
-    """JSON syntax already written, on the stack of ``_dumps_deep``."""
-
-    __slots__ = ()
-
-
-def _dumps(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
-        return _dumps_deep(value).encode()
-
-
-class _Nest(threading.local):
-    """``_ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH`` arrays nested in one another: orjson,
-    writing a value placed in the innermost, refuses it when the value itself is nested
-    deeper than ``RECORD_MAX_DEPTH``. A depth check at the cost of the serialization."""
-
-    def __init__(self) -> None:
-        self.outer: list[Any] = [None]
-        self.inner = self.outer
-        for _ in range(_ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH - 1):
-            self.inner[0] = [None]
-            self.inner = self.inner[0]
-
-
-_NEST = _Nest()
-_NEST_DEPTH = _ORJSON_MAX_DEPTH - RECORD_MAX_DEPTH
-
-
-def _dumps_shallow(value: Any) -> bytes | None:
-    """``value`` as JSON, or None when it is nested deeper than ``RECORD_MAX_DEPTH`` (or
-    holds what orjson does not write)."""
-    nest = _NEST
-    nest.inner[0] = value
-    try:
-        return orjson.dumps(nest.outer)[_NEST_DEPTH:-_NEST_DEPTH]
-    except orjson.JSONEncodeError:
-        return None
-    finally:
-        nest.inner[0] = None
-
-
-def _flatten(value: Any, depth: int) -> Any:
-    """``value`` with every array or object below ``depth`` levels replaced, in place, by
-    its JSON text: a string the record can hold and any reader can take back."""
-    if isinstance(value, tuple):
-        value = list(value)
-    if not isinstance(value, (dict, list)):
-        return value
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        keys = list(item) if isinstance(item, dict) else range(len(item))
-        for key in keys:
-            child = item[key]
-            if isinstance(child, tuple):
-                child = item[key] = list(child)
-            if isinstance(child, (dict, list)):
-                if level >= depth:
-                    item[key] = _dumps_deep(child)
-                else:
-                    stack.append((child, level + 1))
-    return value
-
-
-def _dumps_deep(value: Any) -> str:
-    """JSON text of a value nested at any depth, without recursion."""
-    out: list[str] = []
-    stack: list[Any] = [value]
-    while stack:
-        item = stack.pop()
-        if type(item) is _Raw:
-            out.append(item)
-        elif isinstance(item, dict):
-            pending: list[Any] = []
-            for key, child in item.items():
-                pending.append(_Raw(("," if pending else "{") + _leaf(str(key)) + ":"))
-                pending.append(child)
-            pending.append(_Raw("}" if pending else "{}"))
-            stack.extend(reversed(pending))
-        elif isinstance(item, (list, tuple)):
-            pending = []
-            for child in item:
-                pending.append(_Raw("," if pending else "["))
-                pending.append(child)
-            pending.append(_Raw("]" if pending else "[]"))
-            stack.extend(reversed(pending))
-        else:
-            out.append(_leaf(item))
-    return "".join(out)
-
-
-def _leaf(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits
-        return json.dumps(value, ensure_ascii=False)
 
 
 class _Bodies:
