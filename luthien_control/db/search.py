@@ -15,7 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import BindParameter, ColumnClause, Select, bindparam, literal_column, select, text
+from sqlalchemy import (
+    BindParameter,
+    Integer,
+    Select,
+    TableClause,
+    bindparam,
+    column,
+    select,
+    table,
+    text,
+)
 
 from luthien_control.db.models import TransactionTextRow
 from luthien_control.exceptions import ClientError
@@ -101,6 +111,27 @@ def checked_query(query: str, param: str = "q") -> str:
     return query
 
 
+def fts_match(
+    query: str, after_seq: int | None = None, before_seq: int | None = None
+) -> tuple[TableClause, list[Any]]:
+    """SQLite: the FTS5 table, to join on its ``rowid`` (a record's ``seq``), and the
+    conditions that find ``query`` in it within the keyset bounds."""
+    index = table(FTS_TABLE, column("rowid", Integer))
+    found: list[Any] = [
+        text(f"{FTS_TABLE} MATCH :search_phrase").bindparams(search_phrase=_phrase(query))
+    ]
+    if after_seq is not None:
+        found.append(index.c.rowid > after_seq)
+    if before_seq is not None:
+        found.append(index.c.rowid < before_seq)
+    return index, found
+
+
+def _phrase(query: str) -> str:
+    """One FTS5 phrase: the query's trigrams, in order (case-insensitive, as ILIKE)."""
+    return '"' + query.replace('"', '""') + '"'
+
+
 def matching_seqs(
     dialect: str, query: str, *, after_seq: int | None = None, before_seq: int | None = None
 ) -> Select[Any]:
@@ -108,28 +139,17 @@ def matching_seqs(
     bounds given (repeated here: the planners do not carry them into the subquery, and a
     page far down would read every newer text first)."""
     if dialect == "sqlite":
-        # One FTS5 phrase: its trigrams, in order (case-insensitive, as ILIKE).
-        phrase = '"' + query.replace('"', '""') + '"'
-        rowid: ColumnClause[Any] = literal_column("rowid")
-        found = (
-            select(rowid)
-            .select_from(text(FTS_TABLE))
-            .where(text(f"{FTS_TABLE} MATCH :search_phrase").bindparams(search_phrase=phrase))
-        )
-        if after_seq is not None:
-            found = found.where(rowid > after_seq)
-        if before_seq is not None:
-            found = found.where(rowid < before_seq)
-        return found
+        index, found = fts_match(query, after_seq, before_seq)
+        return select(index.c.rowid).where(*found)
     escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     # Written into the statement, not bound: with a parameter, PostgreSQL's generic plan
     # (from the sixth run of a prepared statement) cannot know whether the pattern is rare
     # (read the index) or common (walk the newest records), and picks one for all.
     pattern: BindParameter[str] = bindparam("search_pattern", f"%{escaped}%", literal_execute=True)
     seq = TransactionTextRow.seq
-    found = select(seq).where(TransactionTextRow.text.ilike(pattern))
+    holding = select(seq).where(TransactionTextRow.text.ilike(pattern))
     if after_seq is not None:
-        found = found.where(seq > after_seq)
+        holding = holding.where(seq > after_seq)
     if before_seq is not None:
-        found = found.where(seq < before_seq)
-    return found
+        holding = holding.where(seq < before_seq)
+    return holding

@@ -9,17 +9,17 @@ import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Float, Integer, Table, func, null, or_, select, text, update
+from sqlalchemy import Float, Select, Table, func, or_, select, text, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import ClientKeyRow, ReviewRow, TransactionRow
-from luthien_control.db.search import matching_seqs, search_text
+from luthien_control.db.search import fts_match, matching_seqs, search_text
 from luthien_control.exceptions import StorageRefused
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,16 @@ async def list_transactions(
     """Summaries (``SUMMARY_COLUMNS``) of matching transactions, newest first by default
     (by ``received_at``; by recording order with ``by_seq``: keyset pages with
     ``before_seq``, walking the primary key)."""
+    statement = listing(engine.dialect.name, where, oldest_first=oldest_first, by_seq=by_seq)
+    async with transaction(engine) as session:
+        result = await session.execute(statement.limit(limit))
+        return [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in result]
+
+
+def listing(
+    dialect: str, where: TransactionFilter, *, oldest_first: bool = False, by_seq: bool = False
+) -> Select[Any]:
+    """The query of ``list_transactions`` (without its limit)."""
     columns = [getattr(TransactionRow, name) for name in SUMMARY_COLUMNS]
     statement = select(*columns)
     if where.outcome:
@@ -195,11 +205,20 @@ async def list_transactions(
         statement = statement.where(TransactionRow.flagged.is_(where.flagged))
     if where.until is not None:
         statement = statement.where(TransactionRow.received_at <= where.until)
-    if where.search:
+    order: Any = TransactionRow.seq
+    if where.search and dialect == "sqlite" and (oldest_first or by_seq):
+        # Read from the FTS index in record order, joined to each record, until the page
+        # is full: a common word costs a page, not every match (docs/performance.md).
+        index, found = fts_match(where.search, where.after_seq, where.before_seq)
+        statement = statement.join_from(
+            TransactionRow, index, index.c.rowid == TransactionRow.seq
+        ).where(*found)
+        order = index.c.rowid
+    elif where.search:
         statement = statement.where(
             TransactionRow.seq.in_(
                 matching_seqs(
-                    engine.dialect.name,
+                    dialect,
                     where.search,
                     after_seq=where.after_seq,
                     before_seq=where.before_seq,
@@ -207,14 +226,12 @@ async def list_transactions(
             )
         )
     if oldest_first:
-        statement = statement.order_by(TransactionRow.seq)
+        statement = statement.order_by(order)
     elif by_seq:
-        statement = statement.order_by(TransactionRow.seq.desc())
+        statement = statement.order_by(order.desc())
     else:
         statement = statement.order_by(TransactionRow.received_at.desc(), TransactionRow.seq.desc())
-    async with transaction(engine) as session:
-        result = await session.execute(statement.limit(limit))
-        return [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in result]
+    return statement
 
 
 PERCENTILES = (50, 90, 99)
@@ -236,27 +253,91 @@ async def overview(
     value that at least p percent of the values do not exceed); TTFT runs from the
     request's arrival to the client's first byte."""
     async with transaction(engine) as session:
+        if engine.dialect.name == "sqlite":
+            return await _sqlite_windows(session, now, windows)
         return [
-            await _window(session, engine.dialect.name, label, now - span, now, count)
-            for label, span, count in windows
+            await _window(session, label, now - span, now, count) for label, span, count in windows
         ]
 
 
-async def _window(
-    session: Any, dialect: str, label: str, start: datetime, now: datetime, count: int
-) -> dict[str, Any]:
-    width = (now - start).total_seconds() / count
-    received = _epoch(dialect, TransactionRow.received_at)
-    ttft = (_epoch(dialect, TransactionRow.client_first_byte_at) - received) * 1000
-    offset = (received - start.timestamp()) / width
-    # Truncated on SQLite, floored on PostgreSQL (whose cast rounds): the same for >= 0.
-    bucket = (sql_cast(offset, Integer) if dialect == "sqlite" else func.floor(offset)).label(
-        "bucket"
+async def _sqlite_windows(
+    session: Any, now: datetime, windows: Sequence[tuple[str, timedelta, int]]
+) -> list[dict[str, Any]]:
+    """SQLite: the widest window's columns read once, through the driver (SQLite has no
+    percentile, and its date functions cost more per row than reading the text does);
+    counted and ranked here. The times are SQLAlchemy's stored text, in UTC."""
+    stored = "%Y-%m-%d %H:%M:%S.%f"
+    earliest = min(now - span for _, span, _ in windows)
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(
+        "SELECT received_at, client_first_byte_at, duration_ms, outcome, flagged, total_tokens "
+        "FROM transactions WHERE received_at >= ? AND received_at <= ?",
+        (earliest.astimezone(UTC).strftime(stored), now.astimezone(UTC).strftime(stored)),
     )
-    within = (TransactionRow.received_at >= start, TransactionRow.received_at <= now)
-    buckets: list[dict[str, Any]] = [
+    parse = datetime.fromisoformat
+    rows = []
+    for received, first, duration_ms, outcome, flagged, tokens in result.all():
+        at = parse(received).replace(tzinfo=UTC)
+        ttft = None if first is None else (parse(first).replace(tzinfo=UTC) - at) / _MS
+        rows.append((at, ttft, duration_ms, outcome, flagged, tokens))
+    summaries = []
+    for label, span, count in windows:
+        start = now - span
+        width = span / count
+        buckets = _buckets(start, width, count)
+        ttfts: list[list[float]] = [[] for _ in range(count)]
+        outcomes: dict[str, int] = {}
+        all_ttfts: list[float] = []
+        durations: list[float] = []
+        for at, ttft, duration_ms, outcome, flagged, tokens in rows:
+            if at < start:
+                continue
+            index = min(int((at - start) / width), count - 1)
+            slot = buckets[index]
+            slot["requests"] += 1
+            slot["blocked"] += outcome == "blocked"
+            slot["flagged"] += bool(flagged)
+            slot["tokens"] += tokens or 0
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            durations.append(duration_ms)
+            if ttft is not None:
+                ttfts[index].append(ttft)
+                all_ttfts.append(ttft)
+        for slot, values in zip(buckets, ttfts, strict=True):
+            slot["ttft_p90"] = _rounded(_nearest_rank(sorted(values), 90))
+        all_ttfts.sort()
+        durations.sort()
+        summaries.append(
+            _summary(
+                label,
+                start,
+                buckets,
+                outcomes,
+                {p: _rounded(_nearest_rank(all_ttfts, p)) for p in PERCENTILES},
+                {p: _nearest_rank(durations, p) for p in PERCENTILES},
+            )
+        )
+    return summaries
+
+
+_MS = timedelta(milliseconds=1)
+
+
+def _nearest_rank(ordered: Sequence[float], p: int) -> float | None:
+    """The smallest of the sorted values that at least ``p`` percent do not exceed."""
+    if not ordered:
+        return None
+    return ordered[(p * len(ordered) + 99) // 100 - 1]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _buckets(start: datetime, width: timedelta, count: int) -> list[dict[str, Any]]:
+    return [
         {
-            "start": start + timedelta(seconds=width * k),
+            "start": start + width * k,
             "requests": 0,
             "blocked": 0,
             "flagged": 0,
@@ -265,9 +346,40 @@ async def _window(
         }
         for k in range(count)
     ]
-    postgresql = dialect == "postgresql"
-    # One pass by bucket; on PostgreSQL its p90 TTFT in the same pass (percentile_disc is
-    # the nearest rank), on SQLite ranked after (a window function).
+
+
+def _summary(
+    label: str,
+    start: datetime,
+    buckets: list[dict[str, Any]],
+    outcomes: dict[str, int],
+    ttft: dict[int, float | None],
+    duration: dict[int, float | None],
+) -> dict[str, Any]:
+    return {
+        "label": label,
+        "start": start,
+        "total": sum(b["requests"] for b in buckets),
+        "tokens": sum(b["tokens"] for b in buckets),
+        "flagged": sum(b["flagged"] for b in buckets),
+        "outcomes": outcomes,
+        "ttft": ttft,
+        "duration": duration,
+        "buckets": buckets,
+    }
+
+
+async def _window(
+    session: Any, label: str, start: datetime, now: datetime, count: int
+) -> dict[str, Any]:
+    """PostgreSQL: one pass by bucket, with its p90 TTFT (``percentile_disc`` is the
+    nearest rank), one by outcome, one for the window's percentiles."""
+    width = (now - start) / count
+    received = _epoch(TransactionRow.received_at)
+    ttft = (_epoch(TransactionRow.client_first_byte_at) - received) * 1000
+    bucket = func.floor((received - start.timestamp()) / width.total_seconds()).label("bucket")
+    within = (TransactionRow.received_at >= start, TransactionRow.received_at <= now)
+    buckets = _buckets(start, width, count)
     grouped = (
         select(
             bucket,
@@ -275,7 +387,7 @@ async def _window(
             func.count().filter(TransactionRow.outcome == "blocked"),
             func.count().filter(TransactionRow.flagged.is_(True)),
             func.coalesce(func.sum(TransactionRow.total_tokens), 0),
-            func.percentile_disc(0.9).within_group(ttft) if postgresql else null(),
+            func.percentile_disc(0.9).within_group(ttft),
         )
         .where(*within)
         .group_by(bucket)
@@ -291,85 +403,26 @@ async def _window(
     by_outcome = select(TransactionRow.outcome, func.count()).where(*within)
     by_outcome = by_outcome.group_by(TransactionRow.outcome)
     outcomes = {str(o): int(n) for o, n in await session.execute(by_outcome)}
-    if postgresql:
-        overall = select(
-            *(func.percentile_disc(p / 100).within_group(ttft) for p in PERCENTILES),
-            *(
-                func.percentile_disc(p / 100).within_group(TransactionRow.duration_ms)
-                for p in PERCENTILES
-            ),
-        ).where(*within)
-        values = (await session.execute(overall)).one()
-        ranked = [
-            (p, float(v)) for p, v in zip(PERCENTILES, values[:3], strict=True) if v is not None
-        ]
-        durations = {
-            p: float(v) for p, v in zip(PERCENTILES, values[3:], strict=True) if v is not None
-        }
-    else:
-        for index, value in await _ranks(session, ttft, within, (90,), bucket):
-            buckets[min(int(index), count - 1)]["ttft_p90"] = round(value, 3)
-        ranked = await _ranks(session, ttft, within, PERCENTILES)
-        durations = dict(await _ranks(session, TransactionRow.duration_ms, within, PERCENTILES))
-    ttfts = {p: round(v, 3) for p, v in ranked}
-    return {
-        "label": label,
-        "start": start,
-        "total": sum(b["requests"] for b in buckets),
-        "tokens": sum(b["tokens"] for b in buckets),
-        "flagged": sum(b["flagged"] for b in buckets),
-        "outcomes": outcomes,
-        "ttft": {p: ttfts.get(p) for p in PERCENTILES},
-        "duration": {p: durations.get(p) for p in PERCENTILES},
-        "buckets": buckets,
-    }
-
-
-async def _ranks(
-    session: Any,
-    value: Any,
-    within: tuple[Any, ...],
-    percentiles: Sequence[int],
-    bucket: Any = None,
-) -> list[tuple[Any, float]]:
-    """The nearest-rank percentiles of ``value`` over the rows ``within``: ``(p, value)``
-    for each of ``percentiles``; or, by ``bucket``, ``(bucket, value)`` of the one
-    percentile given. Ranked by SQLite (a window function: it has no percentile)."""
-    columns = [value.label("v")] + ([bucket] if bucket is not None else [])
-    inner = select(*columns).where(*within, value.is_not(None)).subquery()
-    partition = [inner.c.bucket] if bucket is not None else None
-    ranked = select(
-        *([inner.c.bucket] if bucket is not None else []),
-        inner.c.v,
-        func.row_number().over(partition_by=partition, order_by=inner.c.v).label("rank"),
-        func.count().over(partition_by=partition).label("n"),
-    ).subquery()
-    # rank == ceil(p * n / 100), in integers: (rank - 1) * 100 < p * n <= rank * 100
-    wanted = or_(
+    overall = select(
+        *(func.percentile_disc(p / 100).within_group(ttft) for p in PERCENTILES),
         *(
-            ((ranked.c.rank - 1) * 100 < p * ranked.c.n) & (p * ranked.c.n <= ranked.c.rank * 100)
-            for p in percentiles
-        )
+            func.percentile_disc(p / 100).within_group(TransactionRow.duration_ms)
+            for p in PERCENTILES
+        ),
+    ).where(*within)
+    values = [None if v is None else float(v) for v in (await session.execute(overall)).one()]
+    return _summary(
+        label,
+        start,
+        buckets,
+        outcomes,
+        {p: _rounded(v) for p, v in zip(PERCENTILES, values[:3], strict=True)},
+        dict(zip(PERCENTILES, values[3:], strict=True)),
     )
-    statement = select(
-        ranked.c.bucket if bucket is not None else ranked.c.n, ranked.c.v, ranked.c.rank
-    ).where(wanted)
-    rows = (await session.execute(statement)).all()
-    if bucket is not None:
-        return [(index, float(v)) for index, v, _ in rows]
-    found = []
-    for n, v, rank in rows:
-        for p in percentiles:
-            if (rank - 1) * 100 < p * n <= rank * 100:
-                found.append((p, float(v)))
-    return found
 
 
-def _epoch(dialect: str, column: Any) -> Any:
-    """Seconds since the epoch of a time column, exact to the microsecond."""
-    if dialect == "sqlite":  # stored as "YYYY-MM-DD HH:MM:SS.ffffff"
-        whole = sql_cast(func.strftime("%s", column), Integer)
-        return whole + sql_cast(func.substr(column, 20), Float)
+def _epoch(column: Any) -> Any:
+    """PostgreSQL: seconds since the epoch of a time column (exact: a numeric)."""
     return sql_cast(func.extract("epoch", column), Float)
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from luthien_control.db.engine import SerializedJSON, create_engine
@@ -285,14 +285,14 @@ async def test_the_search_reads_its_index(db: AsyncEngine) -> None:
     """A search on a few thousand realistic records can read the database's search index,
     not every text (the 1M-record timings and plans: docs/performance.md)."""
     from luthien_control.bench.records import RARE, records
-    from luthien_control.db.search import FTS_TABLE, GIN_INDEX, matching_seqs
+    from luthien_control.db.search import FTS_TABLE, GIN_INDEX
+    from luthien_control.db.transactions import listing
 
     batch = list(records(3000, days=1))
     for start in range(0, len(batch), 1000):
         await insert_records(db, batch[start : start + 1000])
-    statement = select(TransactionRow.seq).where(
-        TransactionRow.seq.in_(matching_seqs(db.dialect.name, RARE))
-    )
+    # The traffic page's query, as it pages: newest first by record number.
+    statement = listing(db.dialect.name, TransactionFilter(search=RARE), by_seq=True).limit(51)
     async with db.connect() as connection:
         if db.dialect.name == "postgresql":
             # At 3,000 rows reading every text (in a scan or by seq) is cheaper, and
@@ -312,7 +312,11 @@ async def test_the_search_reads_its_index(db: AsyncEngine) -> None:
                 for line in await connection.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))
             )
     if db.dialect.name == "sqlite":
-        assert f"SCAN {FTS_TABLE} VIRTUAL TABLE INDEX 0:M" in plan, plan
+        # Read from the FTS5 index in record order, each match joined to its record.
+        assert plan.splitlines() == [
+            f"SCAN {FTS_TABLE} VIRTUAL TABLE INDEX 192:M1",
+            "SEARCH transactions USING INTEGER PRIMARY KEY (rowid=?)",
+        ], plan
     else:
         assert f"Bitmap Index Scan on {GIN_INDEX}" in plan, plan
     assert await found(db, RARE) == []  # one in 100,000 records: none of these 3,000
