@@ -8,6 +8,13 @@ untrusted clients needs and uvicorn lacks (``serve`` runs uvicorn with it).
 - **Connections**: a worker holds at most ``MAX_CONNECTIONS``. A request on one more is
   answered at once, without reaching the application, with a 503 in its API's error
   shape, ``Retry-After`` and ``Connection: close``.
+- **A client that stops reading** its answer: once the connection's write buffer is full
+  (the transport pauses writing; uvicorn's ``FlowControl`` then holds every ``send``),
+  the client must take some of it within ``CLIENT_SEND_TIMEOUT`` seconds, else the
+  connection is aborted. The application sees the client gone (``http.disconnect``): it
+  closes the backend stream, which frees its pool slot, and records the transaction as
+  ``client_disconnected``, with the reason it finds in the scope (``CLIENT_STALLED``).
+  One log line.
 
 The body's deadline (``CLIENT_BODY_TIMEOUT``) is kept by the application
 (``server.BodyDeadlines``), which answers in the request's dialect and records it.
@@ -15,7 +22,7 @@ The body's deadline (``CLIENT_BODY_TIMEOUT``) is kept by the application
 The hot path pays nothing here: a head that arrives in one read (nearly every one)
 arms no timer; a timer is armed once per connection (for its first head) and when a read
 leaves a head incomplete, and cancelled as soon as the head is complete or the connection
-is lost.
+is lost. The send timer is armed only while writing is paused.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ MAX_HEAD_BYTES = 64 * 1024
 RETRY_AFTER_SECONDS = 1
 # At most one "connection cap reached" line per this many seconds (a flood is one line).
 CAP_LOG_INTERVAL = 10.0
+# The scope key under which a request learns that its client stopped reading its answer
+# (the error text), for its record.
+CLIENT_STALLED = "luthien.client_stalled"
 
 
 @functools.cache
@@ -123,10 +133,13 @@ class ProxyProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         settings = _settings()
         self.header_timeout = settings.client_header_timeout
+        self.send_timeout = settings.client_send_timeout
         self.max_connections = settings.max_connections
         self.head_timer: asyncio.TimerHandle | None = None
         self.in_head = False  # part of a request head came, not all of it
         self.head_bytes = 0  # bytes read while a head was incomplete
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.unsent = 0  # the write buffer's size when the send timer was armed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -134,7 +147,46 @@ class ProxyProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timeout and self.send_timer is None:
+            self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _arm_send_timer(self) -> None:
+        self.unsent = self.transport.get_write_buffer_size()
+        self.send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+
+    def _cancel_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self.send_timer = None
+        if self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() < self.unsent:
+            self._arm_send_timer()  # the client reads, slowly: it has another period
+            return
+        reason = (
+            f"the client stopped reading: nothing of the answer could be sent for "
+            f"{self.send_timeout:g} s (CLIENT_SEND_TIMEOUT)"
+        )
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[CLIENT_STALLED] = reason  # type: ignore[literal-required]
+            request = f" ({cycle.scope['method']} {cycle.scope['path']})"
+        else:
+            request = ""
+        logger.warning("%s%s: %s; connection aborted", self._peer(), request, reason)
+        self.transport.abort()  # what is buffered is dropped: nobody reads it
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -206,4 +258,4 @@ class ProxyProtocol(HttpToolsProtocol):
         return f"client {self.client[0]}:{self.client[1]}" if self.client else "a client"
 
 
-__all__ = ["MAX_HEAD_BYTES", "ProxyProtocol"]
+__all__ = ["CLIENT_STALLED", "MAX_HEAD_BYTES", "ProxyProtocol"]

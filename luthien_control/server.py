@@ -35,6 +35,7 @@ from luthien_control.exceptions import (
     RequestTimeout,
     RequestTooLarge,
 )
+from luthien_control.protocol import CLIENT_STALLED
 from luthien_control.relay import (
     CUT_BY_SHUTDOWN,
     note_usage,
@@ -320,6 +321,9 @@ class LuthienProxy:
             tx.timings.end = time.perf_counter()
             if tx.outcome == "pending":
                 tx.outcome = "client_disconnected"
+            stalled = scope.get(CLIENT_STALLED)
+            if stalled is not None and tx.outcome == "client_disconnected" and tx.error is None:
+                tx.error = RequestTimeout(stalled)  # aborted by the protocol (protocol.py)
             metrics.ACTIVE.dec()
             metrics.observe(tx)
             if services.recorder is not None:

@@ -34,10 +34,12 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REFRESH_INTERVAL = 1.0
 DEFAULT_RECORDER_BACKLOG = 50_000
 # Clients (docs/operations.md#limits): the time to send a request's head, and then its
-# whole body; the connections one worker holds open; how long a shutdown lets the
-# requests in flight finish before it ends them.
+# whole body; the time an answer may wait for a client that reads none of it; the
+# connections one worker holds open; how long a shutdown lets the requests in flight
+# finish before it ends them.
 DEFAULT_CLIENT_HEADER_TIMEOUT = 30.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 120.0
+DEFAULT_CLIENT_SEND_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_SHUTDOWN_GRACE = 30
 DEFAULT_RECORDER_BACKLOG_BYTES = 256 * 1024 * 1024  # the queued rows' text, together
@@ -107,6 +109,7 @@ class Settings(BaseSettings):
     recorder_backlog: int = Field(DEFAULT_RECORDER_BACKLOG, ge=1)
     client_header_timeout: float = Field(DEFAULT_CLIENT_HEADER_TIMEOUT, gt=0)
     client_body_timeout: float = Field(DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)
+    client_send_timeout: float = Field(DEFAULT_CLIENT_SEND_TIMEOUT, ge=0)  # 0: none
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
     shutdown_grace_seconds: int = Field(DEFAULT_SHUTDOWN_GRACE, ge=0)
     recorder_backlog_bytes: int = Field(DEFAULT_RECORDER_BACKLOG_BYTES, ge=1024 * 1024)

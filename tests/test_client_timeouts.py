@@ -5,9 +5,11 @@ connections. Outcomes are asserted, never durations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from typing import Any
@@ -228,6 +230,80 @@ def test_a_body_that_arrives_in_pieces_in_time_is_answered(proxy: ProxyServer) -
     assert body["choices"][0]["message"]["content"].endswith("pieces")
 
 
+# --- a client that stops reading ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_slot(start_proxy: ProxyStarter, mock_backend: MockBackendServer) -> ProxyServer:
+    """A proxy with one backend connection, which gives up on a client that reads nothing
+    of its answer for a second."""
+    return start_proxy(
+        policy=e2e_policy(mock_backend.api_base),
+        env={"CLIENT_SEND_TIMEOUT": "1", "BACKEND_POOL_SIZE": "1"},
+    )
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_and_frees_its_backend_slot(
+    one_slot: ProxyServer, mock_backend: MockBackendServer
+) -> None:
+    """The client reads the answer's head and then nothing: once the proxy's buffers are
+    full, the stream waits on it; after ``CLIENT_SEND_TIMEOUT`` the connection is aborted,
+    the backend stream closed, the pool slot freed and the transaction recorded."""
+    marker = f"stalled-{uuid.uuid4().hex}"
+    payload = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "a long answer"}],
+            "stream": True,
+        }
+    ).encode()
+    directives = (
+        f"x-mock-request-id: {marker}\r\n"
+        "x-mock-words: 2000000\r\n"  # some 16 MB: more than the buffers on the way hold
+        "x-mock-chunk-size: 16384\r\n"
+        "x-mock-delay-ms: 10\r\n"  # over some 10 s: still running when the client is cut
+    )
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.settimeout(WAIT)
+        host, port = one_slot.url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        sock.sendall(head(CHAT, length=len(payload), extra=directives) + payload)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(1024)
+        headers = dict(
+            line.split(": ", 1)
+            for line in received.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+        )
+        transaction_id = headers["x-luthien-transaction-id"]
+        # Read nothing more: the proxy gives up on this client and aborts the connection.
+        record = one_slot.record(transaction_id, timeout=WAIT)
+        with contextlib.suppress(ConnectionResetError):  # or an end: what was buffered
+            while sock.recv(65536):  # is dropped, the connection ends (not a timeout)
+                pass
+    message = (
+        "the client stopped reading: nothing of the answer could be sent for 1 s "
+        "(CLIENT_SEND_TIMEOUT)"
+    )
+    assert (record["status"], record["outcome"], record["error"]) == (
+        200,
+        "client_disconnected",
+        message,
+    )
+    assert record["streamed"] is True
+    assert record["chunks_sent"] > 0
+    backend = mock_backend.wait_for_record(marker, lambda r: r["outcome"] != "in_progress")
+    assert backend is not None and backend["outcome"] == "cancelled"
+    # The one backend connection is free again: the next request gets it.
+    with closing(connect(one_slot)) as sock:
+        sock.sendall(chat_request())
+        assert parse(read_to_end(sock))[0] == 200
+    lines = [line for line in proxy_log(one_slot).splitlines() if "CLIENT_SEND_TIMEOUT" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith(f"(POST {CHAT}): {message}; connection aborted")
+
+
 # --- the connection cap -------------------------------------------------------------------
 
 
@@ -292,6 +368,6 @@ def proxy_log(proxy: ProxyServer) -> str:
 @pytest.fixture(autouse=True)
 def _no_traceback(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    for name in ("proxy", "capped"):
+    for name in ("proxy", "capped", "one_slot"):
         if name in request.fixturenames:
             assert "Traceback" not in proxy_log(request.getfixturevalue(name))
