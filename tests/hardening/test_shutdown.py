@@ -16,6 +16,7 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
 from tests.hardening.conftest import (
@@ -147,11 +148,21 @@ def stored(proxy: ProxyServer, mock: MockBackendServer, prefix: str) -> dict[str
     return {row.marker: row for row in mine}
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_sigterm_with_live_streams(
-    start_proxy: ProxyStarter, hardening_mock: MockBackendServer
+    start_proxy: ProxyStarter,
+    hardening_mock: MockBackendServer,
+    database: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """On both databases: the soak's 200 cut streams were lost on SQLite about one
+    shutdown in two, the recorder's writer cancelled in the middle of an insert that
+    waited for the lock (``recording.DatabaseRecorder.stop``)."""
+    database_url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
     proxy = start_proxy(
-        policy=proxy_policy(hardening_mock.api_base), env={"SHUTDOWN_GRACE_SECONDS": str(GRACE)}
+        policy=proxy_policy(hardening_mock.api_base),
+        env={"SHUTDOWN_GRACE_SECONDS": str(GRACE)},
+        database_url=database_url,
     )
     prefix = new_marker("sigterm")
     results = asyncio.run(terminate_during_streams(proxy, prefix))
