@@ -20,7 +20,10 @@ test: $(SYNCED) $(AGENTS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 LUTHIEN_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
+	# Three pytest-xdist workers on two cores (the suite waits on servers, sockets and
+	# timeouts); a module runs whole on one worker (tests/conftest.py), the slowest first.
+	LUTHIEN_REQUIRE_POSTGRES=1 LUTHIEN_REQUIRE_AGENTS=1 LUTHIEN_REQUIRE_BROWSER=1 \
+	  $(VENV)/bin/pytest -n 3 --dist loadgroup
 
 # The hardening suite (tests/hardening, also part of `make test`) at soak scale: 10,000
 # fuzzed requests and policy files, ten rounds of 1,000 streams, longer outages

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,61 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --e2e-target-url: the mock backend behind that proxy, so that the "
         "disconnect test can see the cancellation reach it",
     )
+
+
+# `make test` runs the suite on pytest-xdist workers (`-n 3 --dist loadgroup`, Makefile).
+# Each module is one unit of work, run whole by one worker, so that its module- and
+# session-scoped servers start once there; a module may split itself into several units
+# with `xdist_group` marks (tests/test_red_team.py). The modules that take longest are
+# handed out first (in this order), so that no worker starts one near the end; the rest
+# follow in collection order. A stale list costs balance, not coverage.
+SLOW_FIRST = (
+    "tests/test_recording.py",
+    "tests/test_red_team.py",
+    "tests/test_egress_hygiene.py",
+    "tests/test_operations.py",
+    "tests/test_messages_api.py",
+    "tests/test_serve_db.py",
+    "tests/test_recorder_faults.py",
+    "tests/test_review_queue.py",
+    "tests/test_responses_tool_calls.py",
+    "tests/test_proxy.py",
+    "tests/bench/test_bench.py",
+    "tests/test_console.py",
+    "tests/hardening/test_backend_faults.py",
+    "tests/upstream/test_connect.py",
+    "tests/test_tool_calls.py",
+    "tests/agents/test_agents.py",
+)
+
+
+def module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: the slow modules first (``SLOW_FIRST``), each kept in order."""
+    if hasattr(config, "workerinput"):
+        rank = {module: n for n, module in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: rank.get(module_of(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: a module is one group, unless its tests name their own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return str(super()._split_scope(nodeid))
+            return module_of(nodeid)
+
+    config.option.loadscopereorder = False  # the order is the workers' (SLOW_FIRST)
+    return ModuleScheduling(config, log)
 
 
 def free_port() -> int:
@@ -244,6 +300,22 @@ def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStart
     """Start ``luthien-control serve`` with a policy file (``policy=``) or a database policy
     (``db_policy=``), a fresh SQLite database and the test client key."""
     started: list[ServerProcess] = []
+    template: list[Path] = []
+    template_lock = threading.Lock()
+
+    def fresh_sqlite(directory: Path) -> str:
+        """A new SQLite database with the schema and the test client key. The first is made
+        by ``luthien-control keys add``, as a user would; the others are copies of it,
+        which saves a Python start-up and the migrations for each proxy."""
+        with template_lock:
+            if not template:
+                made = tmp_path_factory.mktemp("template") / "luthien.db"
+                url = f"sqlite+aiosqlite:///{made}"
+                result = run_cli(url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
+                assert result.returncode == 0, result.stderr
+                template.append(made)
+        shutil.copyfile(template[0], directory / "luthien.db")
+        return f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
 
     def start(
         *,
@@ -255,9 +327,11 @@ def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStart
         database_url: str | None = None,
     ) -> ProxyServer:
         directory = tmp_path_factory.mktemp("proxy")
-        database_url = database_url or f"sqlite+aiosqlite:///{directory / 'luthien.db'}"
-        result = run_cli(database_url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
-        assert result.returncode == 0, result.stderr
+        if database_url is None:
+            database_url = fresh_sqlite(directory)
+        else:
+            result = run_cli(database_url, "keys", "add", "--name", "e2e", "--key", CLIENT_KEY)
+            assert result.returncode == 0, result.stderr
         # The caller's env wins (a real backend's OPENAI_API_KEY under E2E_REAL_BACKEND).
         given = {"OPENAI_API_KEY": BACKEND_KEY, **(env or {})}
         server_env = python_env(

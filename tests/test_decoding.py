@@ -109,6 +109,7 @@ def test_exactly_the_limit_is_accepted() -> None:
         (gzip.compress(b"[1]") + b"junk", "has data after the end"),
         (b"not gzip at all", "is not valid gzip data"),
     ],
+    ids=["cut", "two-members", "junk-after", "not-gzip"],  # the bytes hold gzip's mtime
 )
 def test_truncated_trailing_or_garbled_data_is_refused(data: bytes, message: str) -> None:
     with pytest.raises(DecodingError, match=message):

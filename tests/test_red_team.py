@@ -27,8 +27,9 @@ A "secret" is unique to its case (derived from the case id), so that one case's 
 the log or the database cannot fail another; what must appear nowhere (``needles``) is
 the secret and the first and last twelve characters of its random part.
 
-The cases are run once for the whole module (``exchanges``: only those selected), in
-order, against three proxies (``PROXY_OF``), and each test then checks its own.
+The cases are run once (``exchanges``: only those selected), in order, in three groups
+(``GROUPS``, one for each of ``make test``'s workers) against three proxies
+(``PROXY_OF``), and each test then checks its own.
 ``RED_TEAM_DUMP=DIR`` writes what the client got in each case to ``DIR/<case id>.txt``.
 A case that fails because the proxy lets something through is a finding: it is marked
 ``xfail(strict=True)`` in ``FINDINGS`` with what leaks and where, never weakened; whoever
@@ -2618,11 +2619,20 @@ def finding(case_id: str) -> str | None:
     return reasons[0] if reasons else None
 
 
+# The cases are run in this many groups (every third case in each), so that ``make test``'s
+# pytest-xdist workers can share them (``--dist loadgroup``); each group is run once, in
+# order, by the worker that runs its tests, against that worker's own proxies.
+GROUPS = 3
+GROUP_OF = {case_id: f"red_team_{n % GROUPS}" for n, case_id in enumerate(CASES)}
+
+
 def params() -> list[Any]:
     out = []
     for case in CASES.values():
         reason = finding(case.id)
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        marks = [pytest.mark.xdist_group(GROUP_OF[case.id])]
+        if reason:
+            marks.append(pytest.mark.xfail(strict=True, reason=reason))
         out.append(pytest.param(case, id=case.id, marks=marks))
     return out
 
@@ -2752,8 +2762,26 @@ def fleet(start_proxy: ProxyStarter, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def exchanges(request: pytest.FixtureRequest, fleet: Fleet) -> dict[str, Exchange]:
-    """Every selected case, run once, in order; then its record and its log lines."""
+def runs() -> dict[str, Exchange]:
+    """The cases run so far in this process (``exchanges``)."""
+    return {}
+
+
+@pytest.fixture
+def exchanges(
+    request: pytest.FixtureRequest, fleet: Fleet, runs: dict[str, Exchange]
+) -> dict[str, Exchange]:
+    """The cases run so far; the first test of a group runs every selected case of its
+    group (``GROUPS``), once, in order, then reads their records and log lines."""
+    case_id = cast(Case, request.node.callspec.params["case"]).id
+    if case_id not in runs:
+        runs.update(run_cases(request, fleet, GROUP_OF[case_id]))
+    return runs
+
+
+def run_cases(request: pytest.FixtureRequest, fleet: Fleet, group: str) -> dict[str, Exchange]:
+    """Every selected case of ``group``, run once, in order; then its record and its log
+    lines."""
     selected = {
         cast(Case, item.callspec.params["case"]).id
         for item in request.session.items
@@ -2761,6 +2789,7 @@ def exchanges(request: pytest.FixtureRequest, fleet: Fleet) -> dict[str, Exchang
         and item.module is request.module
         and hasattr(item, "callspec")
         and "case" in item.callspec.params
+        and GROUP_OF[item.callspec.params["case"].id] == group
     }
     needed = {PROXY_OF[case.proxy] for case in CASES.values() if case.id in selected}
     fleet.start(needed - set(fleet.proxies))
@@ -3312,6 +3341,7 @@ def test_red_team(case: Case, exchanges: dict[str, Exchange]) -> None:
     check_outcome(case, run, view)
 
 
+@pytest.mark.xdist_group("red_team_0")
 def test_records_are_read_as_the_cli_shows_them(fleet: Fleet) -> None:
     """The record this module reads from the database is the one ``luthien-control logs``
     shows (``ProxyServer.record``)."""
