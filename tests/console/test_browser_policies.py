@@ -1,0 +1,172 @@
+"""The console's review queue and Policies pages in headless Chromium, against a real proxy
+(two workers) whose policy is stored in its database and judged by a trusted model that
+flags: review a flagged transaction; edit the policy with an error, fix it, put it in
+force and see every worker apply it; dry-run an edited policy on a recorded stream.
+
+``LUTHIEN_CONSOLE_SCREENSHOTS=DIR`` saves the pages' screenshots there (``docs/console/``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import httpx
+import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
+from tests.console.test_browser import ADMIN_KEY, WAIT, csp_violations, shot, sign_in, wait
+from tests.policies.test_judge import FORBIDDEN, ContentJudge
+from tests.test_judge import MESSAGES, answer, judged
+
+SHELL = json.dumps([{"name": "shell", "arguments": json.dumps({"command": "rm -rf /"})}])
+
+
+@pytest.fixture(scope="module")
+def judge_url() -> Iterator[str]:
+    with serve_in_thread(ContentJudge()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer, judge_url: str
+) -> ProxyServer:
+    return start_proxy(
+        db_policy=judged(mock_backend.api_base, judge_url, mode="buffer", action="flag"),
+        env={"ADMIN_API_KEY": ADMIN_KEY, "REFRESH_INTERVAL": "0.2"},
+        workers=2,
+    )
+
+
+def call_shell(proxy: ProxyServer, *, stream: bool = False) -> httpx.Response:
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": stream},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", "x-mock-tool-calls": quote(SHELL)},
+        )
+        response.read()
+        return response
+
+
+@pytest.fixture(scope="module")
+def signed_in(browser: WebDriver, proxy: ProxyServer) -> None:
+    sign_in(browser, proxy, "rev. grace")
+
+
+def set_text(browser: WebDriver, element: WebElement, text: str) -> None:
+    """Replace a textarea's text as a person pasting it would (send_keys types each
+    character, slowly, and the editor has thousands)."""
+    browser.execute_script("arguments[0].value = arguments[1];", element, text)
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_review_a_flagged_transaction(browser: WebDriver, proxy: ProxyServer) -> None:
+    response = httpx.post(
+        f"{proxy.api_base}/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}", **answer(f"all about {FORBIDDEN}")},
+        timeout=30,
+    )
+    assert response.status_code == 200  # flagged, not blocked
+    transaction_id = response.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+
+    browser.get(f"{proxy.url}/admin/review")
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-seq] a[href$='{transaction_id}']")
+    shot(browser, "review")
+    row.click()
+    wait(browser).until(lambda b: transaction_id in b.current_url)
+    browser.find_element(By.CSS_SELECTOR, "input[name=verdict][value=violation]").click()
+    browser.find_element(By.ID, "note").send_keys("it says the forbidden word")
+    browser.find_element(By.CSS_SELECTOR, ".review button[type=submit]").click()
+    # The reviewer is taken back to the queue, where it no longer waits.
+    wait(browser).until(lambda b: b.current_url == f"{proxy.url}/admin/review")
+    assert not browser.find_elements(By.CSS_SELECTOR, f"a[href$='{transaction_id}']")
+    browser.get(f"{proxy.url}/admin/transactions/{transaction_id}")
+    verdict = browser.find_element(By.CSS_SELECTOR, ".verdict")
+    assert verdict.text.startswith("violation by rev. grace, ")
+    assert verdict.text.endswith(": it says the forbidden word")
+    shot(browser, "reviewed")
+    assert csp_violations(browser) == []
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_dry_run_an_edited_policy_on_a_recorded_stream(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    recorded = call_shell(proxy, stream=True)
+    assert recorded.status_code == 200 and '"shell"' in recorded.text
+    transaction_id = recorded.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+
+    browser.get(f"{proxy.url}/admin/policy?name=root")
+    editor = browser.find_element(By.ID, "definition")
+    tree = json.loads(editor.get_attribute("value") or "")
+    tree["config"]["policies"].append(
+        {"type": "ToolCallPolicy", "config": {"denied_tools": ["shell"], "action": "drop_call"}}
+    )
+    tree["config"]["policies"][2]["config"]["backend_url"] = "http://127.0.0.1:9/v1"  # nowhere
+    set_text(browser, editor, json.dumps(tree, indent=2))
+    browser.find_element(By.ID, "transaction").send_keys(transaction_id)
+    browser.find_element(By.CSS_SELECTOR, "button[formaction$='/policies/dry-run']").click()
+    wait(browser).until(lambda b: b.title.startswith("Dry run of root"))
+    outcomes = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".sides .outcome")]
+    assert outcomes[0].startswith("200 · ok · streamed")
+    assert outcomes[1].startswith("200 · ok · streamed")
+    then_turns = browser.find_elements(By.CSS_SELECTOR, ".sides section:first-child .turn")
+    now_turns = browser.find_elements(By.CSS_SELECTOR, ".sides section:last-child .turn")
+    assert any("tool call" in turn.text for turn in then_turns)
+    assert not any("tool call" in turn.text for turn in now_turns)
+    decisions = [r.text for r in browser.find_elements(By.CSS_SELECTOR, ".decisions tbody tr")]
+    assert "ToolCallPolicy dropped tool shell" in decisions
+    shot(browser, "dry-run")
+    assert csp_violations(browser) == []
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_edit_a_policy_with_an_error_fix_it_and_see_it_in_force(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    assert call_shell(proxy).status_code == 200
+    browser.get(f"{proxy.url}/admin/policies")
+    assert "database policy 'root' (version 1)" in browser.find_element(By.ID, "main").text
+    shot(browser, "policies")
+    browser.find_element(By.LINK_TEXT, "root").click()
+    wait(browser).until(lambda b: "/admin/policy?name=root" in b.current_url)
+    editor = browser.find_element(By.ID, "definition")
+    tree = json.loads(editor.get_attribute("value") or "")
+    tree["config"]["policies"].append({"type": "ToolCallPolicy", "config": {"denied": ["shell"]}})
+    set_text(browser, editor, json.dumps(tree, indent=2))
+    browser.find_element(By.CSS_SELECTOR, ".editor > button[type=submit]").click()
+    error = wait(browser).until(lambda b: b.find_element(By.CSS_SELECTOR, "[role=alert]"))
+    assert error.text.startswith("policies[5].config.denied: ")
+    editor = browser.find_element(By.ID, "definition")
+    assert editor.get_attribute("aria-invalid") == "true"
+    browser.execute_script("arguments[0].scrollIntoView()", error)
+    shot(browser, "policy-error")
+
+    fixed = (editor.get_attribute("value") or "").replace('"denied"', '"denied_tools"')
+    set_text(browser, editor, fixed)
+    browser.find_element(By.CSS_SELECTOR, ".editor > button[type=submit]").click()
+    notice = wait(browser).until(lambda b: b.find_element(By.CSS_SELECTOR, ".notice"))
+    assert notice.text == "Stored version 2, now in force."
+    shot(browser, "policy")
+    deadline = time.monotonic() + WAIT
+    while not all(call_shell(proxy).status_code == 403 for _ in range(4)):
+        assert time.monotonic() < deadline, "the new version is not in force on every worker"
+        time.sleep(0.1)
+
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Put version 1 in force']").click()
+    notice = wait(browser).until(lambda b: b.find_element(By.CSS_SELECTOR, ".notice"))
+    assert notice.text == "Version 1 is in force."
+    deadline = time.monotonic() + WAIT
+    while not all(call_shell(proxy).status_code == 200 for _ in range(4)):
+        assert time.monotonic() < deadline, "version 1 is not back in force on every worker"
+        time.sleep(0.1)
+    assert csp_violations(browser) == []
