@@ -52,6 +52,7 @@ from luthien_control.policies.secrets import (
     rewrite_json,
 )
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG, DEFAULT_RECORDER_BACKLOG_BYTES
+from luthien_control.sse import Chunk
 from luthien_control.transaction import Transaction
 from luthien_control.upstream.client import REDACTED, display_url
 
@@ -179,16 +180,81 @@ def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
     return None if assembler is None else assembler.summary()
 
 
+def _received_events(dialect: Dialect, raws: list[bytes], redactor: Redactor) -> list[Any] | None:
+    """A stream's events as the backend sent them, parsed, with the secrets their channels
+    spell together redacted; ``None`` (the record keeps the assembled answer only) when,
+    read together again as the client reads them, they would still spell one: a secret
+    hidden in a way only the assembled answer's redaction undoes (an argument escaped
+    twice, say) is never stored in pieces."""
+    events = [Chunk(raw).data for raw in raws]
+    slots = _event_slots(dialect, events)
+    redactor.joined(slots)
+    groups: dict[Any, list[str]] = {}
+    for slot in slots:
+        groups.setdefault(slot.joins, []).append(slot.text)
+    if any(_spells_secret(redactor, "".join(texts)) for texts in groups.values()):
+        return None
+    again = dialect.new_assembler()
+    for data in events:
+        again.feed(copy.deepcopy(data))
+    summary = again.summary()
+    before = orjson.dumps(summary, default=str)
+    redactor.joined(dialect.assembled_slots(summary))
+    if redactor.document(summary) != before.decode():
+        return None
+    # Escapes inside strings inside strings (arguments escaped twice): undone as far as a
+    # reader might, the stored text must still spell no secret.
+    if _spells_secret(redactor, orjson.dumps(events, default=str).decode()):
+        return None
+    return events
+
+
+def _spells_secret(redactor: Redactor, text: str) -> bool:
+    """Whether ``text`` spells a secret, its escapes (and the escapes those leave)
+    undone as far as a reader might."""
+    for _ in range(_UNESCAPE_ROUNDS):
+        if redactor.text(text) != text:
+            return True
+        unescaped = _ESCAPES.sub(_unescape, text)
+        if unescaped == text:
+            return False
+        text = unescaped
+    return redactor.text(text) != text
+
+
+_UNESCAPE_ROUNDS = 4
+_ESCAPES = re.compile(r"\\\\|\\u[0-9a-fA-F]{4}|\\[\"/bfnrt]")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    escape = match.group()
+    if escape.startswith("\\u"):
+        return chr(int(escape[2:], 16))
+    return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}.get(escape[1], escape[1])
+
+
 def _event_slots(dialect: Dialect, events: list[Any]) -> list[TextSlot]:
     """The channel texts of a stream's events, each channel (and the channels the client
-    reads as one text) joined across events as the client joins them: a secret split
-    across events is redacted in the events that hold its pieces."""
+    reads as one text) joined across events as the client joins them, and the texts that
+    later events repeat whole (a Responses API ``*.done``, ``response.completed``) joined
+    the same way among themselves: a secret split across events or parts is redacted in
+    the strings that hold its pieces."""
     slots: list[TextSlot] = []
-    for data in events:
-        if isinstance(data, dict):
-            for slot in dialect.text_slots(data):
-                joined = dialect.joins(slot.key) or slot.key
-                slots.append(TextSlot(slot.key, slot.holder, slot.field, slot.kind, joined))
+    for index, data in enumerate(events):
+        if not isinstance(data, dict):
+            continue
+        for slot in dialect.text_slots(data):
+            joined = ("delta", dialect.joins(slot.key) or slot.key)
+            slots.append(TextSlot(slot.key, slot.holder, slot.field, slot.kind, joined))
+        for slot in dialect.summary_slots(data):
+            joined = ("whole", dialect.joins(slot.key) or slot.key)
+            slots.append(TextSlot(slot.key, slot.holder, slot.field, slot.kind, joined))
+        answer = dialect.event_answer(data)
+        if answer is not None:  # an answer repeated whole: its parts read as one
+            for slot in dialect.answer_slots(answer):
+                if slot.joins is not None:
+                    group = ("answer", index, slot.joins)
+                    slots.append(TextSlot(slot.key, slot.holder, slot.field, slot.kind, group))
     return slots
 
 
@@ -248,9 +314,9 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         if assembled is not None and id(assembled) not in seen:
             seen.add(id(assembled))
             redactor.joined(dialect.assembled_slots(assembled))
-    events = trail.events_received if received_stream is not None else None
-    if events:
-        redactor.joined(_event_slots(dialect, events))
+    events = None
+    if received_stream is not None and trail.events_received and not trail.events_cut:
+        events = _received_events(dialect, trail.events_received, redactor)
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -307,7 +373,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
                     "body": bodies.value(trail.backend_body),
                     "stream": received_stream,
                     # Each event as it came (for a replay), while there were not too many.
-                    "events": None if events is None or trail.events_cut else events,
+                    "events": events,
                     "events_named": trail.events_named,
                     "events_done": trail.events_done,
                 },

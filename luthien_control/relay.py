@@ -135,7 +135,7 @@ class _StreamRelay:
         # failed on, or cut off by a disconnect.
         received = dialect.new_assembler()
         self.received = tx.trail.stream_received = tx.trail.stream_sent = received
-        self.events: list[Any] = []
+        self.events: list[bytes] = []
         tx.trail.events_received = self.events
         self.sent: StreamAssembler | None = None  # None: still the same as ``received``
         self.started = False
@@ -155,6 +155,7 @@ class _StreamRelay:
         arrived: list[Any] = []
         same = True  # every event of this read so far went out as it came in
         unfed: bytes | None = None  # the event in the policies' hands
+        events = self.events
         try:
             for event in self.decoder.close() if last else self.decoder.feed(data):
                 raw = unfed = event.raw
@@ -162,6 +163,10 @@ class _StreamRelay:
                     unfed = None
                     self.done = tx.trail.events_done = True
                     break
+                if len(events) < RECORDED_EVENTS:  # its bytes, as they came: no copy
+                    events.append(raw)
+                else:
+                    tx.trail.events_cut = True
                 if strict:
                     payload = strict_event_data(event.payload)
                     event.set_parsed(payload)
@@ -290,11 +295,6 @@ class _StreamRelay:
         received = self.received
         for payload in arrived:
             received.feed(payload)
-        if arrived and not self.tx.trail.events_cut:
-            if len(self.events) + len(arrived) <= RECORDED_EVENTS:
-                self.events.extend(arrived)
-            else:
-                self.tx.trail.events_cut = True
         if sent is not None:
             for chunk in out:
                 sent.feed(chunk.data)

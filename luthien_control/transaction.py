@@ -184,9 +184,9 @@ class Trail:
     client_headers: list[tuple[bytes, bytes]] | None = None  # the headers the client got
     stream_received: StreamAssembler | None = None  # a stream as the backend sent it
     stream_sent: StreamAssembler | None = None  # a stream as the client got it
-    # The stream's events as the backend sent them (parsed), for a replay of the record
+    # The stream's events as the backend sent them (their bytes), for a replay of the record
     # (``replay.py``); at most ``RECORDED_EVENTS`` of them, then ``events_cut``.
-    events_received: list[Any] | None = None
+    events_received: list[bytes] | None = None
     events_named: bool = False  # they came with ``event:`` lines (Responses, Messages)
     events_done: bool = False  # and ended with ``data: [DONE]`` (chat completions)
     events_cut: bool = False
