@@ -170,3 +170,19 @@ def test_edit_a_policy_with_an_error_fix_it_and_see_it_in_force(
         assert time.monotonic() < deadline, "version 1 is not back in force on every worker"
         time.sleep(0.1)
     assert csp_violations(browser) == []
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_the_review_and_policy_pages_at_a_phone_width(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    browser.set_window_size(390, 844)
+    try:
+        for path in ("/admin/review", "/admin/policies", "/admin/policy?name=root"):
+            browser.get(f"{proxy.url}{path}")
+            overflow = browser.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways at a phone's width"
+    finally:
+        browser.set_window_size(1280, 800)
