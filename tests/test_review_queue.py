@@ -57,11 +57,18 @@ def admin(proxy: ProxyServer, path: str) -> Any:
 def test_a_flagged_answer_waits_for_a_reviewer_and_the_verdict_is_kept(
     proxy: ProxyServer,
 ) -> None:
-    clean = ask(proxy, "a calm story")
-    first = ask(proxy, f"a story about {FORBIDDEN}, one")
-    second = ask(proxy, f"a story about {FORBIDDEN}, two")
-    for transaction_id in (clean, first, second):
-        proxy.record(transaction_id)
+    # Each recorded before the next is sent: with two workers, two records written by
+    # different workers' recorders may reach the table in either order, and the queue's
+    # order is the table's.
+    recorded = []
+    for text in (
+        "a calm story",
+        f"a story about {FORBIDDEN}, one",
+        f"a story about {FORBIDDEN}, two",
+    ):
+        recorded.append(ask(proxy, text))
+        proxy.record(recorded[-1])
+    clean, first, second = recorded
     assert proxy.record(first)["flagged"] is True
     assert proxy.record(clean)["flagged"] is False
 
