@@ -163,7 +163,9 @@ def test_edit_a_policy_with_an_error_fix_it_and_see_it_in_force(
         time.sleep(0.1)
 
     browser.find_element(By.CSS_SELECTOR, "button[aria-label='Put version 1 in force']").click()
-    notice = wait(browser).until(lambda b: b.find_element(By.CSS_SELECTOR, ".notice"))
+    # The page being left has a notice too: wait for the new page, then read its own.
+    wait(browser).until(lambda b: b.current_url.endswith("?name=root&activated=1"))
+    notice = browser.find_element(By.CSS_SELECTOR, ".notice")
     assert notice.text == "Version 1 is in force."
     deadline = time.monotonic() + WAIT
     while not all(call_shell(proxy).status_code == 200 for _ in range(4)):
