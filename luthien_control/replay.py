@@ -132,11 +132,7 @@ class RecordedBackend:
 
 
 def _recorded_response(received: dict[str, Any]) -> _RecordedResponse:
-    headers = {
-        str(name).lower(): str(value)
-        for name, value in (received.get("headers") or {}).items()
-        if str(name).lower() not in _FRAMING
-    }
+    headers = _recorded_headers(received)
     status = int(received.get("status") or 502)
     events = received.get("events")
     if received.get("stream") is not None:
@@ -152,6 +148,15 @@ def _recorded_response(received: dict[str, Any]) -> _RecordedResponse:
         return _RecordedResponse(status, headers, pieces)
     body = received.get("body")
     return _RecordedResponse(status, headers, [_body_bytes(body)] if body is not None else [])
+
+
+def _recorded_headers(side: dict[str, Any]) -> dict[str, str]:
+    """A recorded side's headers, lower-cased, without those that describe its bytes."""
+    return {
+        str(name).lower(): str(value)
+        for name, value in (side.get("headers") or {}).items()
+        if str(name).lower() not in _FRAMING
+    }
 
 
 def _event_bytes(data: Any, *, named: bool) -> bytes:
@@ -170,11 +175,7 @@ def _request(record: dict[str, Any]) -> tuple[ProxyRequest, bytes]:
     received = (record.get("request") or {}).get("received")
     if not isinstance(received, dict):
         raise ReplayRefused("the record holds no request to replay")
-    headers = {
-        str(name).lower(): str(value)
-        for name, value in (received.get("headers") or {}).items()
-        if str(name).lower() not in _FRAMING
-    }
+    headers = _recorded_headers(received)
     if record.get("client_key_name") is not None:
         # The key was redacted: the replay presents its own, where the client put it.
         present = [name for name in _CREDENTIALS if name in headers] or ["authorization"]

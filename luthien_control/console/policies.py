@@ -202,10 +202,7 @@ async def _policy_page(
     from luthien_control.db.models import check_name
     from luthien_control.db.policies import list_versions
 
-    try:
-        check_name(name, "policy")
-    except ClientError as exc:
-        raise ClientError(exc.message) from None
+    check_name(name, "policy")
     services = _services(request)
     versions = await list_versions(services.engine, name)
     shown = None
@@ -252,8 +249,21 @@ def _edited(form: dict[str, str]) -> tuple[str, Literal["json", "yaml"], Any]:
     return text, fmt, load_policy(parse_text(text, fmt, "the edited policy"))
 
 
-def _error_text(exc: PolicyConfigError) -> str:
-    return exc.message
+async def _refused(
+    request: Request, visit: Visit, form: dict[str, str], error: str, status: int = 400
+) -> Response:
+    """The policy's page again, the editor holding the text as sent, with ``error``."""
+    return await _policy_page(
+        request,
+        visit,
+        form.get("name", ""),
+        None,
+        text=form.get("definition", ""),
+        fmt=form.get("format", "json"),
+        error=error,
+        transaction_id=form.get("transaction", "").strip().lower(),
+        status=status,
+    )
 
 
 async def save(request: Request, visit: Visit) -> Response:
@@ -269,16 +279,7 @@ async def save(request: Request, visit: Visit) -> Response:
         except TypeError as exc:
             raise PolicyConfigError(f"the edited policy cannot be stored as JSON: {exc}") from exc
     except PolicyConfigError as exc:
-        return await _policy_page(
-            request,
-            visit,
-            name,
-            None,
-            text=form.get("definition", ""),
-            fmt=form.get("format", "json"),
-            error=_error_text(exc),
-            status=400,
-        )
+        return await _refused(request, visit, form, exc.message)
     stored = await save_policy(
         _services(request).engine,
         name,
@@ -318,42 +319,19 @@ async def dry_run(request: Request, visit: Visit) -> Response:
     try:
         text, fmt, loaded = _edited(form)
     except PolicyConfigError as exc:
-        return await _policy_page(
-            request,
-            visit,
-            name,
-            None,
-            text=form.get("definition", ""),
-            fmt=form.get("format", "json"),
-            error=_error_text(exc),
-            transaction_id=transaction_id,
-            status=400,
-        )
+        return await _refused(request, visit, form, exc.message)
     if not _TRANSACTION_ID.fullmatch(transaction_id):
-        return await _policy_page(
+        return await _refused(
             request,
             visit,
-            name,
-            None,
-            text=text,
-            fmt=fmt,
-            error="Give the id of a recorded transaction (32 hexadecimal digits) to dry-run on.",
-            transaction_id=transaction_id,
-            status=400,
+            form,
+            "Give the id of a recorded transaction (32 hexadecimal digits) to dry-run on.",
         )
     services = _services(request)
     record = await get_transaction(services.engine, transaction_id)
     if record is None:
-        return await _policy_page(
-            request,
-            visit,
-            name,
-            None,
-            text=text,
-            fmt=fmt,
-            error=f"No transaction {transaction_id} is recorded.",
-            transaction_id=transaction_id,
-            status=404,
+        return await _refused(
+            request, visit, form, f"No transaction {transaction_id} is recorded.", 404
         )
     result = await replay(record, loaded, services.settings, judge_backend=services.judge_backend)
     now = result.record
