@@ -139,7 +139,8 @@ async def traffic(request: Request, visit: Visit) -> Response:
     older = None
     if more:
         older = {**{k: v for k, v in filters.items() if v}, "before": str(rows[-1]["seq"])}
-    live = {k: v for k, v in filters.items() if v and k not in ("since", "flagged")}
+    # The live feed adds only what the page's filters would show; every new row is "since".
+    live = {k: v for k, v in filters.items() if v and k != "since"}
     return _render(
         request,
         "traffic.html",

@@ -239,6 +239,29 @@ def test_a_search_finds_a_transaction_by_a_word_of_its_prompt(
     assert csp_violations(browser) == []
 
 
+def test_the_live_feed_of_a_searched_page_adds_only_what_matches(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    word = f"okapi{uuid.uuid4().hex[:6]}"
+    signed_in(browser, proxy, f"/admin/traffic?q={word}")
+    ids = []
+    for prompt in (f"Is the {word} shy?", "Is the heron shy?", f"Where is the {word}?"):
+        answer = httpx.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=10,
+        )
+        ids.append(answer.headers["x-luthien-transaction-id"])
+        proxy.record(ids[-1])
+    # The last match arrives by itself; the other prompt, recorded before it, never.
+    last = f"table.traffic tbody a[href$='{ids[2]}']"
+    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, last))
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq] a")
+    shown = [(r.get_attribute("href") or "").rsplit("/", 1)[-1] for r in rows]
+    assert shown[0] == ids[2] and ids[1] not in shown
+
+
 def test_the_overview_draws_its_charts(browser: WebDriver, proxy: ProxyServer) -> None:
     signed_in(browser, proxy, "/admin/")
     windows = browser.find_elements(By.CSS_SELECTOR, "section.window")

@@ -15,7 +15,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
@@ -174,17 +176,161 @@ def test_edit_a_policy_with_an_error_fix_it_and_see_it_in_force(
     assert csp_violations(browser) == []
 
 
+def dry_run(browser: WebDriver, proxy: ProxyServer, transaction_id: str) -> None:
+    """The policy in force dry-run on ``transaction_id``, from the editor's form."""
+    browser.get(f"{proxy.url}/admin/policy?name=root")
+    browser.find_element(By.ID, "transaction").send_keys(transaction_id)
+    browser.find_element(By.CSS_SELECTOR, "button[formaction$='/policies/dry-run']").click()
+    wait(browser).until(lambda b: b.title.startswith("Dry run of root"))
+
+
+def sideways(browser: WebDriver) -> int:
+    """How far the page scrolls sideways: more than 0 is unreadable on a phone."""
+    return int(
+        browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    )
+
+
 @pytest.mark.usefixtures("signed_in")
-def test_the_review_and_policy_pages_at_a_phone_width(
-    browser: WebDriver, proxy: ProxyServer
-) -> None:
+def test_every_page_at_a_phone_width(browser: WebDriver, proxy: ProxyServer) -> None:
+    recorded = call_shell(proxy, stream=True)
+    transaction_id = recorded.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
     browser.set_window_size(390, 844)
     try:
-        for path in ("/admin/review", "/admin/policies", "/admin/policy?name=root"):
+        for path in (
+            "/admin/review",
+            "/admin/policies",
+            "/admin/policy?name=root",
+            f"/admin/transactions/{transaction_id}",
+        ):
             browser.get(f"{proxy.url}{path}")
-            overflow = browser.execute_script(
-                "return document.documentElement.scrollWidth - window.innerWidth"
-            )
-            assert overflow <= 0, f"{path} scrolls sideways at a phone's width"
+            assert sideways(browser) <= 0, f"{path} scrolls sideways at a phone's width"
+        dry_run(browser, proxy, transaction_id)
+        assert sideways(browser) <= 0, "the dry run scrolls sideways at a phone's width"
+        shot(browser, "dry-run-phone")
     finally:
         browser.set_window_size(1280, 800)
+
+
+# Keyboard and no-script use (issue 12, point 9).
+
+# What a keyboard user must be able to reach. A group of radio buttons is one stop (its
+# checked button; arrows move within it).
+TAB_STOPS = """
+const all = Array.from(document.querySelectorAll(
+  "a[href], button, input:not([type=hidden]), select, textarea, summary"));
+const shown = all.filter((e) => e.getClientRects().length && !e.disabled);
+const stops = shown.filter((e) => {
+  if (e.type !== "radio") return true;
+  const group = shown.filter((o) => o.type === "radio" && o.name === e.name);
+  return group.some((o) => o.checked) ? e.checked : group[0] === e;
+});
+stops.forEach((e, i) => { e.dataset.stop = String(i); });
+return stops.map((e) => e.outerHTML.slice(0, 80));
+"""
+FOCUSED = """
+const e = document.activeElement, style = getComputedStyle(e);
+return [e.dataset.stop === undefined ? null : Number(e.dataset.stop),
+        style.outlineStyle !== "none" && style.outlineWidth !== "0px",
+        e.outerHTML.slice(0, 80)];
+"""
+
+
+def tab_through(browser: WebDriver) -> None:
+    """Tab from the top of the page: every control is reached once, in the page's order,
+    and shows where the focus is. (Chromium also stops at a scrolling box with nothing
+    focusable inside, so a long ``pre`` can be scrolled by keys: allowed, ring checked.)"""
+    stops = browser.execute_script(TAB_STOPS)
+    reached: list[int] = []
+    for _ in range(len(stops) + 8):  # a few scrolling boxes besides
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        stop, ringed, html = browser.execute_script(FOCUSED)
+        if html.startswith("<body"):
+            break  # back out of the page: every stop was passed
+        assert ringed, f"no focus ring on {html}"
+        if stop is not None:
+            reached.append(stop)
+        if len(reached) == len(stops):
+            break
+    assert reached == list(range(len(stops))), (browser.current_url, stops, reached)
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_the_keyboard_reaches_every_control_on_every_page(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    recorded = call_shell(proxy, stream=True)
+    transaction_id = recorded.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+    for path in (
+        "/admin/",
+        "/admin/traffic",
+        f"/admin/transactions/{transaction_id}",
+        "/admin/review",
+        "/admin/keys",
+        "/admin/policies",
+        "/admin/policy?name=root",
+    ):
+        browser.get(f"{proxy.url}{path}")
+        tab_through(browser)
+
+    # A dry run by keys alone: type the id in its field, Tab to its button, Enter.
+    browser.get(f"{proxy.url}/admin/policy?name=root")
+    browser.find_element(By.ID, "transaction").send_keys(transaction_id + Keys.TAB)
+    focused = browser.switch_to.active_element
+    assert focused.text == "Dry run"
+    focused.send_keys(Keys.ENTER)
+    wait(browser).until(lambda b: b.title.startswith("Dry run of root"))
+    tab_through(browser)
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_every_page_reads_without_javascript(browser: WebDriver, proxy: ProxyServer) -> None:
+    response = httpx.post(
+        f"{proxy.api_base}/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}", **answer(f"more about {FORBIDDEN}")},
+        timeout=30,
+    )
+    transaction_id = response.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+    browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    try:
+        browser.get(f"{proxy.url}/admin/traffic")
+        link = f"a[href='/admin/transactions/{transaction_id}']"
+        assert browser.find_elements(By.CSS_SELECTOR, f"table.traffic tbody {link}")
+        browser.get(f"{proxy.url}/admin/review")
+        assert browser.find_elements(By.CSS_SELECTOR, f"tr[data-seq] {link}")
+        browser.get(f"{proxy.url}/admin/transactions/{transaction_id}")
+        turns = [t.text for t in browser.find_elements(By.CSS_SELECTOR, ".conversation .turn pre")]
+        assert turns[-1] == f"more about {FORBIDDEN}"
+        browser.get(f"{proxy.url}/admin/")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "figure.chart svg[role='img']")) == 10
+        browser.get(f"{proxy.url}/admin/policies")
+        assert "database policy 'root'" in browser.find_element(By.ID, "main").text
+    finally:
+        browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+
+
+@pytest.mark.usefixtures("signed_in")
+def test_the_live_feed_of_a_flagged_page_adds_flagged_transactions_only(
+    browser: WebDriver, proxy: ProxyServer
+) -> None:
+    browser.get(f"{proxy.url}/admin/traffic?flagged=1")
+    ids = []
+    for text in (f"first {FORBIDDEN}", "nothing to see", f"second {FORBIDDEN}"):
+        response = httpx.post(
+            f"{proxy.api_base}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", **answer(text)},
+            timeout=30,
+        )
+        ids.append(response.headers["x-luthien-transaction-id"])
+        proxy.record(ids[-1])
+    # The last flagged one arrives by itself; the clean one, recorded before it, never.
+    last = f"table.traffic tbody a[href$='{ids[2]}']"
+    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, last))
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq] a")
+    shown = [(r.get_attribute("href") or "").rsplit("/", 1)[-1] for r in rows]
+    assert shown[0] == ids[2] and ids[1] not in shown
