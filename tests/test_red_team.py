@@ -819,6 +819,29 @@ def a_logprobs_bytes(d: str, st: bool, k: Secret) -> Canned | None:
     return a_logprobs(d, st, k, token="Hi", spelled=k.text)
 
 
+def a_logprobs_bytes_spaced(d: str, st: bool, k: Secret) -> Canned | None:
+    """The same, the JSON written with spaces (``"bytes" : [...]``): a reader that looks
+    for byte values by their compact spelling misses them."""
+    canned = a_logprobs_bytes(d, st, k)
+    if canned is None:
+        return None
+    canned.pieces = [_spaced(piece) for piece in canned.pieces]
+    return canned
+
+
+def _spaced(piece: bytes) -> bytes:
+    """An answer body or event stream, each JSON text rewritten with spaces."""
+    if not piece.startswith((b"data: ", b"event: ")):
+        return json.dumps(json.loads(piece), separators=(" , ", " : ")).encode()
+    lines = []
+    for line in piece.split(b"\n"):
+        if line.startswith(b"data: {"):
+            data = json.loads(line[6:])
+            line = b"data: " + json.dumps(data, separators=(" , ", " : ")).encode()
+        lines.append(line)
+    return b"\n".join(lines)
+
+
 def a_json_key(d: str, st: bool, k: Secret) -> Canned:
     if d == "completions":
         if st:
@@ -1281,6 +1304,7 @@ LEAK_ANSWERS: dict[str, tuple[AnswerFamily, tuple[Expect, Expect]]] = {
     "items_split": (a_items_split, (BLOCKED, REDACTED_)),
     "logprobs_token": (a_logprobs, (BLOCKED, REDACTED_)),
     "logprobs_bytes": (a_logprobs_bytes, (BLOCKED, REDACTED_)),
+    "logprobs_bytes_spaced": (a_logprobs_bytes_spaced, (BLOCKED, REDACTED_)),
     "json_key": (a_json_key, (BLOCKED, REDACTED_)),
     "model": (a_model, (BLOCKED, REDACTED_)),
     "response_header": (a_header, HEADER_BLOCK),

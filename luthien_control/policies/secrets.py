@@ -220,7 +220,8 @@ class SecretPattern:
             or b"\\u" in body
             or (self._json_escapable and b"\\" in body)
             or self._any_literal_bytes.search(body) is not None
-            or b'"bytes":[' in body  # logprobs spell text as byte values (byte_arrays)
+            # Logprobs spell text as byte values (byte_arrays): the key, however spaced.
+            or b'"bytes"' in body
         )
 
     def tail(self, text: str) -> int:
