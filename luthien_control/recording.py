@@ -38,6 +38,7 @@ import orjson
 from luthien_control import jsontext, metrics
 from luthien_control.db.engine import SerializedJSON
 from luthien_control.db.models import ENDPOINT_LENGTH, NAME_LENGTH
+from luthien_control.db.search import SEARCH_TEXT, search_text
 from luthien_control.dialects import Dialect, StreamAssembler, TextSlot
 from luthien_control.dialects.base import joined_slots
 from luthien_control.exceptions import StorageError, StorageRefused
@@ -105,35 +106,59 @@ class Redactor:
         other._secrets = self._secrets.with_literals(literals)
         return other
 
-    def joined(self, slots: list[TextSlot]) -> None:
+    def joined(self, slots: list[TextSlot]) -> bool:
         """Redact, in place, the secrets that strings read as one text spell together
-        (``TextSlot.joins``: the parts of a message), before each is redacted alone."""
+        (``TextSlot.joins``: the parts of a message), before each is redacted alone.
+        True when there was one."""
+        found = False
         for group in joined_slots(slots):
-            joined_secrets(self._secrets, group, redact=True)
+            found = bool(joined_secrets(self._secrets, group, redact=True)) or found
+        return found
+
+    def may_hold(self, serialized: bytes) -> bool:
+        """False only when no string of the JSON text ``serialized``, its escapes undone,
+        can spell a secret (``SecretPattern.may_contain_json``)."""
+        return bool(
+            self._secrets.may_contain_json(serialized) or _PERCENT_ESCAPE.search(serialized)
+        )
 
     def text(self, value: str) -> str:
         """``value`` with every secret replaced (``SecretPattern.scrub``)."""
         return self._secrets.scrub(value)
 
-    def document(self, value: Any, *, keys: list[str] | None = None) -> SerializedJSON:
+    def document(
+        self, value: Any, *, keys: list[str] | None = None, verified: bytes = b""
+    ) -> SerializedJSON:
         """``value`` as JSON text with every secret redacted (``value`` is redacted in
         place), every array or object deeper than ``RECORD_MAX_DEPTH`` as its JSON text.
         Serialized once when it is clean and shallow: a key can be in a decoded string
-        only if one of the literals, a ``\\u`` escape or a percent escape is in the text."""
+        only if one of the literals, a ``\\u`` escape or a percent escape is in the text.
+        ``verified``: the bytes of an ``orjson.Fragment`` in ``value`` that its maker has
+        read already (shallow, no secret, no client key), not read again."""
         serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
-        if keys and serialized is not None and any(k.encode() in serialized for k in keys):
+        unread = serialized if serialized is None else _unread(serialized, verified)
+        if keys and unread is not None and any(k.encode() in unread for k in keys):
             # The client's own key, copied where no credential header is (a header of
             # another name, the query): it is no pattern, it is known.
             rewrite_json(value, lambda text: redact_keys(text, keys))
             serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
-        if serialized is None:  # deeper than RECORD_MAX_DEPTH (or an integer beyond 64 bits)
+            unread = serialized if serialized is None else _unread(serialized, verified)
+        if serialized is None or unread is None:  # deeper than RECORD_MAX_DEPTH (or an
+            # integer beyond 64 bits)
             rewrite_json(value, self.text)  # every decoded string, at any depth
             flat = jsontext.flatten(value, RECORD_MAX_DEPTH)
             return SerializedJSON(jsontext.dumps(flat).decode())
-        may_hold = self._secrets.may_contain_json(serialized) or _PERCENT_ESCAPE.search(serialized)
-        if may_hold and rewrite_json(value, self.text)[1]:
+        if self.may_hold(unread) and rewrite_json(value, self.text)[1]:
             serialized = jsontext.dumps(value)
         return SerializedJSON(serialized.decode())
+
+
+def _unread(serialized: bytes, verified: bytes) -> bytes:
+    """``serialized`` but the ``verified`` bytes in it (read already), to be read."""
+    at = serialized.find(verified) if verified else -1
+    if at < 0:
+        return serialized
+    return serialized[:at] + b"null" + serialized[at + len(verified) :]
 
 
 _PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
@@ -180,33 +205,56 @@ def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
     return None if assembler is None else assembler.summary()
 
 
-def _received_events(dialect: Dialect, raws: list[bytes], redactor: Redactor) -> list[Any] | None:
-    """A stream's events as the backend sent them, parsed, with the secrets their channels
-    spell together redacted; ``None`` (the record keeps the assembled answer only) when,
-    read together again as the client reads them, they would still spell one: a secret
-    hidden in a way only the assembled answer's redaction undoes (an argument escaped
-    twice, say) is never stored in pieces."""
-    events = [Chunk(raw).data for raw in raws]
+def _received_events(
+    dialect: Dialect, raws: list[bytes], redactor: Redactor, keys: list[str]
+) -> list[Any] | bytes | None:
+    """A stream's events as the backend sent them, with the secrets their channels spell
+    together redacted; ``None`` (the record keeps the assembled answer only) when, read
+    together again as the client reads them, they would still spell one: a secret hidden
+    in a way only the assembled answer's redaction undoes (an argument escaped twice, say)
+    is never stored in pieces. Events with nothing to redact are their JSON array as it
+    came (bytes), read here and not written again (``Redactor.document``'s ``verified``)."""
+    chunks = [Chunk(raw) for raw in raws]
+    events = [chunk.data for chunk in chunks]
     slots = _event_slots(dialect, events)
-    redactor.joined(slots)
+    redacted = redactor.joined(slots)
     groups: dict[Any, list[str]] = {}
     for slot in slots:
         groups.setdefault(slot.joins, []).append(slot.text)
     if any(_spells_secret(redactor, "".join(texts)) for texts in groups.values()):
         return None
-    again = dialect.new_assembler()
-    for data in events:
-        again.feed(copy.deepcopy(data))
-    summary = again.summary()
-    before = orjson.dumps(summary, default=str)
-    redactor.joined(dialect.assembled_slots(summary))
-    if redactor.document(summary) != before.decode():
+    if redacted:
+        # The pieces redacted, the answer that the client would assemble from the stored
+        # events must spell nothing either. (Nothing redacted: it is the answer as
+        # received, its channels the groups just read and the rest read below.)
+        again = dialect.new_assembler()
+        for data in events:
+            again.feed(orjson.loads(jsontext.dumps(data)))  # a copy: assemblers keep parts
+        summary = again.summary()
+        before = orjson.dumps(summary, default=str)
+        redactor.joined(dialect.assembled_slots(summary))
+        if redactor.document(summary) != before.decode():
+            return None
+        # Escapes inside strings inside strings (arguments escaped twice): undone as far
+        # as a reader might, the stored text must still spell no secret.
+        if _spells_secret(redactor, orjson.dumps(events, default=str).decode()):
+            return None
+        return events
+    payloads = [chunk.payload for chunk in chunks]
+    stored = b"[" + b",".join(payloads) + b"]"
+    if redactor.may_hold(stored) and _spells_secret(redactor, stored.decode()):
         return None
-    # Escapes inside strings inside strings (arguments escaped twice): undone as far as a
-    # reader might, the stored text must still spell no secret.
-    if _spells_secret(redactor, orjson.dumps(events, default=str).decode()):
-        return None
-    return events
+    deep = any(p.count(b"{") + p.count(b"[") > _EVENT_DEPTH for p in payloads)
+    if deep or b'"bytes"' in stored or any(key.encode() in stored for key in keys):
+        # The document flattens them, reads the text that byte values spell (logprobs'
+        # "bytes", however spaced), or takes the client's key out.
+        return events
+    return stored
+
+
+# How deep an event's JSON may nest to be stored as it came (its brackets counted, inside
+# strings too): the record's own levels above it, and it stays within RECORD_MAX_DEPTH.
+_EVENT_DEPTH = RECORD_MAX_DEPTH - 4
 
 
 def _spells_secret(redactor: Redactor, text: str) -> bool:
@@ -314,9 +362,56 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         if assembled is not None and id(assembled) not in seen:
             seen.add(id(assembled))
             redactor.joined(dialect.assembled_slots(assembled))
-    events = None
+    events: list[Any] | bytes | orjson.Fragment | None = None
     if received_stream is not None and trail.events_received and not trail.events_cut:
-        events = _received_events(dialect, trail.events_received, redactor)
+        events = _received_events(dialect, trail.events_received, redactor, keys)
+    verified = b""
+    if isinstance(events, bytes):  # their JSON as it came, read: written as it is
+        verified, events = events, orjson.Fragment(events)
+    request_value = {
+        "received": {
+            "headers": redacted_headers(request.headers),
+            "query": request.query.decode("latin-1"),
+            "body": bodies.value(trail.request_body),
+        },
+        "sent": None
+        if backend_request is None
+        else {
+            "method": backend_request["method"],
+            "url": display_url(backend_request["url"]),  # no userinfo, no query key
+            # What the policies added carries the backend key, whatever its name.
+            "headers": redacted_headers(
+                {
+                    **backend_request["headers"],
+                    **dict.fromkeys(tx.backend_headers, REDACTED),
+                }
+            ),
+            "body": bodies.value(backend_request["body"]),
+        },
+    }
+    request_json = redactor.document(request_value, keys=keys)
+    response_value = {
+        "received": None
+        if trail.backend_status is None
+        else {
+            "status": trail.backend_status,
+            "headers": redacted_headers(trail.backend_headers or {}),
+            "body": bodies.value(trail.backend_body),
+            "stream": received_stream,
+            # Each event as it came (for a replay), while there were not too many.
+            "events": events,
+            "events_named": trail.events_named,
+            "events_done": trail.events_done,
+        },
+        "sent": {
+            "status": tx.status,
+            "headers": redacted_headers(_headers_sent(trail.client_headers)),
+            "body": bodies.value(trail.client_body),
+            "stream": sent_stream,
+        },
+    }
+    response_json = redactor.document(response_value, keys=keys, verified=verified)
+    endpoint = _column(redactor.text(request.path), ENDPOINT_LENGTH)
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -327,7 +422,7 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "client_key_name": tx.client_key_name,
         "policy_name": _column(tx.policy_name, NAME_LENGTH),
         "method": _column(request.method, 16),
-        "endpoint": _column(redactor.text(request.path), ENDPOINT_LENGTH),
+        "endpoint": endpoint,
         "model": _column(redactor.text(model) if model is not None else None, NAME_LENGTH),
         "streamed": streamed or request.wants_stream,
         "status": _integer(tx.status),
@@ -339,58 +434,25 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         # A stream cut short: whatever usage the backend reported covers only part of it.
         "usage_partial": streamed and tx.outcome in ("client_disconnected", "cut_by_shutdown"),
         "chunks_sent": tx.chunks_sent,
-        "request": redactor.document(
-            {
-                "received": {
-                    "headers": redacted_headers(request.headers),
-                    "query": request.query.decode("latin-1"),
-                    "body": bodies.value(trail.request_body),
-                },
-                "sent": None
-                if backend_request is None
-                else {
-                    "method": backend_request["method"],
-                    "url": display_url(backend_request["url"]),  # no userinfo, no query key
-                    # What the policies added carries the backend key, whatever its name.
-                    "headers": redacted_headers(
-                        {
-                            **backend_request["headers"],
-                            **dict.fromkeys(tx.backend_headers, REDACTED),
-                        }
-                    ),
-                    "body": bodies.value(backend_request["body"]),
-                },
-            },
-            keys=keys,
-        ),
-        "response": redactor.document(
-            {
-                "received": None
-                if trail.backend_status is None
-                else {
-                    "status": trail.backend_status,
-                    "headers": redacted_headers(trail.backend_headers or {}),
-                    "body": bodies.value(trail.backend_body),
-                    "stream": received_stream,
-                    # Each event as it came (for a replay), while there were not too many.
-                    "events": events,
-                    "events_named": trail.events_named,
-                    "events_done": trail.events_done,
-                },
-                "sent": {
-                    "status": tx.status,
-                    "headers": redacted_headers(_headers_sent(trail.client_headers)),
-                    "body": bodies.value(trail.client_body),
-                    "stream": sent_stream,
-                },
-            },
-            keys=keys,
-        ),
+        "request": request_json,
+        "response": response_json,
         "decisions": redactor.document(
             [{"policy": d.policy, "action": d.action, "detail": d.detail} for d in tx.decisions]
         ),
         "flagged": tx.flagged,
+        # Read from the documents as redacted (in place) above, not parsed back.
+        SEARCH_TEXT: _search_text(endpoint or "", request_value, response_value),
     }
+
+
+def _search_text(endpoint: str, request: Any, response: Any) -> str:
+    """The record's search text; empty (found by no search) when it cannot be read (a
+    bug), the record stored all the same."""
+    try:
+        return search_text(endpoint, request, response)
+    except Exception:
+        logger.exception("cannot read the search text of a record of %s", endpoint)
+        return ""
 
 
 def _error(tx: Transaction, redactor: Redactor) -> str | None:
@@ -527,6 +589,7 @@ def dead_letter_line(row: dict[str, Any], reason: str) -> bytes:
     columns = {
         key: orjson.Fragment(str(value)) if type(value) is SerializedJSON else value
         for key, value in row.items()
+        if key != SEARCH_TEXT
     }
     entry = {"refused_at": datetime.now(UTC), "reason": reason, "row": columns}
     return orjson.dumps(entry, default=repr, option=orjson.OPT_APPEND_NEWLINE)

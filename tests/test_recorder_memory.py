@@ -22,6 +22,7 @@ import pytest
 from luthien_control import metrics, recording
 from luthien_control.db.engine import create_engine
 from luthien_control.db.init_db import upgrade
+from luthien_control.db.search import PROMPT_HEAD_CHARS, PROMPT_TAIL_CHARS
 from luthien_control.recording import ROW_OVERHEAD, DatabaseRecorder, Redactor, row_size
 from luthien_control.transaction import ProxyRequest, ProxyResponse, ResponseStream, Transaction
 
@@ -71,10 +72,13 @@ def test_the_backlog_is_bounded_in_bytes(tmp_path: Path) -> None:
     dropped_before = overflowed()
     for _ in range(10):
         queue.record(answered("x" * 300_000))
-    # Each row holds its 300,000 characters once: three fit in 1 MB with room to spare,
-    # the fourth is taken (the bound is checked before a row), the others are dropped.
+    # Each row holds its 300,000 characters once, and the prompt's head and tail in its
+    # search text: three fit in 1 MB with room to spare, the fourth is taken (the bound is
+    # checked before a row), the others are dropped.
+    searched = PROMPT_HEAD_CHARS + 1 + PROMPT_TAIL_CHARS
     assert queue.backlog == 4
-    assert 4 * 300_000 < queue.backlog_bytes < 4 * (300_000 + 2 * ROW_OVERHEAD)
+    assert 4 * (300_000 + searched) < queue.backlog_bytes
+    assert queue.backlog_bytes < 4 * (300_000 + searched + 2 * ROW_OVERHEAD)
     assert overflowed() == dropped_before + 6
 
 

@@ -38,6 +38,9 @@ MAX_CHARS = 200
 PROMPT_HEAD_CHARS = 2_000
 PROMPT_TAIL_CHARS = 14_000
 ANSWER_CHARS = 16_000
+# A row's search text when its maker has it at hand (``recording.build_record`` reads the
+# documents it has just redacted): not a column, written beside the row.
+SEARCH_TEXT = "_search_text"
 FTS_TABLE = "transaction_texts_fts"  # SQLite only: made by migration 0006, not a model
 GIN_INDEX = "ix_transaction_texts_text"  # PostgreSQL only: idem
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import ClientKeyRow, ReviewRow, TransactionRow
-from luthien_control.db.search import fts_match, matching_seqs, search_text
+from luthien_control.db.search import SEARCH_TEXT, fts_match, matching_seqs, search_text
 from luthien_control.exceptions import StorageRefused
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
     # SQLite proxy does not load SQLAlchemy's PostgreSQL dialect (~4 MB of RSS).
     table = cast(Table, TransactionRow.__table__)
     if engine.dialect.name == "sqlite":
-        sql, columns = _sqlite_insert(engine.dialect, tuple(rows[0]))
+        sql, columns = _sqlite_insert(engine.dialect, tuple(k for k in rows[0] if k != SEARCH_TEXT))
         # Each value through its column type's own bind processor, then one executemany
         # at the driver: SQLAlchemy's per-row work for this statement cost about as
         # much CPU as SQLite's insert itself (docs/performance.md).
@@ -84,8 +84,9 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
 
     statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
     texts = _texts(rows)
+    columns_only = [{k: v for k, v in row.items() if k != SEARCH_TEXT} for row in rows]
     async with translate_errors(engine), engine.begin() as connection:
-        await connection.execute(statement, list(rows))
+        await connection.execute(statement, columns_only)
         await connection.execute(_POSTGRESQL_TEXT_INSERT, texts)
         await _touch_keys(connection, rows)
 
@@ -103,12 +104,15 @@ _POSTGRESQL_TEXT_INSERT = text(
 
 
 def _texts(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Each row's search text (``search.search_text``); a record whose text cannot be
-    read (a bug) is stored all the same, found by no search."""
+    """Each row's search text (``SEARCH_TEXT``, else ``search.search_text`` of its
+    documents); a record whose text cannot be read (a bug) is stored all the same, found
+    by no search."""
     texts = []
     for row in rows:
         try:
-            found = search_text(row["endpoint"], row["request"], row["response"])
+            found = row.get(SEARCH_TEXT)
+            if found is None:
+                found = search_text(row["endpoint"], row["request"], row["response"])
         except Exception:
             logger.exception("cannot read the search text of transaction %s", row["id"])
             found = ""
