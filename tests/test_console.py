@@ -85,6 +85,16 @@ def chat(proxy: ProxyServer, content: str) -> str:
     return answer.headers["x-luthien-transaction-id"]
 
 
+def status_with(proxy: ProxyServer, key: str) -> int:
+    """The status of a small chat request made with the client key ``key``."""
+    return httpx.post(
+        f"{proxy.api_base}/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    ).status_code
+
+
 def test_signing_in_sets_a_strict_session_cookie(proxy: ProxyServer) -> None:
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         form = client.get("/admin/sign-in")
@@ -177,12 +187,7 @@ def test_a_key_is_shown_once_works_and_is_refused_once_revoked(
     assert value not in console.get("/admin/keys").text  # never shown again
 
     def status() -> int:
-        return httpx.post(
-            f"{proxy.api_base}/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"Authorization": f"Bearer {value}"},
-            timeout=10,
-        ).status_code
+        return status_with(proxy, value)
 
     deadline = time.monotonic() + 5
     while not all(status() == 200 for _ in range(4)):

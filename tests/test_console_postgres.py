@@ -11,10 +11,8 @@ import re
 import time
 import uuid
 
-import httpx
-
 from tests.conftest import MockBackendServer, ProxyStarter
-from tests.test_console import ADMIN_KEY, SECRET, chat, csrf, sign_in
+from tests.test_console import ADMIN_KEY, SECRET, chat, csrf, sign_in, status_with
 from tests.test_console_policies import BLOCK_SHELL, call_shell, save, stored_tree
 
 
@@ -53,12 +51,7 @@ def test_the_console_on_postgresql_with_two_workers(
     value = match.group(1)
 
     def status() -> int:
-        return httpx.post(
-            f"{proxy.api_base}/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"Authorization": f"Bearer {value}"},
-            timeout=10,
-        ).status_code
+        return status_with(proxy, value)
 
     deadline = time.monotonic() + 5
     while not all(status() == 200 for _ in range(4)):

@@ -25,6 +25,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
+from tests.test_console import status_with
 
 ADMIN_KEY = "browser-admin-key-0123"
 HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
@@ -127,12 +128,7 @@ def test_a_key_made_in_the_browser_works_until_it_is_revoked(
     shot(browser, "keys")
 
     def status() -> int:
-        return httpx.post(
-            f"{proxy.api_base}/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"Authorization": f"Bearer {value}"},
-            timeout=10,
-        ).status_code
+        return status_with(proxy, value)
 
     deadline = time.monotonic() + WAIT
     while not all(status() == 200 for _ in range(4)):
@@ -255,11 +251,17 @@ def test_the_live_feed_of_a_searched_page_adds_only_what_matches(
         ids.append(answer.headers["x-luthien-transaction-id"])
         proxy.record(ids[-1])
     # The last match arrives by itself; the other prompt, recorded before it, never.
-    last = f"table.traffic tbody a[href$='{ids[2]}']"
-    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, last))
+    assert_live_adds_only(browser, ids[2], ids[1])
+
+
+def assert_live_adds_only(browser: WebDriver, last: str, never: str) -> None:
+    """The traffic table's live feed brings ``last`` to the top by itself, and never
+    ``never``, recorded before it (the feed gives records in order)."""
+    link = f"table.traffic tbody a[href$='{last}']"
+    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, link))
     rows = browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq] a")
     shown = [(r.get_attribute("href") or "").rsplit("/", 1)[-1] for r in rows]
-    assert shown[0] == ids[2] and ids[1] not in shown
+    assert shown[0] == last and never not in shown
 
 
 def test_the_overview_draws_its_charts(browser: WebDriver, proxy: ProxyServer) -> None:

@@ -21,7 +21,15 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
-from tests.console.test_browser import ADMIN_KEY, WAIT, csp_violations, shot, sign_in, wait
+from tests.console.test_browser import (
+    ADMIN_KEY,
+    WAIT,
+    assert_live_adds_only,
+    csp_violations,
+    shot,
+    sign_in,
+    wait,
+)
 from tests.policies.test_judge import FORBIDDEN, ContentJudge
 from tests.test_judge import MESSAGES, answer, judged
 
@@ -329,8 +337,4 @@ def test_the_live_feed_of_a_flagged_page_adds_flagged_transactions_only(
         ids.append(response.headers["x-luthien-transaction-id"])
         proxy.record(ids[-1])
     # The last flagged one arrives by itself; the clean one, recorded before it, never.
-    last = f"table.traffic tbody a[href$='{ids[2]}']"
-    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, last))
-    rows = browser.find_elements(By.CSS_SELECTOR, "table.traffic tbody tr[data-seq] a")
-    shown = [(r.get_attribute("href") or "").rsplit("/", 1)[-1] for r in rows]
-    assert shown[0] == ids[2] and ids[1] not in shown
+    assert_live_adds_only(browser, ids[2], ids[1])
