@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import re
 import time
 import uuid
@@ -487,3 +488,156 @@ def test_the_overview_shows_the_figures_and_charts_of_the_hour_and_day(
     ]
     day_requests = re.findall(r'<tr><th scope="row">\d\d:\d\d</th><td>(\d+)</td>', day)
     assert day_requests == ["0"] * 20 + ["2", "0", "0", "3"]
+
+
+# A transaction's conversation on every dialect (issue 12, point 3): messages, tool calls
+# with their arguments, tool results and thinking, for the prompt and for the answer.
+
+WEATHER = json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}])
+TURN = re.compile(
+    r'<li class="turn (?:answer )?role-(\w+) kind-(\w+)">\s*<span class="who">(.*?)</span>'
+    r"\s*<pre>(.*?)</pre>",
+    re.S,
+)
+
+
+def turns(page: str) -> list[tuple[str, str, str, str]]:
+    """Each turn of a transaction page: role class, kind, who (tags dropped), text."""
+    return [
+        (role, kind, html.unescape(re.sub(r"<[^>]+>", "", who)), html.unescape(text))
+        for role, kind, who, text in TURN.findall(page)
+    ]
+
+
+CONVERSATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": (
+        "/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Oslo?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees"},
+                {"role": "user", "content": "And Paris?"},
+            ],
+        },
+    ),
+    "responses": (
+        "/responses",
+        {
+            "model": "gpt-4o-mini",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "arguments": '{"city":"Oslo"}',
+                },
+                {"type": "function_call_output", "call_id": "call_1", "output": "4 degrees"},
+                {"role": "user", "content": "And Paris?"},
+            ],
+        },
+    ),
+    "messages": (
+        "/messages",
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 256,
+            "system": "Be brief.",
+            "messages": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "I should look.", "signature": "c2ln"},
+                        {
+                            "type": "tool_use",
+                            "id": "toolu_1",
+                            "name": "get_weather",
+                            "input": {"city": "Oslo"},
+                        },
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "4 degrees"}
+                    ],
+                },
+                {"role": "assistant", "content": "4 degrees in Oslo."},
+                {"role": "user", "content": [{"type": "text", "text": "And Paris?"}]},
+            ],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["buffered", "streamed"])
+@pytest.mark.parametrize("dialect", list(CONVERSATIONS))
+def test_a_conversation_shows_its_tool_calls_results_and_thinking(
+    proxy: ProxyServer, console: httpx.Client, dialect: str, stream: bool
+) -> None:
+    path, body = CONVERSATIONS[dialect]
+    headers = {
+        "Authorization": f"Bearer {CLIENT_KEY}",
+        "x-mock-tool-calls": quote(WEATHER),
+        "x-mock-content": "Checking.",
+        "x-mock-thinking": "Paris next.",
+    }
+    answer = httpx.post(
+        f"{proxy.api_base}{path}", json={**body, "stream": stream}, headers=headers, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    transaction_id = answer.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+    page = console.get(f"/admin/transactions/{transaction_id}")
+    assert page.status_code == 200
+    shown = turns(page.text)
+    prompt = [turn for turn in shown if "(answer)" not in turn[2]]
+    said = [turn for turn in shown if "(answer)" in turn[2]]
+    first_call = '{\n  "city": "Oslo"\n}'
+    expected_prompt = {
+        "chat": [
+            ("system", "text", "system", "Be brief."),
+            ("user", "text", "user", "Weather in Oslo?"),
+            ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
+            ("tool", "tool_result", "tool · tool result · call_1", "4 degrees"),
+            ("user", "text", "user", "And Paris?"),
+        ],
+        "responses": [
+            ("system", "text", "system", "Be brief."),
+            ("user", "text", "user", "Weather in Oslo?"),
+            ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
+            ("tool", "tool_result", "tool · tool result · call_1", "4 degrees"),
+            ("user", "text", "user", "And Paris?"),
+        ],
+        "messages": [
+            ("system", "text", "system", "Be brief."),
+            ("user", "text", "user", "Weather in Oslo?"),
+            ("assistant", "thinking", "assistant · thinking", "I should look."),
+            ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
+            ("user", "tool_result", "user · tool result · toolu_1", "4 degrees"),
+            ("assistant", "text", "assistant", "4 degrees in Oslo."),
+            ("user", "text", "user", "And Paris?"),
+        ],
+    }[dialect]
+    assert prompt == expected_prompt
+    paris = '{\n  "city": "Paris"\n}'
+    call = ("assistant", "tool_call", "assistant (answer) · tool call · get_weather", paris)
+    thinking = ("assistant", "thinking", "assistant (answer) · thinking", "Paris next.")
+    text = ("assistant", "text", "assistant (answer)", "Checking.")
+    # The thinking block is the Messages API's (the OpenAI mock has none to give).
+    assert said == ([thinking, text, call] if dialect == "messages" else [text, call])

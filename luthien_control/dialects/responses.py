@@ -137,7 +137,7 @@ class ResponsesAssembler:
 
     def summary(self) -> dict[str, Any]:
         status = self.response.get("status") if self.response else None
-        return {
+        summary: dict[str, Any] = {
             "chunks": self.chunks,
             "choices": [
                 {
@@ -147,6 +147,12 @@ class ResponsesAssembler:
                 }
             ],
         }
+        # The output items as the terminal event gives them (function and built-in tool
+        # calls, reasoning, messages by part), as the SDK's final response holds them.
+        output = self.response.get("output") if self.terminal and self.response else None
+        if isinstance(output, list):
+            summary["output"] = output
+        return summary
 
 
 def _item_slots(
@@ -278,7 +284,9 @@ class ResponsesDialect(Dialect):
         return slots
 
     def assembled_slots(self, summary: dict[str, Any]) -> list[TextSlot]:
-        return []  # the assembler keeps the output text joined already (``output_text``)
+        # The output text is joined already (``output_text``); the terminal event's
+        # items are read as a buffered answer's are, their parts joined.
+        return self.answer_slots(summary) if isinstance(summary.get("output"), list) else []
 
     def event_answer(self, data: dict[str, Any]) -> Any:
         kind = data.get("type")
