@@ -446,3 +446,13 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def content_judge_url() -> Iterator[str]:
+    """The mock backend as a trusted-model judge that flags or blocks any text containing
+    ``FORBIDDEN`` (``tests.policies.test_judge.ContentJudge``)."""
+    from tests.policies.test_judge import ContentJudge
+
+    with serve_in_thread(ContentJudge()) as url:
+        yield url

@@ -8,7 +8,6 @@ back from the audit trail with ``luthien-control logs``, as an operator would.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -16,18 +15,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
-from tests.policies.test_judge import FORBIDDEN, ContentJudge, verdict_json
+from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter
+from tests.policies.test_judge import FORBIDDEN, verdict_json
 
 INSTRUCTIONS = f"Block any text that contains the word {FORBIDDEN}."
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
-
-
-@pytest.fixture(scope="module")
-def content_judge_url() -> Iterator[str]:
-    """The mock backend as a judge that blocks any text containing ``FORBIDDEN``."""
-    with serve_in_thread(ContentJudge()) as url:
-        yield url
 
 
 def judged(backend_url: str, judge_url: str, **judge: Any) -> dict[str, Any]:

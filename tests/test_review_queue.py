@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
-from tests.policies.test_judge import FORBIDDEN, ContentJudge
+from tests.conftest import MockBackendServer, ProxyServer, ProxyStarter
+from tests.policies.test_judge import FORBIDDEN
 from tests.test_console import ADMIN_KEY, csrf, sign_in
 from tests.test_judge import MESSAGES, answer, judged
 
 
 @pytest.fixture(scope="module")
-def judge_url() -> Iterator[str]:
-    with serve_in_thread(ContentJudge()) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def proxy(
-    start_proxy: ProxyStarter, mock_backend: MockBackendServer, judge_url: str
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer, content_judge_url: str
 ) -> ProxyServer:
-    policy = judged(mock_backend.api_base, judge_url, mode="buffer", action="flag")
+    policy = judged(mock_backend.api_base, content_judge_url, mode="buffer", action="flag")
     return start_proxy(policy=policy, env={"ADMIN_API_KEY": ADMIN_KEY}, workers=2)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import httpx
@@ -20,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
-from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter, serve_in_thread
+from tests.conftest import CLIENT_KEY, MockBackendServer, ProxyServer, ProxyStarter
 from tests.console.test_browser import (
     ADMIN_KEY,
     WAIT,
@@ -30,24 +29,18 @@ from tests.console.test_browser import (
     sign_in,
     wait,
 )
-from tests.policies.test_judge import FORBIDDEN, ContentJudge
+from tests.policies.test_judge import FORBIDDEN
 from tests.test_judge import MESSAGES, answer, judged
 
 SHELL = json.dumps([{"name": "shell", "arguments": json.dumps({"command": "rm -rf /"})}])
 
 
 @pytest.fixture(scope="module")
-def judge_url() -> Iterator[str]:
-    with serve_in_thread(ContentJudge()) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def proxy(
-    start_proxy: ProxyStarter, mock_backend: MockBackendServer, judge_url: str
+    start_proxy: ProxyStarter, mock_backend: MockBackendServer, content_judge_url: str
 ) -> ProxyServer:
     return start_proxy(
-        db_policy=judged(mock_backend.api_base, judge_url, mode="buffer", action="flag"),
+        db_policy=judged(mock_backend.api_base, content_judge_url, mode="buffer", action="flag"),
         env={"ADMIN_API_KEY": ADMIN_KEY, "REFRESH_INTERVAL": "0.2"},
         workers=2,
     )
@@ -62,6 +55,15 @@ def call_shell(proxy: ProxyServer, *, stream: bool = False) -> httpx.Response:
         )
         response.read()
         return response
+
+
+def recorded_shell_stream(proxy: ProxyServer) -> str:
+    """The id of a streamed answer that calls ``shell``, once it is recorded."""
+    recorded = call_shell(proxy, stream=True)
+    assert recorded.status_code == 200 and '"shell"' in recorded.text
+    transaction_id = recorded.headers["x-luthien-transaction-id"]
+    proxy.record(transaction_id)
+    return transaction_id
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +112,7 @@ def test_review_a_flagged_transaction(browser: WebDriver, proxy: ProxyServer) ->
 def test_dry_run_an_edited_policy_on_a_recorded_stream(
     browser: WebDriver, proxy: ProxyServer
 ) -> None:
-    recorded = call_shell(proxy, stream=True)
-    assert recorded.status_code == 200 and '"shell"' in recorded.text
-    transaction_id = recorded.headers["x-luthien-transaction-id"]
-    proxy.record(transaction_id)
+    transaction_id = recorded_shell_stream(proxy)
 
     browser.get(f"{proxy.url}/admin/policy?name=root")
     editor = browser.find_element(By.ID, "definition")
@@ -201,9 +200,7 @@ def sideways(browser: WebDriver) -> int:
 
 @pytest.mark.usefixtures("signed_in")
 def test_every_page_at_a_phone_width(browser: WebDriver, proxy: ProxyServer) -> None:
-    recorded = call_shell(proxy, stream=True)
-    transaction_id = recorded.headers["x-luthien-transaction-id"]
-    proxy.record(transaction_id)
+    transaction_id = recorded_shell_stream(proxy)
     browser.set_window_size(390, 844)
     try:
         for path in (
@@ -268,9 +265,7 @@ def tab_through(browser: WebDriver) -> None:
 def test_the_keyboard_reaches_every_control_on_every_page(
     browser: WebDriver, proxy: ProxyServer
 ) -> None:
-    recorded = call_shell(proxy, stream=True)
-    transaction_id = recorded.headers["x-luthien-transaction-id"]
-    proxy.record(transaction_id)
+    transaction_id = recorded_shell_stream(proxy)
     for path in (
         "/admin/",
         "/admin/traffic",
