@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 # The newest migration's revision, known without Alembic (a test checks it is the head).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Any fixed 64-bit number; PostgreSQL advisory locks are named by one ("Luthien").
 MIGRATION_LOCK_KEY = 0x4C75746869656E

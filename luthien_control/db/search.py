@@ -4,10 +4,10 @@ condition that finds it.
 The searched text of a transaction is its prompt and its answer as they were recorded,
 so already redacted: a search never finds a secret, only ``[REDACTED]``. It is written
 with the record (``transactions.insert_records``) into ``transaction_texts``, indexed on
-SQLite by an FTS5 table with the trigram tokenizer (``transaction_texts_fts``, kept by
-triggers) and on PostgreSQL by a pg_trgm GIN index: a search is a case-insensitive
-substring match of at least ``MIN_CHARS`` characters, answered from the index at any
-table size (``docs/performance.md``).
+SQLite by an FTS5 table with the trigram tokenizer (``transaction_texts_fts``, written
+once per batch by ``insert_records``) and on PostgreSQL by a pg_trgm GIN index: a search
+is a case-insensitive substring match of at least ``MIN_CHARS`` characters, answered
+from the index at any table size (``docs/performance.md``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from luthien_control.db.engine import describe_url, transaction, translate_errors
 from luthien_control.db.models import ClientKeyRow, ReviewRow, TransactionRow
-from luthien_control.db.search import SEARCH_TEXT, fts_match, matching_seqs, search_text
+from luthien_control.db.search import FTS_TABLE, SEARCH_TEXT, fts_match, matching_seqs, search_text
 from luthien_control.exceptions import StorageRefused
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,13 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
         texts = _texts(rows)
         async with translate_errors(engine), engine.begin() as connection:
             await connection.exec_driver_sql(sql, values)
+            # The write lock is held from the first insert: no other writer adds texts
+            # until the commit, so the texts above ``indexed`` are this batch's new ones.
+            indexed = (await connection.exec_driver_sql(_SQLITE_LAST_TEXT)).scalar_one()
             await connection.exec_driver_sql(
                 _SQLITE_TEXT_INSERT, [(row["text"], row["id"]) for row in texts]
             )
+            await connection.exec_driver_sql(_SQLITE_TEXT_INDEX, (indexed,))
             await _touch_keys(connection, rows)
         return
     from sqlalchemy.dialects import postgresql
@@ -96,6 +100,13 @@ async def insert_records(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) ->
 _SQLITE_TEXT_INSERT = (
     "INSERT INTO transaction_texts (seq, text) SELECT seq, ? FROM transactions WHERE id = ? "
     "ON CONFLICT DO NOTHING"
+)
+# SQLite's FTS5 index of the texts just inserted, in one statement: FTS5 writes its pending
+# terms to disk once per statement, so a trigger per row (migration 0006's, dropped by
+# 0007) cost a segment per record.
+_SQLITE_LAST_TEXT = "SELECT coalesce(max(seq), 0) FROM transaction_texts"
+_SQLITE_TEXT_INDEX = (
+    f"INSERT INTO {FTS_TABLE} (rowid, text) SELECT seq, text FROM transaction_texts WHERE seq > ?"
 )
 _POSTGRESQL_TEXT_INSERT = text(
     "INSERT INTO transaction_texts (seq, text) SELECT seq, CAST(:text AS TEXT) "

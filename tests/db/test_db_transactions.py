@@ -205,6 +205,35 @@ async def test_a_batch_written_again_keeps_one_search_text(db: AsyncEngine) -> N
         (seqs["a"], "user: first words\nx"),
         (seqs["b"], "user: other\ny"),
     ]
+    assert await found(db, "words") == ["a"]
+    assert await found(db, "second") == []
+    if db.dialect.name == "sqlite":
+        await assert_search_index_holds(db)
+
+
+async def assert_search_index_holds(db: AsyncEngine) -> None:
+    """SQLite: FTS5's own check that its index lists exactly the stored texts (it fails
+    on a text indexed twice, or not at all)."""
+    from luthien_control.db.search import FTS_TABLE
+
+    async with db.begin() as connection:
+        await connection.execute(
+            text(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}) VALUES ('integrity-check')")
+        )
+
+
+async def test_each_batch_indexes_its_own_texts(db: AsyncEngine) -> None:
+    """The recorder indexes a batch's texts itself (SQLite: one statement per batch, not
+    a trigger per row): records of several batches, one written twice, are each found."""
+    batches = [
+        [conversation(f"{c}{k}" * 16, f"word{c}{k} shared", "x") for k in range(3)] for c in "abc"
+    ]
+    for batch in (batches[0], batches[1], batches[1], batches[2]):
+        await insert_records(db, batch)
+    assert sorted(await found(db, "shared")) == sorted("aaabbbccc")
+    assert await found(db, "wordb1") == ["b"]
+    if db.dialect.name == "sqlite":
+        await assert_search_index_holds(db)
 
 
 @pytest.mark.parametrize(
@@ -351,7 +380,7 @@ async def test_records_stored_before_0006_are_found_after_the_upgrade(
                         conversation("b" * 32, "Other", "Reply"),
                     ],
                 )
-            assert await upgrade(engine) == "0006"
+            assert await upgrade(engine) == "0007"
             assert await found(engine, "old question") == ["a"]
             assert await found(engine, "[redacted] answer") == ["a"]
             await insert_records(engine, [conversation("c" * 32, "New question", "x")])
