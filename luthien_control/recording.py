@@ -23,6 +23,7 @@ taking its place in the table. A locked or unreachable database only delays the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import logging
@@ -63,6 +64,15 @@ logger = logging.getLogger("luthien_control.transactions")
 BATCH_SIZE = 100  # rows per insert (one database transaction)
 BATCH_WAIT = 0.2  # seconds to wait for a batch to fill once the first record is in
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)  # after a failed write; then every 5 s
+# A worker takes new requests at the pace its records are written: with more rows than
+# this queued (or bytes), a new request waits for the writer (``DatabaseRecorder.pace``),
+# at most PACE_WAIT seconds, until the backlog is half that. Never during an outage: then
+# the backlog is what rides it out (RECORDER_BACKLOG). Without it, a saturated worker ran
+# ahead of its writer (whose every step waits its turn on the busy event loop) by
+# thousands of rows, tens of MB that stayed fragmented once written (docs/operations.md).
+PACE_ROWS = 5 * BATCH_SIZE
+PACE_BYTES = 16 * 1024 * 1024
+PACE_WAIT = 1.0
 # A JSON value of a record nested deeper than this is stored as its JSON text (a string)
 # at this level: readers (orjson: 254 levels written, 1024 read) can always take it back.
 RECORD_MAX_DEPTH = 128
@@ -626,6 +636,9 @@ class DatabaseRecorder:
         self._backlog = backlog
         self._backlog_bytes = backlog_bytes
         self._wakeup = asyncio.Event()
+        # Set while the writer keeps pace: new requests go straight through.
+        self.paced = asyncio.Event()
+        self.paced.set()
         self._task: asyncio.Task[None] | None = None
         # The write in progress, run as a task of its own: stopping the writer never
         # cancels it (see ``stop``).
@@ -658,6 +671,14 @@ class DatabaseRecorder:
         self._queue.append((row, size))
         self._queued_bytes += size
         self._wakeup.set()  # the writer updates the backlog gauge, once per batch
+        if (len(self._queue) > PACE_ROWS or self._queued_bytes > PACE_BYTES) and not self._failing:
+            self.paced.clear()
+
+    async def pace(self) -> None:
+        """Wait while the writer is behind (``PACE_ROWS``), at most ``PACE_WAIT``."""
+        if not self.paced.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.paced.wait(), PACE_WAIT)
 
     @staticmethod
     def _row(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
@@ -681,6 +702,12 @@ class DatabaseRecorder:
         """The row at the head of the queue is in the database (or dead-lettered)."""
         _, size = self._queue.popleft()
         self._queued_bytes -= size
+        if (
+            not self.paced.is_set()
+            and len(self._queue) <= PACE_ROWS // 2
+            and self._queued_bytes <= PACE_BYTES // 2
+        ):
+            self.paced.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="luthien-recorder")
@@ -782,6 +809,7 @@ class DatabaseRecorder:
         try:
             return await self._write_batch()
         except Exception as exc:
+            self.paced.set()  # as in an outage: requests go on
             if repr(exc) != self._bug:  # once per bug, not once per retry
                 self._bug = repr(exc)
                 logger.error("cannot write transaction records (a bug), will retry: %s", self._bug)
@@ -815,6 +843,7 @@ class DatabaseRecorder:
 
     def _outage(self, exc: StorageError) -> None:
         self._last_outage = exc.message
+        self.paced.set()  # requests go on; the backlog rides the outage out
         if not self._failing:
             logger.error("cannot write transaction records, will retry: %s", exc.message)
         self._failing = True

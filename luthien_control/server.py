@@ -309,6 +309,9 @@ class LuthienProxy:
             key = name.decode("latin-1").lower()
             text_value = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text_value}" if key in headers else text_value
+        recorder = services.recorder
+        if recorder is not None and not recorder.paced.is_set():
+            await recorder.pace()  # the audit trail's writer is behind: take its pace
         request = ProxyRequest(scope["method"], path, scope.get("query_string", b""), headers, b"")
         tx = Transaction(request=request, services=services)
         metrics.ACTIVE.inc()

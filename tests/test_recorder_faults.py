@@ -355,6 +355,35 @@ async def test_a_locked_sqlite_database_delays_a_record_and_never_drops_it(
     ]
 
 
+@pytest.mark.anyio
+async def test_requests_are_not_held_back_while_the_database_is_away(
+    sqlite_engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's pace holds new requests back only while it writes: in an outage the
+    backlog (``RECORDER_BACKLOG``) rides it out and traffic goes on."""
+    monkeypatch.setattr(recording, "PACE_ROWS", 2)
+    attempts = Attempts(monkeypatch)
+    recorder = DatabaseRecorder(sqlite_engine, Redactor(), dead_letter=tmp_path / "dead.jsonl")
+    holder = sqlite3.connect(str(sqlite_engine.url.database), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    txs = [finished() for _ in range(3)]
+    for tx in txs:
+        recorder.record(tx)
+    assert not recorder.paced.is_set()  # behind, and no outage known yet
+    recorder.start()
+    try:
+        await until(lambda: attempts.failed >= 1)
+        assert recorder.paced.is_set()  # the database is away: nobody waits
+        recorder.record(finished())
+        assert recorder.paced.is_set() and recorder.backlog == 4
+        holder.execute("COMMIT")
+        holder.close()
+        await until(lambda: recorder.backlog == 0)
+    finally:
+        await recorder.stop()
+    assert len(await stored(sqlite_engine)) == 4
+
+
 async def refuse_model(engine: AsyncEngine) -> str:
     """Make the database refuse every row of model ``REFUSED_MODEL``; its reason."""
     async with engine.begin() as connection:

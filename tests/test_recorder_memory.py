@@ -126,3 +126,38 @@ async def test_the_writer_gives_memory_back_once_idle_after_traffic(
     finally:
         await queue.stop()
         await engine.dispose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_take_the_writers_pace_when_it_falls_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """Beyond ``PACE_ROWS`` queued rows a new request waits for the writer (at most
+    ``PACE_WAIT``) until half of them are written: a saturated worker ran thousands of
+    rows ahead of its writer, tens of MB that stayed fragmented once written."""
+    monkeypatch.setattr(recording, "PACE_ROWS", 4)
+    monkeypatch.setattr(recording, "BATCH_SIZE", 1)  # the writer frees a row at a time
+    engine = create_engine(f"sqlite:///{tmp_path / 'luthien.db'}")
+    await upgrade(engine)
+    queue = DatabaseRecorder(engine, Redactor(), dead_letter=tmp_path / "unused.jsonl")
+    try:
+        for _ in range(4):
+            queue.record(answered())
+        assert queue.paced.is_set()  # 4 rows: within the pace
+        queue.record(answered())
+        assert not queue.paced.is_set()  # 5: a new request would wait
+        monkeypatch.setattr(recording, "PACE_WAIT", 0.05)
+        await queue.pace()  # a writer that does not write: the wait is bounded
+        assert queue.backlog == 5
+        monkeypatch.setattr(recording, "PACE_WAIT", 30.0)  # a bound against hanging only
+        written: list[int] = []
+        queue.start()
+        await queue.pace()
+        written.append(queue.backlog)
+        assert written == [2]  # let go once the backlog was half the pace
+        assert queue.paced.is_set()
+    finally:
+        await queue.stop()
+        await engine.dispose()
+    assert queue.backlog == 0
