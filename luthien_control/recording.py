@@ -298,8 +298,19 @@ def _event_slots(dialect: Dialect, events: list[Any]) -> list[TextSlot]:
     the same way among themselves: a secret split across events or parts is redacted in
     the strings that hold its pieces."""
     slots: list[TextSlot] = []
+    # The usual event (one piece of message text, nothing else: ``Dialect.plain_text``)
+    # is its one text slot, when the dialect's events never repeat text whole.
+    plain = (
+        type(dialect).summary_slots is Dialect.summary_slots
+        and type(dialect).event_answer is Dialect.event_answer
+    )
     for index, data in enumerate(events):
         if not isinstance(data, dict):
+            continue
+        if plain and (text := dialect.plain_text(data)) is not None:
+            holder, field, key = text
+            joined = ("delta", dialect.joins(key) or key)
+            slots.append(TextSlot(key, holder, field, "text", joined))
             continue
         for slot in dialect.text_slots(data):
             joined = ("delta", dialect.joins(slot.key) or slot.key)

@@ -498,3 +498,50 @@ async def test_the_logging_policy_redacts_decoded_values(caplog: pytest.LogCaptu
     assert "transaction_id" in logged and logged.count("[REDACTED]") == 4
     assert SECRET[8:] not in logged and LEGACY_KEY[3:] not in logged
     assert tx.request.body == body  # the request itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "event"),
+    [
+        ("/chat/completions", {"choices": [{"index": 0, "delta": {"content": "sk-"}}]}),
+        ("/chat/completions", {"choices": [{"index": 2, "delta": {"content": "x"}}], "k": "v"}),
+        # Not plain: another field of the delta, a finish, two choices.
+        ("/chat/completions", {"choices": [{"delta": {"content": "a", "refusal": "b"}}]}),
+        ("/chat/completions", {"choices": [{"delta": {"content": "a"}, "finish_reason": "x"}]}),
+        ("/chat/completions", {"choices": [{"delta": {"content": "a"}}, {"index": 1}]}),
+        (
+            "/messages",
+            {
+                "type": "content_block_delta",
+                "index": 1,
+                "delta": {"type": "text_delta", "text": "a"},
+            },
+        ),
+        (  # a field beside the text: read as text_slots reads it
+            "/messages",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "a", "citations": "sk-x"},
+            },
+        ),
+    ],
+)
+def test_a_stored_events_text_is_read_as_the_dialect_reads_it(
+    endpoint: str, event: dict[str, Any]
+) -> None:
+    """The record reads the usual event (``Dialect.plain_text``) without asking for all
+    its slots: the same strings, channels and joins either way."""
+    from luthien_control.dialects import dialect_for
+    from luthien_control.recording import _event_slots
+
+    dialect = dialect_for(endpoint)
+
+    def described(slots: list[Any]) -> list[tuple[Any, ...]]:
+        return [(s.key, s.field, s.kind, s.joins, s.text) for s in slots]
+
+    expected = [
+        (s.key, s.field, s.kind, ("delta", dialect.joins(s.key) or s.key), s.text)
+        for s in dialect.text_slots(event)
+    ]
+    assert described(_event_slots(dialect, [event])) == expected

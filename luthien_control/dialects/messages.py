@@ -363,8 +363,8 @@ class MessagesDialect(AnthropicDialect):
         if data.get("type") != "content_block_delta":
             return None
         delta = data.get("delta")
-        if type(delta) is not dict or delta.get("type") != "text_delta":
-            return None
+        if type(delta) is not dict or delta.get("type") != "text_delta" or len(delta) != 2:
+            return None  # (any other field: read by text_slots)
         if type(delta.get("text")) is not str:
             return None
         return delta, "text", (data.get("index"), "text")

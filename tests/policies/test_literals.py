@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 import regex
 
 from luthien_control.policies.literals import MAX_LENGTH, minimal, required_prefixes
+from luthien_control.policies.secrets import DEFAULT_PATTERNS, _trie, derived_literals
+
+DEFAULT_PATTERNS_LITERALS = derived_literals(DEFAULT_PATTERNS.values()) or ()
 
 
 @pytest.mark.parametrize(
@@ -58,3 +64,25 @@ def test_fuzzy_matching_really_escapes_the_literal() -> None:
 
 def test_minimal_drops_literals_that_begin_with_another() -> None:
     assert minimal(["sk-proj-", "sk-", "sk-ant-", "AKIA"]) == {"sk-", "AKIA"}
+
+
+@pytest.mark.parametrize(
+    "literals",
+    [
+        DEFAULT_PATTERNS_LITERALS,
+        ("sk-", "sk-proj-", "AKIA", "ab", "a"),  # words that begin others
+        ("a.b", "a*", "(x)", "\\d"),  # regex syntax, to be escaped
+    ],
+)
+def test_the_literal_prefilter_finds_exactly_the_literals(literals: tuple[str, ...]) -> None:
+    """``SecretPattern`` searches for its literals as one trie-shaped regex: it must find
+    a literal exactly where a plain alternation of them does, no more, no less."""
+    plain = re.compile("|".join(map(re.escape, literals)))
+    trie = re.compile(_trie(literals))
+    alphabet = "".join(sorted(set("".join(literals)))) + " zQ-_"
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))
+        assert (trie.search(text) is None) == (plain.search(text) is None), text
+    for literal in literals:
+        assert trie.search(f"x{literal}y") is not None
