@@ -174,7 +174,13 @@ class _StreamRelay:
                         rules.check(payload)
                 else:
                     payload = event.data
-                seen = usage.see(event, raw) if usage is not None and b'"usage"' in raw else event
+                # "usage" in the bytes, or a \u escape that may spell it (as the client's
+                # JSON reader would read it)
+                seen = (
+                    usage.see(event, raw)
+                    if usage is not None and (b'"usage"' in raw or b"\\u" in raw)
+                    else event
+                )
                 if seen is None:  # the usage the client did not ask for
                     unfed = None
                     arrived.append(payload)

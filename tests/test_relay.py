@@ -167,6 +167,21 @@ async def test_the_usage_the_client_did_not_ask_for_is_received_only() -> None:
 
 
 @pytest.mark.anyio
+async def test_usage_under_an_escaped_key_is_read_and_hidden_all_the_same() -> None:
+    """``"us\\u0061ge"`` is ``"usage"`` to every JSON reader: its figures are recorded,
+    and a client that did not ask for usage does not get it (the usage-only chunk
+    with no choices included)."""
+    escaped = [
+        piece.replace(b'"usage"', b'"us\\u0061ge"')
+        for piece in (event("one ", usage=None), event(finish="stop", usage=None), USAGE_ONLY)
+    ]
+    tx, wire = await relay([*escaped, b"data: [DONE]\n\n"], Upper(), hide_usage=True)
+    assert b"us\\u0061ge" not in wire and b"usage" not in wire
+    assert wire.count(b"data: ") == 3  # two chunks and [DONE]: the usage-only one dropped
+    assert tx.usage is not None and tx.usage.total_tokens == 3
+
+
+@pytest.mark.anyio
 async def test_the_event_a_policy_failed_on_is_received_and_not_sent() -> None:
     tx, wire = await relay(STREAM, Upper(fail="three"))
     assert wire.endswith(b"\n\n") and b"policy_blocked" in wire and b"[DONE]" not in wire
