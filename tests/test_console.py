@@ -609,21 +609,16 @@ def test_a_conversation_shows_its_tool_calls_results_and_thinking(
     prompt = [turn for turn in shown if "(answer)" not in turn[2]]
     said = [turn for turn in shown if "(answer)" in turn[2]]
     first_call = '{\n  "city": "Oslo"\n}'
+    openai_prompt = [  # chat completions and Responses show the same turns
+        ("system", "text", "system", "Be brief."),
+        ("user", "text", "user", "Weather in Oslo?"),
+        ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
+        ("tool", "tool_result", "tool · tool result · call_1", "4 degrees"),
+        ("user", "text", "user", "And Paris?"),
+    ]
     expected_prompt = {
-        "chat": [
-            ("system", "text", "system", "Be brief."),
-            ("user", "text", "user", "Weather in Oslo?"),
-            ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
-            ("tool", "tool_result", "tool · tool result · call_1", "4 degrees"),
-            ("user", "text", "user", "And Paris?"),
-        ],
-        "responses": [
-            ("system", "text", "system", "Be brief."),
-            ("user", "text", "user", "Weather in Oslo?"),
-            ("assistant", "tool_call", "assistant · tool call · get_weather", first_call),
-            ("tool", "tool_result", "tool · tool result · call_1", "4 degrees"),
-            ("user", "text", "user", "And Paris?"),
-        ],
+        "chat": openai_prompt,
+        "responses": openai_prompt,
         "messages": [
             ("system", "text", "system", "Be brief."),
             ("user", "text", "user", "Weather in Oslo?"),

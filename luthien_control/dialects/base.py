@@ -85,7 +85,8 @@ class StreamRules(Protocol):
 
 
 class UsageBook(Protocol):
-    """Sees each stream event that holds ``"usage"`` before the policies do."""
+    """Sees each stream event that holds ``"usage"`` (or a ``\\u`` escape that may
+    spell it) before the policies do."""
 
     def see(self, chunk: Chunk, raw: bytes) -> Chunk | None:
         """The event to pass on (``None``: dropped, it was only the proxy's question)."""

@@ -378,7 +378,8 @@ class ChatUsageBook:
         self.hide = tx.usage_injected
 
     def see(self, chunk: Chunk, raw: bytes) -> Chunk | None:
-        """``raw``: the chunk's bytes, which the caller found to hold ``"usage"``."""
+        """``raw``: the chunk's bytes, which the caller found to hold ``"usage"`` or a
+        ``\\u`` escape that may spell it (then only the parsed data tells)."""
         if self.hide:
             stripped = raw.replace(_INJECTED_USAGE, b"")
             if len(stripped) != len(raw):
