@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from luthien_control.bench.procfs import cpu_seconds, pin, rss_bytes
+from luthien_control.bench.procfs import cpu_seconds, pin, rss_bytes, settled_cpu_seconds
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -246,6 +246,7 @@ class Sample:
     result: dict[str, Any]
     rss: list[tuple[float, int]] = field(default_factory=list)
     cpu_s: float | None = None
+    settle_s: float = 0.0  # after the load, until the server's CPU time went quiet
 
 
 class LoadGenerator:
@@ -294,14 +295,16 @@ class LoadGenerator:
                 self._buffer += data
             if watch_pid is not None and (value := rss_bytes(watch_pid)) is not None:
                 rss.append((time.monotonic(), value))
-        cpu_after = cpu_seconds(watch_pid) if watch_pid is not None else None
+        # Counted until the server has gone quiet: what it does after the last answer
+        # (records still queued for its writer) is part of the load's cost.
+        cpu_after, settle = settled_cpu_seconds(watch_pid) if watch_pid is not None else (None, 0.0)
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
             result = json.loads(line)
         except ValueError:
             raise BenchError(f"the load generator printed no result: {line[:200]!r}") from None
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-        return Sample(result=result, rss=rss, cpu_s=cpu)
+        return Sample(result=result, rss=rss, cpu_s=cpu, settle_s=settle)
 
     def _check_alive(self, *, wait: bool = False) -> None:
         if wait:

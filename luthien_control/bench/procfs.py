@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 
 
@@ -58,3 +59,23 @@ def cpu_seconds(pid: int) -> float | None:
     # Fields after the command name (which may hold spaces): state is field 3, utime 14.
     fields = text[text.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+SETTLE_WINDOW = 0.25  # seconds of near-idle CPU that mean the work of a load is done
+SETTLE_QUIET = 0.02  # CPU seconds within a window still counted as idle (2 clock ticks)
+SETTLE_LIMIT = 30.0  # at most this long: a process that never goes quiet is read anyway
+
+
+def settled_cpu_seconds(pid: int, limit: float = SETTLE_LIMIT) -> tuple[float | None, float]:
+    """``cpu_seconds`` of ``pid`` once it has gone quiet (at most ``SETTLE_LIMIT`` s), and
+    how long that took: the work a load left behind (a proxy's records still queued for
+    its writer) counted with the load."""
+    started = time.monotonic()
+    last = cpu_seconds(pid)
+    while last is not None and time.monotonic() - started < limit:
+        time.sleep(SETTLE_WINDOW)
+        now = cpu_seconds(pid)
+        if now is None or now - last <= SETTLE_QUIET:
+            return now if now is not None else last, time.monotonic() - started
+        last = now
+    return last, time.monotonic() - started

@@ -279,6 +279,7 @@ def measurement(sample: Sample, side: Side) -> dict[str, Any]:
         "server": "mock" if side.name == "direct" else "proxy",
         "load": load,
         "server_cpu_s": sample.cpu_s,
+        "server_settle_s": sample.settle_s,
         "rss_open_mb": max(chosen) / MB if chosen else None,
         "rss_max_mb": max(every) / MB if every else None,
         "rss_samples": len(sample.rss),

@@ -101,6 +101,9 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
         runs = document["rounds"][0]["pool_512"][side]["runs"]
         assert runs["burst"]["load"]["ok"] == 512, side  # every request of the burst answered
     assert "proxy" in document["summary"]["unpaced_32"]["cpu_ms_per_1000_chunks"]
+    # CPU time is read once the server went quiet after the load (its writer's backlog
+    # counted with the load), and the wait is in the results.
+    assert document["rounds"][0]["nonstream_32"]["proxy"]["server_settle_s"] > 0
     names = {target["name"] for target in document["targets"]}
     assert {
         "added_ttft_p50_64",
