@@ -29,6 +29,7 @@ as they came (``Message.payload`` then parses leniently, for the proxy's own nee
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import zlib
@@ -50,7 +51,8 @@ UPLOAD_ROUTE = re.compile(
 )
 
 _BOMS = (b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")  # UTF-8, UTF-16 (32-LE starts FF FE)
-_JSON_START = re.compile(rb"[ \t\r\n]*[\[{]")
+_JSON_WHITESPACE = b" \t\r\n"
+_JSON_WHITESPACE_TEXT = " \t\r\n"
 _UTF8_NAMES = frozenset({"utf-8", "utf8"})
 
 
@@ -169,14 +171,25 @@ def decompress(body: bytes, codings: list[str], limit: int) -> bytes:
 
 
 def looks_like_json(data: bytes) -> bool:
-    """An object or array, possibly in an encoding orjson refuses: after a byte order
-    mark, or in UTF-16 or UTF-32 (NUL bytes between the characters)."""
-    head = data[:64]
-    if head.startswith(_BOMS[0]):
-        head = head[3:]
-    elif head.startswith(_BOMS):
-        head = head[2:]
-    return _JSON_START.match(head.replace(b"\x00", b"")) is not None
+    """An object or array as a client's JSON reader finds it: Python's ``json`` (which
+    the OpenAI and Anthropic SDKs call on any body, whatever its content type) reads
+    bytes in the encoding ``json.detect_encoding`` tells from the first bytes (UTF-8,
+    after a byte order mark, UTF-16 or UTF-32 with or without one) and skips any amount
+    of whitespace before the value. So neither a long run of whitespace nor UTF-16 hides
+    a JSON body here."""
+    encoding = json.detect_encoding(data)
+    if encoding in ("utf-8", "utf-8-sig"):
+        head = data[3:] if encoding == "utf-8-sig" else data
+        return head.lstrip(_JSON_WHITESPACE)[:1] in (b"{", b"[")
+    # Decoded a piece at a time: only the whitespace before the first character counts.
+    decoder = codecs.getincrementaldecoder(encoding)("replace")
+    for start in range(0, len(data) + 1, DEFAULT_PIECE):
+        piece = data[start : start + DEFAULT_PIECE]
+        text = decoder.decode(piece, final=len(piece) < DEFAULT_PIECE)
+        text = text.lstrip(_JSON_WHITESPACE_TEXT)
+        if text:
+            return text[0] in "{["
+    return False
 
 
 def strict_json(data: bytes) -> Any:

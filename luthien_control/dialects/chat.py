@@ -8,6 +8,7 @@ arguments), ended by ``data: [DONE]``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
@@ -152,7 +153,6 @@ _DELTA_KINDS = {
     "reasoning": "reasoning",
     "reasoning_content": "reasoning",
 }
-_NOT_TEXT = frozenset({"role"})
 _TEMPLATE_FIELDS = ("id", "object", "created", "model")
 
 
@@ -613,27 +613,71 @@ def _part_texts(parts: list[Any]) -> list[str]:
 
 def _delta_slots(index: int, delta: dict[str, Any], slots: list[TextSlot]) -> None:
     for field_name, value in delta.items():
-        if isinstance(value, str):
-            if field_name not in _NOT_TEXT:
-                kind = _DELTA_KINDS.get(field_name, "other")
-                slots.append(TextSlot((index, field_name, None), delta, field_name, kind))
+        if isinstance(value, str):  # the role too: the SDK joins it like the rest
+            kind = _DELTA_KINDS.get(field_name, "other")
+            slots.append(TextSlot((index, field_name, None), delta, field_name, kind))
         elif field_name == "content" and isinstance(value, list):
             # Content as a list of parts (some providers): the text they spell continues
             # the choice's content channel, as the client reads it.
             slots.append(TextSlot((index, "content", None), _Parts(delta), "content", "text"))
         elif field_name == "tool_calls" and isinstance(value, list):
             for call in value:
-                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(call, dict):
+                    continue
+                call_index = call.get("index", 0)
+                function = call.get("function")
                 if isinstance(function, dict):
-                    _function_slots(index, call.get("index", 0), function, slots)
+                    _function_slots(index, call_index, function, slots)
+                # The call's other strings (its id, a custom tool's name and input):
+                # the SDK joins them across chunks too.
+                rest = {k: v for k, v in call.items() if k != "function"}
+                _nested_slots(index, ("tool_calls", call_index), call, rest, slots)
         elif field_name == "function_call" and isinstance(value, dict):  # the legacy call
             _function_slots(index, "function_call", value, slots)
-        elif (
-            field_name == "audio"
-            and isinstance(value, dict)
-            and isinstance(value.get("transcript"), str)
-        ):
-            slots.append(TextSlot((index, "audio", None), value, "transcript", "audio"))
+        elif field_name == "audio" and isinstance(value, dict):
+            if isinstance(value.get("transcript"), str):
+                slots.append(TextSlot((index, "audio", None), value, "transcript", "audio"))
+            rest = {k: v for k, v in value.items() if k != "transcript"}
+            _nested_slots(index, ("audio",), value, rest, slots)
+        elif isinstance(value, dict | list):
+            _nested_slots(index, (field_name,), delta, {field_name: value}, slots, top=True)
+
+
+# Keys the SDK's ``accumulate_delta`` replaces instead of joining.
+_REPLACED = frozenset({"index", "type"})
+
+
+def _nested_slots(
+    index: int,
+    path: tuple[Any, ...],
+    holder: dict[str, Any],
+    fields: dict[str, Any],
+    slots: list[TextSlot],
+    *,
+    top: bool = False,
+) -> None:
+    """Every other string of a delta, at any depth, as a channel of its own: the OpenAI
+    SDK folds a chunk's delta into the message with ``accumulate_delta``, which joins
+    *every* string it meets again (a tool call's ``id``, ``audio.id``, a field no API
+    documents), dicts by key and lists of objects by their ``index``; so a key split
+    across such strings is read whole by the client. A channel's key is
+    ``(choice, "path", path)``: the keys and list ``index`` values that lead to it."""
+    stack: list[tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]] = [
+        ((() if top else path), holder, fields)
+    ]
+    while stack:
+        where, parent, items = stack.pop()
+        for name, value in items.items():
+            if name in _REPLACED:
+                continue
+            if isinstance(value, str):
+                slots.append(TextSlot((index, "path", (*where, name)), parent, name, "other"))
+            elif isinstance(value, dict):
+                stack.append(((*where, name), value, value))
+            elif isinstance(value, list):
+                for entry in value:  # the SDK merges objects by their index
+                    if isinstance(entry, dict) and isinstance(entry.get("index"), int):
+                        stack.append(((*where, name, entry["index"]), entry, entry))
 
 
 def _function_slots(
@@ -649,6 +693,9 @@ def _put_back(delta: dict[str, Any], piece: Released) -> None:
     where: ``None`` a field of the delta, ``"function_call"`` the legacy call, an int
     the ``tool_calls`` entry of that index."""
     _, field_name, call = piece.key
+    if field_name == "path":  # a string at any depth (``_nested_slots``)
+        _put_back_at(delta, call, piece.text)
+        return
     if call is None:
         if field_name == "audio":
             audio = delta.setdefault("audio", {})
@@ -668,3 +715,29 @@ def _put_back(delta: dict[str, Any], piece: Released) -> None:
             calls.append(entry)
         function = entry.setdefault("function", {})
     function[field_name] = (function.get(field_name) or "") + piece.text
+
+
+def _put_back_at(delta: dict[str, Any], path: tuple[Any, ...], text: str) -> None:
+    """Append ``text`` to the string at ``path`` in ``delta`` (made as needed): keys of
+    objects, and for a list the ``index`` of its entry, as the SDK folds them. A tool
+    call's entry made here carries a ``function`` (the SDK asserts one in every delta
+    of a function call), unless the text is a custom tool's."""
+    holder: Any = delta
+    for step, following in itertools.pairwise(path):
+        if isinstance(holder, list):
+            entries = (e for e in holder if isinstance(e, dict) and e.get("index") == step)
+            entry = next(entries, None)
+            if entry is None:
+                entry = {"index": step}
+                if path[0] == "tool_calls" and following != "custom":
+                    entry["function"] = {}
+                holder.append(entry)
+            holder = entry
+            continue
+        default: Any = [] if isinstance(following, int) else {}
+        child = holder.get(step)
+        if not isinstance(child, dict | list):
+            child = holder[step] = default
+        holder = child
+    name = path[-1]
+    holder[name] = (holder.get(name) or "") + text
