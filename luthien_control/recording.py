@@ -55,7 +55,7 @@ from luthien_control.policies.secrets import (
 )
 from luthien_control.settings import DEFAULT_RECORDER_BACKLOG, DEFAULT_RECORDER_BACKLOG_BYTES
 from luthien_control.sse import Chunk
-from luthien_control.transaction import Transaction
+from luthien_control.transaction import UNREAD, Transaction
 from luthien_control.upstream.client import REDACTED, display_url
 
 logger = logging.getLogger("luthien_control.transactions")
@@ -216,16 +216,28 @@ def _stream(assembler: StreamAssembler | None) -> dict[str, Any] | None:
 
 
 def _received_events(
-    dialect: Dialect, raws: list[bytes], redactor: Redactor, keys: list[str]
+    dialect: Dialect,
+    raws: list[bytes],
+    redactor: Redactor,
+    keys: list[str],
+    parsed: list[Any] | None = None,
 ) -> list[Any] | bytes | None:
     """A stream's events as the backend sent them, with the secrets their channels spell
     together redacted; ``None`` (the record keeps the assembled answer only) when, read
     together again as the client reads them, they would still spell one: a secret hidden
     in a way only the assembled answer's redaction undoes (an argument escaped twice, say)
     is never stored in pieces. Events with nothing to redact are their JSON array as it
-    came (bytes), read here and not written again (``Redactor.document``'s ``verified``)."""
+    came (bytes), read here and not written again (``Redactor.document``'s ``verified``).
+    ``parsed``: the relay's parse of each event (``Trail.events_parsed``), not done again
+    where it lines up and is not ``UNREAD``."""
     chunks = [Chunk(raw) for raw in raws]
-    events = [chunk.data for chunk in chunks]
+    if parsed is None or len(parsed) != len(raws):
+        events = [chunk.data for chunk in chunks]
+    else:
+        events = [
+            chunk.data if value is UNREAD else value
+            for chunk, value in zip(chunks, parsed, strict=True)
+        ]
     slots = _event_slots(dialect, events)
     redacted = redactor.joined(slots)
     groups: dict[Any, list[str]] = {}
@@ -273,6 +285,8 @@ def _spells_secret(redactor: Redactor, text: str) -> bool:
     for _ in range(_UNESCAPE_ROUNDS):
         if redactor.text(text) != text:
             return True
+        if "\\" not in text:  # no escape left to undo
+            return False
         unescaped = _ESCAPES.sub(_unescape, text)
         if unescaped == text:
             return False
@@ -379,13 +393,17 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         if isinstance(value, dict) and id(value) not in seen:
             seen.add(id(value))
             redactor.joined(slots(value))
+    # The events before the assembled answer: the answer may hold parts of the relay's
+    # parsed events (a Responses API answer's output items), which its redaction changes.
+    events: list[Any] | bytes | orjson.Fragment | None = None
+    if received_stream is not None and trail.events_received and not trail.events_cut:
+        events = _received_events(
+            dialect, trail.events_received, redactor, keys, trail.events_parsed
+        )
     for assembled in (received_stream, sent_stream):
         if assembled is not None and id(assembled) not in seen:
             seen.add(id(assembled))
             redactor.joined(dialect.assembled_slots(assembled))
-    events: list[Any] | bytes | orjson.Fragment | None = None
-    if received_stream is not None and trail.events_received and not trail.events_cut:
-        events = _received_events(dialect, trail.events_received, redactor, keys)
     verified = b""
     if isinstance(events, bytes):  # their JSON as it came, read: written as it is
         verified, events = events, orjson.Fragment(events)

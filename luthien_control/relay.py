@@ -27,7 +27,7 @@ from luthien_control.exceptions import (
 )
 from luthien_control.responses import HOP_BY_HOP, STREAM_HEADERS, TRANSACTION_HEADER
 from luthien_control.sse import DONE_EVENT, Chunk, SSEDecoder
-from luthien_control.transaction import StreamTransform, Transaction
+from luthien_control.transaction import UNREAD, StreamTransform, Transaction
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -137,6 +137,10 @@ class _StreamRelay:
         self.received = tx.trail.stream_received = tx.trail.stream_sent = received
         self.events: list[bytes] = []
         tx.trail.events_received = self.events
+        # Each recorded event's JSON as read here, for its record (no second parse);
+        # ``UNREAD`` where a policy or the usage book may have changed the parsed copy.
+        self.parsed: list[Any] = []
+        tx.trail.events_parsed = self.parsed
         self.sent: StreamAssembler | None = None  # None: still the same as ``received``
         self.started = False
         self.done = False  # the backend sent [DONE]
@@ -155,7 +159,7 @@ class _StreamRelay:
         arrived: list[Any] = []
         same = True  # every event of this read so far went out as it came in
         unfed: bytes | None = None  # the event in the policies' hands
-        events = self.events
+        events, parsed = self.events, self.parsed
         try:
             for event in self.decoder.close() if last else self.decoder.feed(data):
                 raw = unfed = event.raw
@@ -163,7 +167,8 @@ class _StreamRelay:
                     unfed = None
                     self.done = tx.trail.events_done = True
                     break
-                if len(events) < RECORDED_EVENTS:  # its bytes, as they came: no copy
+                kept = len(events) < RECORDED_EVENTS
+                if kept:  # its bytes, as they came: no copy
                     events.append(raw)
                 else:
                     tx.trail.events_cut = True
@@ -174,13 +179,16 @@ class _StreamRelay:
                         rules.check(payload)
                 else:
                     payload = event.data
+                if kept:
+                    parsed.append(payload)
                 # "usage" in the bytes, or a \u escape that may spell it (as the client's
                 # JSON reader would read it)
-                seen = (
-                    usage.see(event, raw)
-                    if usage is not None and (b'"usage"' in raw or b"\\u" in raw)
-                    else event
-                )
+                if usage is not None and (b'"usage"' in raw or b"\\u" in raw):
+                    seen = usage.see(event, raw)
+                    if kept and (event.raw is not raw or event.changed):
+                        parsed[-1] = UNREAD  # the book took its usage out of ``payload``
+                else:
+                    seen = event
                 if seen is None:  # the usage the client did not ask for
                     unfed = None
                     arrived.append(payload)
@@ -204,10 +212,14 @@ class _StreamRelay:
                 else:
                     arrived.append(_parsed(raw))  # as it came, before any policy
                     same = False
+                    if kept:
+                        parsed[-1] = UNREAD  # a policy may have changed ``payload``
                 ready.extend(chunks)
         except BaseException as exc:
             if unfed is not None:  # a policy failed on it: received, never sent
                 arrived.append(_parsed(unfed))
+                if len(parsed) == len(events):
+                    parsed[-1] = UNREAD
             if not isinstance(exc, Exception):  # cancelled (a disconnect): none sent
                 self.fold(arrived, [], same=not arrived)
                 raise

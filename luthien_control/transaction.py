@@ -187,9 +187,15 @@ class Trail:
     # The stream's events as the backend sent them (their bytes), for a replay of the record
     # (``replay.py``); at most ``RECORDED_EVENTS`` of them, then ``events_cut``.
     events_received: list[bytes] | None = None
+    # Their JSON as the relay parsed it, one per event while they line up; ``UNREAD`` where
+    # the relay's copy may have been changed since (the record parses those bytes again).
+    events_parsed: list[Any] | None = None
     events_named: bool = False  # they came with ``event:`` lines (Responses, Messages)
     events_done: bool = False  # and ended with ``data: [DONE]`` (chat completions)
     events_cut: bool = False
+
+
+UNREAD = object()  # in ``Trail.events_parsed``: parse this event's bytes again
 
 
 def new_transaction_id() -> str:

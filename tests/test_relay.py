@@ -17,7 +17,13 @@ from luthien_control.exceptions import PolicyBlocked
 from luthien_control.policies.secrets import LeakedApiKeyDetection
 from luthien_control.relay import relay_stream
 from luthien_control.sse import Chunk
-from luthien_control.transaction import ProxyRequest, ProxyResponse, ResponseStream, Transaction
+from luthien_control.transaction import (
+    UNREAD,
+    ProxyRequest,
+    ProxyResponse,
+    ResponseStream,
+    Transaction,
+)
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
 KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
@@ -179,6 +185,37 @@ async def test_usage_under_an_escaped_key_is_read_and_hidden_all_the_same() -> N
     assert b"us\\u0061ge" not in wire and b"usage" not in wire
     assert wire.count(b"data: ") == 3  # two chunks and [DONE]: the usage-only one dropped
     assert tx.usage is not None and tx.usage.total_tokens == 3
+
+
+def as_recorded(tx: Transaction) -> list[Any]:
+    """The events as the record reads them: the relay's parse, or their bytes again."""
+    raws, parsed = tx.trail.events_received, tx.trail.events_parsed
+    assert raws is not None and parsed is not None and len(parsed) == len(raws)
+    return [
+        Chunk(raw).data if value is UNREAD else value
+        for raw, value in zip(raws, parsed, strict=True)
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hide_usage", [False, True])
+async def test_the_record_reads_each_event_as_its_bytes_spell_it(hide_usage: bool) -> None:
+    """The relay hands the record its parse of each event, save those a policy changed
+    or the usage book took the usage out of: those are parsed again from their bytes."""
+    events = [
+        event("one ", usage=None),
+        event("two ", usage=None),
+        event("three", usage=None),
+        event(finish="stop", usage=None),
+        USAGE_ONLY,
+        b"data: [DONE]\n\n",
+    ]
+    tx, _ = await relay(events, Upper(targets=frozenset({"two "})), hide_usage=hide_usage)
+    parsed = tx.trail.events_parsed
+    assert parsed is not None
+    assert as_recorded(tx) == [Chunk(raw).data for raw in events[:-1]]
+    changed = {1} | ({0, 2, 3} if hide_usage else set())
+    assert {i for i, value in enumerate(parsed) if value is UNREAD} == changed
 
 
 @pytest.mark.anyio
