@@ -250,6 +250,40 @@ def test_responses_delta_after_its_done_is_refused(action: str) -> None:
     assert isinstance(tx.error or error, BackendBroken)
 
 
+@pytest.mark.parametrize("indexes", [(1, 0), (0, -1), (0, 2)], ids=["1-0", "0-neg", "0-2"])
+@pytest.mark.parametrize("action", ["block", "redact"])
+def test_a_choice_index_that_is_not_the_next_position_is_refused(
+    action: str, indexes: tuple[int, int]
+) -> None:
+    """The SDK finds a choice at ``choices[index]`` (a list position, negatives too, and
+    appends when there is none): ``1`` then ``0`` lands both halves in its first choice,
+    ``-1`` in the last one, where the proxy read two choices apart."""
+    first, second = indexes
+    events = [
+        chat({"role": "assistant", "content": "key: " + KEY[:HALF]}, index=first),
+        chat({"content": KEY[HALF:]}, index=second),
+        chat({}, "stop", index=first),
+        b"data: [DONE]\n\n",
+    ]
+    tx, wire, error = relay(events, leak(action))
+    assert KEY[HALF:] not in wire.decode()
+    assert isinstance(tx.error or error, BackendBroken)
+
+
+def test_choices_in_their_order_pass_the_rules() -> None:
+    events = [
+        chat({"role": "assistant", "content": "a"}, index=0),
+        chat({"role": "assistant", "content": "b"}, index=1),
+        chat({"content": "c"}, index=0),
+        chat({}, "stop", index=1),
+        chat({}, "stop", index=0),
+        b"data: [DONE]\n\n",
+    ]
+    tx, wire, error = relay(events, leak())
+    assert error is None and tx.error is None
+    assert wire == b"".join(events)
+
+
 def test_an_unhashable_index_is_refused_not_a_crash() -> None:
     _, _, error = relay([chat({"content": "x"}, index=[1])], leak())
     assert isinstance(error, BackendBroken)

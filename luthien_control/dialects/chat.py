@@ -551,12 +551,16 @@ class ChatDialect(Dialect):
 
 
 class _ChatRules:
-    """Nothing more for a choice once it has finished: the SDK would append it."""
+    """Nothing more for a choice once it has finished: the SDK would append it. A new
+    choice takes the next index (0, 1, 2, ...): the SDK finds a choice by its index as a
+    position in its list (``choices[index]``), so a choice that skipped one, or a
+    negative index, would merge into another choice than the one the proxy reads."""
 
-    __slots__ = ("_finished",)
+    __slots__ = ("_finished", "_seen")
 
     def __init__(self) -> None:
         self._finished: set[Any] = set()
+        self._seen: set[int] = set()
 
     def check(self, data: Any) -> None:
         choices = data.get("choices") if type(data) is dict else None
@@ -568,6 +572,13 @@ class _ChatRules:
             index = choice.get("index", 0)
             if not isinstance(index, int):
                 raise BackendBroken("the backend's stream has a choice without an index")
+            if index not in self._seen:
+                if index != len(self._seen):
+                    raise BackendBroken(
+                        "the backend's stream has a choice whose index does not follow "
+                        "the ones before it"
+                    )
+                self._seen.add(index)
             delta = choice.get("delta")
             calls = delta.get("tool_calls") if type(delta) is dict else None
             if calls and any(
