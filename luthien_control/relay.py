@@ -185,7 +185,7 @@ class _StreamRelay:
                 # JSON reader would read it)
                 if usage is not None and (b'"usage"' in raw or b"\\u" in raw):
                     seen = usage.see(event, raw)
-                    if kept and (event.raw is not raw or event.changed):
+                    if kept and event.changed:
                         parsed[-1] = UNREAD  # the book took its usage out of ``payload``
                 else:
                     seen = event

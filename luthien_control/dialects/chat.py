@@ -385,7 +385,8 @@ class ChatUsageBook:
             if len(stripped) != len(raw):
                 data = chunk.data  # parsed from the bytes as they came
                 if type(data) is dict and data.get("usage", 0) is None:
-                    del data["usage"]
+                    # A copy: the caller's parse stays the event as it came (its record).
+                    chunk.set_parsed({k: v for k, v in data.items() if k != "usage"})
                 chunk.replace_raw(stripped)  # the same event, as the client asked for it
                 if b'"usage"' not in stripped:
                     return chunk
