@@ -146,10 +146,10 @@ class MessagesAssembler:
                 parts = self.pieces.get((index, channel))
                 if parts is not None:
                     block[channel] = (block.get(channel) or "") + "".join(parts)
-            if index in self.partial:
-                text = "".join(self.partial[index])
+            text = "".join(self.partial.get(index, ()))
+            if text:  # as the SDK: empty deltas leave the start's input
                 try:
-                    block["input"] = orjson.loads(text) if text else {}
+                    block["input"] = orjson.loads(text)
                 except orjson.JSONDecodeError:
                     block["input"] = text
             out.append(block)

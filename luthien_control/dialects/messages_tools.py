@@ -173,7 +173,10 @@ class MessagesCalls:
         block = self._block
         call_id = block.get("id")
         initial = orjson.dumps(block.get("input", {})).decode()
-        texts = ["".join(self._pieces)] if self._pieces else [initial]
+        # The SDK parses the deltas only once they spell something: empty ones (or none)
+        # leave the input the block's start gave.
+        streamed = "".join(self._pieces)
+        texts = [streamed] if streamed else [initial]
         calls = versions(
             call_id if isinstance(call_id, str) else None, [text_of(block.get("name"))], texts
         )

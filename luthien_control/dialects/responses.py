@@ -394,15 +394,40 @@ class ResponsesDialect(Dialect):
 class _ResponsesRules:
     """No delta for a part once its ``.done`` came, none for an item once its
     ``output_item.done`` came, nothing after the terminal event; the output text's parts
-    one at a time, in order (the SDK joins them in that order: a policy reads them so)."""
+    one at a time, in order (the SDK joins them in that order: a policy reads them so).
 
-    __slots__ = ("_closed", "_done_items", "_ended", "_text")
+    The SDK appends an output text delta to the text its part began with, and a
+    function call's arguments delta to the arguments its item began with (a part or an
+    item as ``response.created``, ``output_item.added`` or ``content_part.added`` gave
+    it, by list position): a delta may not continue a start that held text, which no
+    channel read. Nor may a terminal event leave out ``output`` once items came: the SDK
+    then makes the final response of the items as their ``output_item.done`` (or a later
+    ``response.in_progress``) stated them, each read alone by the policies."""
+
+    __slots__ = ("_closed", "_done_items", "_ended", "_items", "_parts", "_started", "_text")
 
     def __init__(self) -> None:
         self._closed: set[ChannelKey] = set()
         self._done_items: set[Any] = set()
         self._ended = False
         self._text: ChannelKey | None = None  # the output text part begun last
+        self._items = False  # an output item was stated
+        self._parts: dict[Any, int] = {}  # output_index → its parts so far (the SDK's list)
+        self._started: set[tuple[Any, Any]] = set()  # (index, part or "arguments") with text
+
+    def _item(self, index: Any, item: Any) -> None:
+        """An item the SDK takes as begun (its parts, and any text they begin with)."""
+        self._items = True
+        if not isinstance(index, int) or not isinstance(item, dict):
+            return  # (no delta can name it: a delta's place is a number)
+        content = item.get("content")
+        parts = content if isinstance(content, list) else []
+        self._parts[index] = len(parts)
+        for position, part in enumerate(parts):
+            if isinstance(part, dict) and part.get("text"):
+                self._started.add((index, position))
+        if item.get("arguments"):
+            self._started.add((index, "arguments"))
 
     def check(self, data: Any) -> None:
         kind = data.get("type") if type(data) is dict else None
@@ -410,14 +435,42 @@ class _ResponsesRules:
             return
         if self._ended:
             raise BackendBroken("the backend's stream went on after its terminal event")
+        response = data.get("response")
         if kind in RESPONSES_TERMINAL:
             self._ended = True
+            if self._items and not (
+                isinstance(response, dict) and isinstance(response.get("output"), list)
+            ):
+                raise BackendBroken("the backend's terminal event has no output")
+        elif kind == "response.created":
+            output = response.get("output") if isinstance(response, dict) else None
+            for position, item in enumerate(output if isinstance(output, list) else ()):
+                self._item(position, item)
+        elif kind == "response.output_item.added":
+            self._item(data.get("output_index"), data.get("item"))
+        elif kind == "response.content_part.added":
+            index = data.get("output_index")
+            if not isinstance(index, int):
+                return
+            position = self._parts.get(index, 0)
+            self._parts[index] = position + 1
+            part = data.get("part")
+            if isinstance(part, dict) and part.get("text"):
+                self._started.add((index, position))
         elif kind.endswith(".delta"):
             index = data.get("output_index", 0)
-            if not isinstance(index, int) or not isinstance(
-                data.get("content_index", data.get("summary_index", 0)), int
-            ):
+            part = data.get("content_index", data.get("summary_index", 0))
+            if not isinstance(index, int) or not isinstance(part, int):
                 raise BackendBroken("the backend's stream has a delta without its place")
+            place = (
+                (index, part)
+                if kind == OUTPUT_TEXT_DELTA
+                else (index, "arguments")
+                if kind == "response.function_call_arguments.delta"
+                else None
+            )
+            if place in self._started:
+                raise BackendBroken("the backend's delta continues text its part began with")
             key = _channel(data, kind[:-6])
             if index in self._done_items or key in self._closed:
                 raise BackendBroken("the backend's stream went on with a finished part")
@@ -428,6 +481,7 @@ class _ResponsesRules:
                     raise BackendBroken("the backend's output text parts are out of order")
                 self._text = key
         elif kind == "response.output_item.done":
+            self._items = True
             self._done_items.add(data.get("output_index", 0))
         elif kind.endswith(".done"):
             self._closed.add(_channel(data, kind[:-5]))
