@@ -98,15 +98,43 @@ RECORDER_OVERFLOW = Counter(
 
 
 def route_label(path: str) -> str:
-    """``/chat/completions`` as it is; ``/models/gpt-4o`` → ``/models/*`` (bounded labels)."""
+    """``/chat/completions`` as it is; ``/models/gpt-4o`` → ``/models/*``; a path whose
+    first segment is no API's resource → ``/other`` (bounded labels: the path is the
+    client's text, a key in it would otherwise be a label)."""
     if path in _ROUTES:
         return path
     head = path.split("/", 2)[1] if path.count("/") >= 1 else path
-    return f"/{head}/*"
+    return f"/{head}/*" if head in _ROUTE_HEADS else "/other"
 
 
 _ROUTES = frozenset(
     {"/chat/completions", "/completions", "/embeddings", "/models", "/responses", "/moderations"}
+)
+# The first segments of the OpenAI and Anthropic APIs' paths.
+_ROUTE_HEADS = frozenset(
+    {
+        "assistants",
+        "audio",
+        "batches",
+        "chat",
+        "completions",
+        "containers",
+        "conversations",
+        "embeddings",
+        "evals",
+        "files",
+        "fine_tuning",
+        "images",
+        "messages",
+        "models",
+        "moderations",
+        "organization",
+        "realtime",
+        "responses",
+        "threads",
+        "uploads",
+        "vector_stores",
+    }
 )
 
 

@@ -133,8 +133,42 @@ class Redactor:
         )
 
     def text(self, value: str) -> str:
-        """``value`` with every secret replaced (``SecretPattern.scrub``)."""
-        return self._secrets.scrub(value)
+        """``value`` with every secret replaced, in every form a reader may decode it to.
+
+        ``SecretPattern.scrub`` returns the first decoded form (percent escapes undone
+        once or twice, JSON escapes undone) that holds a key, redacted: a second key one
+        decoding deeper (``%73k-...`` beside ``%2573k-...``) stayed in it. So it is run
+        again on what it returns until nothing changes (each round that changes the text
+        shortens it: a key becomes ``[REDACTED]``, or escapes are undone), and then the
+        JSON escapes that a string of JSON text inside JSON text leaves (tool-call
+        arguments escaped twice) are undone as far as ``_spells_secret`` undoes them in
+        a stream: a key found so, the text is stored in that decoded form, redacted."""
+        scrub = self._secrets.scrub
+        for _ in range(_MAX_SCRUBS):
+            cleaned = scrub(value)
+            if cleaned == value:
+                cleaned = self._deeper(value)
+                if cleaned == value:
+                    return value
+            value = cleaned
+        return REDACTED  # still changing: nothing of it is kept
+
+    def _deeper(self, value: str) -> str:
+        """``value`` with its JSON escapes undone round after round (beyond the one
+        ``scrub`` undoes), redacted, from the first round that spells a secret; else
+        ``value`` itself."""
+        text = value
+        for _ in range(_UNESCAPE_ROUNDS):
+            if "\\" not in text:
+                return value
+            unescaped = _ESCAPES.sub(_unescape, text)
+            if unescaped == text:
+                return value
+            text = unescaped
+            cleaned = self._secrets.scrub(text)
+            if cleaned != text:
+                return cleaned
+        return value
 
     def document(
         self, value: Any, *, keys: list[str] | None = None, verified: bytes = b""
@@ -172,6 +206,9 @@ def _unread(serialized: bytes, verified: bytes) -> bytes:
 
 
 _PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
+# Rounds of ``SecretPattern.scrub`` over one string before it is given up (every round
+# that changes it takes a key or an escape out: a real text needs two or three).
+_MAX_SCRUBS = 32
 
 
 class _Bodies:

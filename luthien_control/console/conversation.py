@@ -95,20 +95,34 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _parts_text(content: Any) -> str | None:
-    """The text of a content given as a string or as parts with ``text``."""
+def _parts_text(content: Any, *, typed: bool = False, apart: bool = False) -> str | None:
+    """The text of a content given as a string or as parts with ``text``, joined as the
+    record's redaction reads them as one text (``TextSlot.joins``), never wider: a key
+    split across strings the record reads apart is redacted in neither, and must not be
+    shown whole. ``typed``: only ``type: text`` parts are one text (Anthropic's blocks),
+    the others each a line of their own; ``apart``: every part a line of its own (a
+    Responses reasoning summary)."""
     if isinstance(content, str):
         return content
-    texts = [
-        part["text"]
-        for part in _list(content)
-        if isinstance(part, dict) and isinstance(part.get("text"), str)
-    ]
-    return "".join(texts) if texts else None
+    lines: list[str] = []
+    joined: str | None = None  # the text being joined, not yet a line
+    for part in _list(content):
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            continue
+        if apart or (typed and part.get("type") != "text"):
+            if joined is not None:
+                lines.append(joined)
+                joined = None
+            lines.append(part["text"])
+        else:
+            joined = part["text"] if joined is None else joined + part["text"]
+    if joined is not None:
+        lines.append(joined)
+    return "\n".join(lines) if lines else None
 
 
 def _system(system: Any) -> list[Turn]:
-    text = _parts_text(system)
+    text = _parts_text(system, typed=True)
     return [_turn("system", "text", text)] if text else []
 
 
@@ -158,7 +172,7 @@ def _anthropic_content(role: str, content: Any) -> list[Turn]:
         elif kind in ("tool_use", "server_tool_use"):
             turns.append(_turn(role, "tool_call", block.get("input", {}), block.get("name")))
         elif kind == "tool_result":
-            result = _parts_text(block.get("content"))
+            result = _parts_text(block.get("content"), typed=True)
             turns.append(
                 _turn(
                     role,
@@ -180,7 +194,7 @@ def _responses_item(item: Any, default_role: str) -> list[Turn]:
         text = _parts_text(item.get("content"))
         return [_turn(str(item.get("role", default_role)), "text", text)] if text else []
     if kind == "reasoning":
-        text = _parts_text(item.get("summary"))
+        text = _parts_text(item.get("summary"), apart=True)
         return [_turn("assistant", "thinking", text)] if text else []
     if kind == "function_call_output":
         return [_turn("tool", "tool_result", item.get("output", ""), item.get("call_id"))]

@@ -168,6 +168,12 @@ async def transaction(request: Request, visit: Visit) -> Response:
     response = record["response"] or {}
     turns = request_turns(endpoint, sent_request.get("body") or received_request.get("body"))
     answer = answer_turns(endpoint, response.get("sent"))
+    redactor = _redactor(request)
+    for turn in (*turns, *answer):
+        # The view joins and decodes (a message's parts, a tool call's JSON arguments):
+        # what it shows is redacted again, as the record was.
+        turn["text"] = redactor.text(turn["text"])
+        turn["name"] = redactor.text(turn["name"])
     return _render(
         request,
         "transaction.html",
@@ -181,6 +187,14 @@ async def transaction(request: Request, visit: Visit) -> Response:
             _answer_document(response.get("received")), _answer_document(response.get("sent"))
         ),
     )
+
+
+def _redactor(request: Request) -> Any:
+    """The recorder's redactor (the patterns in force), else the built-in one."""
+    from luthien_control.recording import Redactor
+
+    recorder = request.scope["luthien_console"].services.recorder
+    return recorder.redactor if recorder is not None else Redactor()
 
 
 def _answer_document(side: Any) -> Any:
