@@ -50,6 +50,7 @@ from luthien_control.policies.secrets import (
     DEFAULT_PATTERNS,
     SecretPattern,
     default_secrets,
+    field_forms,
     joined_secrets,
     rewrite_json,
 )
@@ -144,6 +145,8 @@ class Redactor:
         arguments escaped twice) are undone as far as ``_spells_secret`` undoes them in
         a stream: a key found so, the text is stored in that decoded form, redacted."""
         scrub = self._secrets.scrub
+        if "\x00" in value or ("00" in value and ("%" in value or "\\" in value)):
+            value = self._without_nul(value)
         for _ in range(_MAX_SCRUBS):
             cleaned = scrub(value)
             if cleaned == value:
@@ -152,6 +155,21 @@ class Redactor:
                     return value
             value = cleaned
         return REDACTED  # still changing: nothing of it is kept
+
+    def _without_nul(self, value: str) -> str:
+        """``value``, or, when one of its forms (``field_forms``: as it is, percent- or
+        JSON-decoded) spells a secret once its NUL characters are gone, that form without
+        them, redacted. The proxy drops NUL from what it stores as text (the columns, the
+        search text: PostgreSQL refuses it), and so does an HTML parser: a key with a NUL
+        inside is a key to them."""
+        for form in field_forms(value):
+            if "\x00" not in form:
+                continue
+            joined = form.replace("\x00", "")
+            cleaned = self._secrets.scrub(joined)
+            if cleaned != joined:
+                return cleaned
+        return value
 
     def _deeper(self, value: str) -> str:
         """``value`` with its JSON escapes undone round after round (beyond the one

@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -234,6 +235,39 @@ def test_two_keys_hidden_at_two_depths_are_stored_redacted(proxy: ProxyServer) -
     record = stored(proxy, transaction_id)
     assert "[REDACTED]" in record
     assert not spells_a_key(record)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"{HEAD}\x00{TAIL}", f"s\x00{KEY[1:]}", f"{HEAD}%00{TAIL}", f"{HEAD}\\u0000{TAIL}"],
+    ids=["nul", "nul-in-prefix", "percent-nul", "json-nul"],
+)
+def test_a_nul_inside_a_key_hides_it_from_no_one(text: str) -> None:
+    """The proxy strips NUL from what it stores as text (PostgreSQL refuses it): the
+    model and endpoint columns, the error, the search text; an HTML parser drops it too.
+    A key with a NUL inside is a key to all of them."""
+    redacted = Redactor().text(text)
+    assert "[REDACTED]" in redacted
+    assert not spells_a_key(redacted.replace("\x00", ""))
+
+
+def test_a_key_with_a_nul_inside_is_stored_redacted(proxy: ProxyServer) -> None:
+    hidden = f"{HEAD}\x00{TAIL}"
+    transaction_id = send(
+        proxy,
+        "/chat/completions",
+        {"model": hidden, "messages": [{"role": "user", "content": f"say {hidden}"}]},
+    )
+    record = proxy.record(transaction_id)
+    assert record["model"] == "[REDACTED]"
+    assert not spells_a_key(json.dumps(record).replace("\\u0000", ""))
+    database = proxy.database_url.split("///", 1)[1]
+    written = b"".join(
+        Path(database + suffix).read_bytes()
+        for suffix in ("", "-wal")
+        if Path(database + suffix).exists()
+    )
+    assert KEY.encode() not in written.replace(b"\x00", b"")  # the search text, the index
 
 
 # --- what the console joins ---------------------------------------------------------------
