@@ -199,10 +199,11 @@ class Redactor:
         read already (shallow, no secret, no client key), not read again."""
         serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
         unread = serialized if serialized is None else _unread(serialized, verified)
-        if keys and unread is not None and any(k.encode() in unread for k in keys):
+        if keys and unread is not None and _may_hold_keys(unread, keys):
             # The client's own key, copied where no credential header is (a header of
-            # another name, the query): it is no pattern, it is known.
-            rewrite_json(value, lambda text: redact_keys(text, keys))
+            # another name, the query): it is no pattern, it is known; found in every
+            # form a reader may decode a string to (``without_client_keys``).
+            rewrite_json(value, lambda text: without_client_keys(text, keys))
             serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
             unread = serialized if serialized is None else _unread(serialized, verified)
         if serialized is None or unread is None:  # deeper than RECORD_MAX_DEPTH (or an
@@ -213,6 +214,34 @@ class Redactor:
         if self.may_hold(unread) and rewrite_json(value, self.text)[1]:
             serialized = jsontext.dumps(value)
         return SerializedJSON(serialized.decode())
+
+
+def _may_hold_keys(serialized: bytes, keys: list[str]) -> bool:
+    """Whether a string of the JSON text ``serialized`` may spell one of ``keys``: one is
+    in it as written, or an escape that may hide one (a ``\\u`` escape, an escaped
+    backslash, a percent escape)."""
+    return (
+        any(key.encode() in serialized for key in keys)
+        or b"\\u" in serialized
+        or b"\\\\" in serialized
+        or _PERCENT_ESCAPE.search(serialized) is not None
+    )
+
+
+def without_client_keys(text: str, keys: list[str]) -> str:
+    """``text`` with each of ``keys`` (the client's own) replaced by ``[REDACTED]``, in
+    the form of ``text`` that spells one (``field_forms``: percent-decoded, JSON escapes
+    undone, NUL characters dropped), taken to the end as ``Redactor.text`` takes the
+    patterns."""
+    for _ in range(_MAX_SCRUBS):
+        for form in field_forms(text):
+            form = form.replace("\x00", "")  # dropped by the columns (``Redactor.text``)
+            if any(key in form for key in keys):
+                text = redact_keys(form, keys)
+                break
+        else:
+            return text
+    return REDACTED
 
 
 def _unread(serialized: bytes, verified: bytes) -> bytes:
@@ -505,7 +534,13 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         },
     }
     response_json = redactor.document(response_value, keys=keys, verified=verified)
-    endpoint = _column(redactor.text(request.path), ENDPOINT_LENGTH)
+
+    def column_text(value: str) -> str:
+        # The columns hold the client's text too (the model it named, its path): its own
+        # key in them is redacted as in the documents.
+        return without_client_keys(redactor.text(value), keys) if keys else redactor.text(value)
+
+    endpoint = _column(column_text(request.path), ENDPOINT_LENGTH)
     return {
         "id": tx.id,
         "received_at": datetime.fromtimestamp(timings.received_at, UTC),
@@ -517,11 +552,11 @@ def build_record(tx: Transaction, redactor: Redactor) -> dict[str, Any]:
         "policy_name": _column(tx.policy_name, NAME_LENGTH),
         "method": _column(request.method, 16),
         "endpoint": endpoint,
-        "model": _column(redactor.text(model) if model is not None else None, NAME_LENGTH),
+        "model": _column(column_text(model) if model is not None else None, NAME_LENGTH),
         "streamed": streamed or request.wants_stream,
         "status": _integer(tx.status),
         "outcome": tx.outcome,
-        "error": _error(tx, redactor),
+        "error": _error(tx, redactor, keys),
         "prompt_tokens": _integer(usage.prompt_tokens) if usage else None,
         "completion_tokens": _integer(usage.completion_tokens) if usage else None,
         "total_tokens": _integer(usage.total_tokens) if usage else None,
@@ -549,10 +584,12 @@ def _search_text(endpoint: str, request: Any, response: Any) -> str:
         return ""
 
 
-def _error(tx: Transaction, redactor: Redactor) -> str | None:
+def _error(tx: Transaction, redactor: Redactor, keys: list[str] | None = None) -> str | None:
     if tx.error is None:
         return None
     message = redactor.text(getattr(tx.error, "message", None) or repr(tx.error))
+    if keys:
+        message = without_client_keys(message, keys)
     return message.replace("\x00", "")  # PostgreSQL's text refuses NUL
 
 
@@ -626,7 +663,8 @@ def _default_redactor() -> Redactor:
 class LogRecorder:
     """Writes one summary line per transaction to the ``luthien_control.transactions`` log,
     at DEBUG (``LOG_LEVEL=DEBUG``): the database holds the full record. The path is
-    redacted as records are (``redactor``: the recorder's own, else the built-in one)."""
+    redacted as records are (``redactor``: the recorder's own, else the built-in one;
+    the client's own key too)."""
 
     def record(self, tx: Transaction, redactor: Redactor | None = None) -> None:
         if not logger.isEnabledFor(logging.DEBUG):
@@ -634,11 +672,15 @@ class LogRecorder:
         timings = tx.timings
         total_ms = ((timings.end or timings.start) - timings.start) * 1000
         usage = tx.usage
+        path = (redactor or _default_redactor()).text(tx.request.path)
+        keys = client_keys(tx.request.headers)
+        if keys:  # the client's own key, in the path it wrote
+            path = without_client_keys(path, keys)
         logger.debug(
             "tx=%s %s %s outcome=%s status=%s key=%s chunks=%d tokens=%s ms=%.1f%s",
             tx.id,
             tx.request.method,
-            (redactor or _default_redactor()).text(tx.request.path),
+            path,
             tx.outcome,
             tx.status or "-",
             tx.client_key_name or "-",

@@ -160,7 +160,7 @@ def proxy(start_proxy: ProxyStarter, backend_url: str) -> ProxyServer:
             ],
         },
     }
-    return start_proxy(policy=policy, env={"ADMIN_API_KEY": ADMIN_KEY})
+    return start_proxy(policy=policy, env={"ADMIN_API_KEY": ADMIN_KEY, "LOG_LEVEL": "DEBUG"})
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +268,75 @@ def test_a_key_with_a_nul_inside_is_stored_redacted(proxy: ProxyServer) -> None:
         if Path(database + suffix).exists()
     )
     assert KEY.encode() not in written.replace(b"\x00", b"")  # the search text, the index
+
+
+def test_the_clients_own_key_encoded_is_stored_redacted(proxy: ProxyServer) -> None:
+    """The client's key is no pattern: it was taken out of the record where it was
+    written as it is, not where it was percent-encoded (the query) or JSON-escaped inside
+    JSON text (a tool call's arguments)."""
+    encoded = "%" + CLIENT_KEY[0].encode().hex() + CLIENT_KEY[1:]
+    arguments = json.dumps({"token": CLIENT_KEY}).replace(
+        CLIENT_KEY[0], f"\\u{ord(CLIENT_KEY[0]):04x}", 1
+    )
+    messages = [
+        {"role": "user", "content": f"note {encoded}"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "save", "arguments": arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "saved"},
+    ]
+    transaction_id = send(
+        proxy,
+        "/chat/completions",
+        {"model": "gpt", "messages": messages},
+        query=f"?note={encoded}",
+    )
+    record = json.dumps(proxy.record(transaction_id))
+    forms = {record}
+    for _ in range(3):
+        forms |= {form for text in list(forms) for form in field_forms(text)}
+    assert not any(CLIENT_KEY in form for form in forms)
+
+
+def test_the_clients_own_key_as_the_model_or_in_the_path_is_stored_redacted(
+    proxy: ProxyServer,
+) -> None:
+    """The model and endpoint columns were redacted with the patterns only."""
+    transaction_id = send(
+        proxy,
+        "/chat/completions",
+        {"model": CLIENT_KEY, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    record = proxy.record(transaction_id)
+    assert record["model"] == "[REDACTED]"
+    hidden = f"{CLIENT_KEY[:5]}\x00{CLIENT_KEY[5:]}"
+    transaction_id = send(
+        proxy,
+        "/chat/completions",
+        {"model": hidden, "messages": [{"role": "user", "content": f"hi {hidden}"}]},
+    )
+    record = proxy.record(transaction_id)
+    assert record["model"] == "[REDACTED]"
+    assert CLIENT_KEY not in json.dumps(record).replace("\\u0000", "")
+    response = httpx.get(
+        f"{proxy.api_base}/models/{CLIENT_KEY}",
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=10,
+    )
+    record = proxy.record(response.headers["x-luthien-transaction-id"])
+    assert record["endpoint"] == "/models/[REDACTED]"
+    assert CLIENT_KEY not in json.dumps(record)
+    assert proxy.server is not None
+    log = proxy.server.log()
+    assert transaction_id in log  # the transaction's DEBUG line
+    assert CLIENT_KEY not in log.replace("\x00", "")
 
 
 # --- what the console joins ---------------------------------------------------------------
