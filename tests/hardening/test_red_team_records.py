@@ -17,6 +17,13 @@ leak before its fix.
   (each a string of its own to the record), and the blocks of an Anthropic ``system`` or
   tool result that are not ``type: text`` but carry a ``text``. A key split across them
   was stored redacted nowhere and shown whole on the page.
+- **A NUL inside a key.** Redaction read the string with its NUL; the proxy then dropped
+  NUL from the model, endpoint and error columns and the search text (PostgreSQL refuses
+  it), and an HTML parser drops it: the model column held the whole key.
+- **The client's own key, encoded.** It is no pattern: it was taken out only where it was
+  written as it is, not percent-encoded, JSON-escaped, as the model, in the path (the
+  endpoint column, the DEBUG line).
+- **A key as a path's first segment was a ``/metrics`` label** (``route_label``).
 """
 
 from __future__ import annotations
