@@ -77,6 +77,7 @@ DEFAULT_PATTERNS: dict[str, str] = {
 }
 # What a lookbehind may need to see before a match (``_START``: an ANSI code).
 LOOKBEHIND_CHARS = 24
+_MAX_SCRUBS = 32  # rounds of ``SecretPattern.scrub``: more means the text never settles
 # The name of the literal secrets of a transaction (``SecretPattern.with_literals``).
 LITERAL_KIND = "backend_key"
 _MAX_LITERAL_SETS = 64  # sets of literals compiled and kept, per set of patterns
@@ -262,7 +263,19 @@ class SecretPattern:
     def scrub(self, text: str) -> str:
         """``text`` with every secret replaced, for what is stored or logged. When a key
         shows only once ``text`` is decoded (a URL's percent escapes, JSON escapes in JSON
-        text: ``field_forms``), the decoded text, redacted."""
+        text: ``field_forms``), the decoded text, redacted; again on what that gives until
+        nothing changes, so that a second key one decoding deeper than the first
+        (``%73k-...`` beside ``%2573k-...``) is not left in it. Each round that changes
+        the text shortens it (a key becomes ``[REDACTED]``, escapes are undone); past
+        ``_MAX_SCRUBS`` rounds nothing of it is kept."""
+        for _ in range(_MAX_SCRUBS):
+            cleaned = self._scrub_once(text)
+            if cleaned == text:
+                return text
+            text = cleaned
+        return REDACTED
+
+    def _scrub_once(self, text: str) -> str:
         redacted = self.redact(text)[0]
         if "%" not in redacted and "\\" not in redacted:
             return redacted

@@ -8,7 +8,13 @@ import orjson
 import pytest
 
 from luthien_control.exceptions import PolicyBlocked
-from luthien_control.policies.secrets import DEFAULT_PATTERNS, LeakedApiKeyDetection
+from luthien_control.policies.secrets import (
+    DEFAULT_PATTERNS,
+    REDACTED,
+    LeakedApiKeyDetection,
+    default_secrets,
+    field_forms,
+)
 from luthien_control.sse import Chunk
 from luthien_control.transaction import ProxyRequest, ProxyResponse, Transaction
 from tests.policies.conftest import chunk, through
@@ -752,3 +758,20 @@ def test_escaped_key_in_streamed_arguments_blocks_in_block_mode() -> None:
     text = '{"token": "' + ESCAPED_KEY + '"}'
     with pytest.raises(PolicyBlocked):
         _arguments_out("block", text, [5, 13, 30])
+
+
+def test_scrub_leaves_no_key_one_decoding_deeper_than_another() -> None:
+    """The first decoded form that spells a key is redacted, and so is what it leaves:
+    a second key percent-encoded once more than the first, or JSON-escaped inside it,
+    does not survive in the text that is stored or logged."""
+    secrets = default_secrets()
+    second = "sk-proj-" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6"
+    for text in (
+        f"%73{OPENAI_KEY[1:]} and %2573{second[1:]}",
+        f"a=%2573{OPENAI_KEY[1:]}&b=%73{second[1:]}",
+        f"%73{OPENAI_KEY[1:]} then \\u0073{second[1:]}",
+    ):
+        scrubbed = secrets.scrub(text)
+        assert all(secrets.search(form) is None for form in field_forms(scrubbed)), scrubbed
+        assert scrubbed.count(REDACTED) == 2, scrubbed
+    assert secrets.scrub("nothing %41 here \\n") == "nothing %41 here \\n"
