@@ -199,32 +199,35 @@ class Redactor:
         read already (shallow, no secret, no client key), not read again."""
         serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
         unread = serialized if serialized is None else _unread(serialized, verified)
-        if keys and unread is not None and _may_hold_keys(unread, keys):
+        # A percent escape may hide a key of either kind: looked for once.
+        percent = unread is not None and _PERCENT_ESCAPE.search(unread) is not None
+        if keys and unread is not None and (percent or _may_spell_keys(unread, keys)):
             # The client's own key, copied where no credential header is (a header of
             # another name, the query): it is no pattern, it is known; found in every
             # form a reader may decode a string to (``without_client_keys``).
             rewrite_json(value, lambda text: without_client_keys(text, keys))
             serialized = jsontext.dumps_within(value, RECORD_MAX_DEPTH)
             unread = serialized if serialized is None else _unread(serialized, verified)
+            percent = unread is not None and _PERCENT_ESCAPE.search(unread) is not None
         if serialized is None or unread is None:  # deeper than RECORD_MAX_DEPTH (or an
             # integer beyond 64 bits)
             rewrite_json(value, self.text)  # every decoded string, at any depth
             flat = jsontext.flatten(value, RECORD_MAX_DEPTH)
             return SerializedJSON(jsontext.dumps(flat).decode())
-        if self.may_hold(unread) and rewrite_json(value, self.text)[1]:
+        may_hold = percent or self._secrets.may_contain_json(unread)  # ``may_hold``
+        if may_hold and rewrite_json(value, self.text)[1]:
             serialized = jsontext.dumps(value)
         return SerializedJSON(serialized.decode())
 
 
-def _may_hold_keys(serialized: bytes, keys: list[str]) -> bool:
-    """Whether a string of the JSON text ``serialized`` may spell one of ``keys``: one is
-    in it as written, or an escape that may hide one (a ``\\u`` escape, an escaped
-    backslash, a percent escape)."""
+def _may_spell_keys(serialized: bytes, keys: list[str]) -> bool:
+    """Whether a string of the JSON text ``serialized`` may spell one of ``keys``, a
+    percent escape aside: one is in it as written, or an escape that may hide one (a
+    ``\\u`` escape, an escaped backslash)."""
     return (
         any(key.encode() in serialized for key in keys)
         or b"\\u" in serialized
         or b"\\\\" in serialized
-        or _PERCENT_ESCAPE.search(serialized) is not None
     )
 
 
