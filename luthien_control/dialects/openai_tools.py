@@ -4,9 +4,11 @@ Responses API's (``responses_tools``), each looked for wherever the payload has 
 Every dialect but Anthropic's takes its tool calls from here (``Dialect``'s default):
 chat completions and the Responses API, the legacy completions and embeddings, and any
 other path. A request's ``messages`` and its ``input`` are both searched, an answer's
-``choices`` (else its ``output``), and each stream event by its shape (``choices``: a
-chat chunk; a string ``type``: a Responses event). A call put where the other API keeps
-it is checked too: a lenient backend or client may read it there.
+``choices`` and its ``output``, and each stream event by its shape (``choices``: a chat
+chunk; a string ``type``: a Responses event; both: both). A call put where the other API
+keeps it is checked too: a lenient backend or client may read it there, and a shape of
+the other API beside a call must not hide it (a Responses answer with a ``choices`` list
+is still read by its SDK from its ``output``).
 """
 
 from __future__ import annotations
@@ -36,21 +38,25 @@ def request_calls(payload: Any) -> ToolCalls:
 
 
 def answer_calls(payload: Any) -> ToolCalls:
-    """A buffered answer's calls: its ``choices``, else a Responses ``output``."""
+    """A buffered answer's calls: its ``choices``, then its Responses ``output``. Both are
+    searched: a Responses answer that also has a ``choices`` list is read by its SDK from
+    its ``output`` all the same."""
     if not isinstance(payload, dict):
         return NO_CALLS
+    parts: list[ToolCalls] = []
     choices = payload.get("choices")
-    if isinstance(choices, list):
-        return chat_tools.answer_calls(choices)
+    if isinstance(choices, list) and (calls := chat_tools.answer_calls(choices)):
+        parts.append(calls)
     output = payload.get("output")
-    if isinstance(output, list):
-        return responses_tools.output_calls(output)
-    return NO_CALLS
+    if isinstance(output, list) and (calls := responses_tools.output_calls(output)):
+        parts.append(calls)
+    return ToolCalls.joined(parts) if parts else NO_CALLS
 
 
 class OpenAICalls:
-    """Hands each event to the holder of its shape: chat chunks (``choices``) or
-    Responses API events (``type``); any other event goes on as it is."""
+    """Hands each event to the holder of its shape: chat chunks (``choices``) and
+    Responses API events (``type``); any other event goes on as it is. An event of both
+    shapes goes through both, the chat holder first: each client reads its own."""
 
     __slots__ = ("_chat", "_judge", "_responses")
 
@@ -67,17 +73,26 @@ class OpenAICalls:
         if isinstance(choices, list) and choices:
             if self._chat is None:
                 self._chat = ChatCalls(self._judge)
-            return self._chat.on_event(chunk, data, choices)
-        if isinstance(data.get("type"), str):
-            if self._responses is None:
-                self._responses = ResponsesCalls(self._judge)
-            return self._responses.on_event(chunk, data)
-        return [chunk]
+            return self._responses_of(self._chat.on_event(chunk, data, choices))
+        return self._responses_of([chunk])
 
     async def on_end(self) -> list[Chunk]:
         out: list[Chunk] = []
         if self._chat is not None:
-            out.extend(self._chat.on_end())
+            out.extend(self._responses_of(self._chat.on_end()))
         if self._responses is not None:
             out.extend(self._responses.on_end())
+        return out
+
+    def _responses_of(self, chunks: list[Chunk]) -> list[Chunk]:
+        """``chunks`` through the Responses holder, those that are Responses events."""
+        out: list[Chunk] = []
+        for chunk in chunks:
+            data = chunk.data
+            if isinstance(data, dict) and isinstance(data.get("type"), str):
+                if self._responses is None:
+                    self._responses = ResponsesCalls(self._judge)
+                out.extend(self._responses.on_event(chunk, data))
+            else:
+                out.append(chunk)
         return out

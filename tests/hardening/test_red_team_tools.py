@@ -1,0 +1,199 @@
+"""Red team on ToolCallPolicy: forbidden calls that reach the client as the official
+SDKs reassemble them.
+
+Each case goes through a real ``luthien-control serve`` process in front of the hostile
+backend of the red-team suite (``tests/red_team_backend.py``), under the red team's two
+policies (``strict``: ``action: block``; ``lenient``: ``action: drop_call``; both deny
+``shell`` and the built-in tool items and hold the argument pattern ``/etc/``). What the
+client got is then read by the official SDK (``tests/test_red_team.py``'s views: the
+openai chat and Responses stream helpers, anthropic's ``messages.stream()``), and no
+tool call of the SDK's final answer may be denied by name or match the pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import tests.test_red_team as rt
+from luthien_control.policies.tools.names import normalise_name
+from tests.conftest import ProxyServer, ProxyStarter
+from tests.red_team_backend import (
+    Canned,
+    HostileBackend,
+    ResponsesStream,
+    function_item,
+    json_answer,
+    message_item,
+    response_object,
+    serve_in_thread,
+    stream_answer,
+    text_part,
+)
+
+DENIED = frozenset(map(normalise_name, rt.DENIED))
+
+
+@dataclass(frozen=True)
+class ToolCase:
+    id: str
+    dialect: str  # chat, responses or messages
+    stream: bool
+    proxy: str  # strict (block) or lenient (drop_call)
+    answer: Canned
+    marker: str  # in the forbidden call's arguments
+    calls: tuple[str, ...] = ()  # the calls the SDK is left with once the forbidden one is dropped
+
+    def case(self) -> rt.Case:
+        action = "block" if self.proxy == "strict" else "drop_call"
+        expect = rt.tool_expect(action, **({"calls": self.calls} if self.calls else {}))
+        return rt.Case(
+            self.id,
+            self.id.split("-")[0],
+            self.dialect,
+            f"tools-{action}",
+            rt.post(self.dialect, self.id, self.stream),
+            expect,
+            (self.marker,),
+            self.answer,
+            secret=False,
+        )
+
+
+CASES: dict[str, ToolCase] = {}
+
+
+def add(case: ToolCase) -> None:
+    assert case.id not in CASES
+    CASES[case.id] = case
+
+
+# --- Responses: an answer that also has chat's ``choices`` ---------------------------------
+
+
+def r_choices_buffered(mark: str) -> Canned:
+    """A buffered Responses answer with an empty ``choices`` list besides its ``output``:
+    the SDK reads the ``output``."""
+    call = function_item("shell", json.dumps({"command": f"ls {mark}"}))
+    return json_answer(response_object([message_item(text_part("ok")), call], choices=[]))
+
+
+def r_choices_stream(mark: str) -> Canned:
+    """Every event of a streamed call carries a ``choices`` list as well."""
+    events = ResponsesStream()
+    events.message(["ok"])
+    item = function_item("shell", json.dumps({"command": f"ls {mark}"}))
+    extra = {"choices": [{"index": 0, "delta": {}}]}
+    events.emit("response.output_item.added", output_index=1, item=item, **extra)
+    events.emit("response.output_item.done", output_index=1, item=item, **extra)
+    events.output.append(item)
+    completed = response_object(events.output, choices=[{"index": 0, "delta": {}}])
+    events.emit("response.completed", response=completed, **extra)
+    return stream_answer(events.events)
+
+
+SPECS: dict[tuple[str, str, bool], tuple[Callable[[str], Canned], tuple[str, ...]]] = {
+    ("choices_buffered", "responses", False): (r_choices_buffered, ()),
+    ("choices_stream", "responses", True): (r_choices_stream, ()),
+}
+for (_name, _dialect, _stream), (_make, _calls) in SPECS.items():
+    for _proxy in ("strict", "lenient"):
+        _id = f"{_name}-{_dialect}-{_proxy}"
+        _mark = rt.marker(_id)
+        add(ToolCase(_id, _dialect, _stream, _proxy, _make(_mark), _mark, _calls))
+
+
+# --- running them ------------------------------------------------------------------------------
+
+
+class Proxies:
+    """The hostile backend, and one proxy at a time in front of it."""
+
+    def __init__(self, start_proxy: ProxyStarter, host: str) -> None:
+        self.start_proxy = start_proxy
+        self.host = host
+        self.name: str | None = None
+        self.proxy: ProxyServer | None = None
+
+    def get(self, name: str) -> ProxyServer:
+        if name != self.name:
+            self.stop()
+            policy, env = rt.proxy_policy(name, self.host)
+            self.proxy = self.start_proxy(policy=policy, env={**rt.PROXY_ENV, **env})
+            self.name = name
+        assert self.proxy is not None
+        return self.proxy
+
+    def stop(self) -> None:
+        if self.proxy is not None and self.proxy.server is not None:
+            self.proxy.server.stop()
+        self.proxy = self.name = None
+
+
+@pytest.fixture(scope="module")
+def proxies(start_proxy: ProxyStarter) -> Iterator[Proxies]:
+    answers: dict[str, Any] = {case.id: case.answer for case in CASES.values()}
+    with serve_in_thread(HostileBackend(answers, rt.default_answer)) as host:
+        fleet = Proxies(start_proxy, host)
+        yield fleet
+        fleet.stop()
+
+
+def ordered() -> list[ToolCase]:
+    return sorted(CASES.values(), key=lambda case: case.proxy != "strict")
+
+
+def sdk_calls(final: Any, dialect: str) -> list[tuple[str, str]]:
+    """(name, arguments as JSON text) of each tool call of the SDK's final answer."""
+    calls: list[tuple[str, str]] = []
+    if not isinstance(final, dict):
+        return calls
+    if dialect == "chat":
+        for choice in final.get("choices") or []:
+            message = choice.get("message") or {}
+            for call in message.get("tool_calls") or []:
+                part = call.get("function") or call.get("custom") or {}
+                arguments = part.get("arguments", part.get("input"))
+                calls.append((part.get("name") or "", json.dumps(arguments)))
+            if message.get("function_call"):
+                legacy = message["function_call"]
+                calls.append((legacy.get("name") or "", json.dumps(legacy.get("arguments"))))
+    elif dialect == "responses":
+        for item in final.get("output") or []:
+            if isinstance(item, dict) and item.get("type") not in ("message", "reasoning"):
+                name = str(item.get("name") or item.get("type"))
+                calls.append((name, json.dumps(item, ensure_ascii=False)))
+                if item.get("type") not in ("function_call", "custom_tool_call"):
+                    calls.append((str(item.get("type")), ""))
+    else:
+        for block in final.get("content") or []:
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                calls.append((block.get("name") or "", json.dumps(block.get("input"))))
+    return calls
+
+
+@pytest.mark.parametrize("tool_case", ordered(), ids=lambda case: case.id)
+def test_red_team_tools(tool_case: ToolCase, proxies: Proxies) -> None:
+    case = tool_case.case()
+    proxy = proxies.get(tool_case.proxy)
+    assert proxy.server is not None
+    start = proxy.server.log_path.stat().st_size
+    status, headers, body = rt.send(proxy, case.call)
+    run = rt.Exchange(status, headers, body, start)
+    assert run.transaction_id
+    run.record = rt.read_record(proxy, run.transaction_id, time.monotonic() + 30)
+    run.log = proxy.server.log_path.read_bytes()[start:].decode("utf-8", "replace")
+    view = rt.sdk_view(case, run)
+    final = json.loads(view.text).get("final")
+    calls = sdk_calls(final, tool_case.dialect)
+    assert not [name for name, _ in calls if normalise_name(name) in DENIED], calls
+    assert not [text for _, text in calls if "/etc/" in text.replace("\\/", "/")], calls
+    leaks = rt.exposures(case, run, view)
+    assert not leaks, f"leaked (where: which needles): {leaks}"
+    assert "Traceback" not in run.log
+    rt.check_outcome(case, run, view)
