@@ -1,5 +1,6 @@
-"""Where Anthropic's Messages API keeps tool calls: ``tool_use`` blocks in a request's
-history, in a buffered answer, and in a stream.
+"""Where Anthropic's Messages API keeps tool calls: ``tool_use`` blocks (and the
+``server_tool_use`` and ``mcp_tool_use`` blocks of the tools Anthropic runs) in a
+request's history, in a buffered answer, and in a stream.
 
 A streamed ``tool_use`` block is held from its ``content_block_start`` to its
 ``content_block_stop`` (id, name and the ``input_json_delta`` pieces joined and parsed)
@@ -20,7 +21,9 @@ from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
 
-CALL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
+# The blocks that call a tool: the client's (tool_use), and those Anthropic runs itself
+# (server_tool_use; mcp_tool_use, a tool of an MCP server of the request's mcp_servers).
+CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 # What stands in a history message left empty by a dropped call and its result.
 REMOVED = {"type": "text", "text": "[a tool call was removed by the proxy's policy]"}
 
@@ -108,7 +111,7 @@ def history_calls(payload: Any) -> ToolCalls:
                     for block in content
                     if not (
                         isinstance(block, dict)
-                        and block.get("type") == "tool_result"
+                        and _is_result(block.get("type"))
                         and block.get("tool_use_id") in dropped
                     )
                 ]
@@ -118,6 +121,12 @@ def history_calls(payload: Any) -> ToolCalls:
         return True
 
     return ToolCalls([call for _, found in groups for call in found], commit)
+
+
+def _is_result(kind: Any) -> bool:
+    """Whether blocks of type ``kind`` answer a call: ``tool_result``, and the results of
+    the tools Anthropic runs (``mcp_tool_result``, ``web_search_tool_result``, ...)."""
+    return isinstance(kind, str) and kind.endswith("tool_result")
 
 
 class MessagesCalls:

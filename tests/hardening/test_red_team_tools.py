@@ -21,12 +21,15 @@ from typing import Any
 import pytest
 
 import tests.test_red_team as rt
+from luthien_control.dialects import messages_tools
 from luthien_control.policies.tools.names import normalise_name
 from tests.conftest import ProxyServer, ProxyStarter
 from tests.red_team_backend import (
     Canned,
     HostileBackend,
+    MessagesStream,
     ResponsesStream,
+    anthropic_message,
     function_item,
     json_answer,
     message_item,
@@ -97,9 +100,43 @@ def r_choices_stream(mark: str) -> Canned:
     return stream_answer(events.events)
 
 
+# --- Messages: the MCP connector's calls ----------------------------------------------------
+
+
+def _mcp_block(mark: str) -> dict[str, Any]:
+    return {
+        "type": "mcp_tool_use",
+        "id": "mcptoolu_red",
+        "name": "shell",
+        "server_name": "box",
+        "input": {"command": f"ls {mark}"},
+    }
+
+
+def m_mcp_buffered(mark: str) -> Canned:
+    """An ``mcp_tool_use`` block (Anthropic's MCP connector; the SDK's
+    ``BetaMCPToolUseBlock``, whose input its stream helper tracks like a ``tool_use``'s)
+    naming a denied tool."""
+    return json_answer(anthropic_message([{"type": "text", "text": "ok"}, _mcp_block(mark)]))
+
+
+def m_mcp_stream(mark: str) -> Canned:
+    stream = MessagesStream()
+    stream.text("ok")
+    block = _mcp_block(mark)
+    arguments = json.dumps(block["input"])
+    stream.block(
+        {**block, "input": {}},
+        [{"type": "input_json_delta", "partial_json": p} for p in (arguments[:6], arguments[6:])],
+    )
+    return stream_answer(stream.done())
+
+
 SPECS: dict[tuple[str, str, bool], tuple[Callable[[str], Canned], tuple[str, ...]]] = {
     ("choices_buffered", "responses", False): (r_choices_buffered, ()),
     ("choices_stream", "responses", True): (r_choices_stream, ()),
+    ("mcp_tool_use_buffered", "messages", False): (m_mcp_buffered, ()),
+    ("mcp_tool_use_stream", "messages", True): (m_mcp_stream, ()),
 }
 for (_name, _dialect, _stream), (_make, _calls) in SPECS.items():
     for _proxy in ("strict", "lenient"):
@@ -172,7 +209,7 @@ def sdk_calls(final: Any, dialect: str) -> list[tuple[str, str]]:
                     calls.append((str(item.get("type")), ""))
     else:
         for block in final.get("content") or []:
-            if block.get("type") in ("tool_use", "server_tool_use"):
+            if block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
                 calls.append((block.get("name") or "", json.dumps(block.get("input"))))
     return calls
 
@@ -197,3 +234,30 @@ def test_red_team_tools(tool_case: ToolCase, proxies: Proxies) -> None:
     assert not leaks, f"leaked (where: which needles): {leaks}"
     assert "Traceback" not in run.log
     rt.check_outcome(case, run, view)
+
+
+def test_a_dropped_mcp_call_in_the_history_goes_with_its_result() -> None:
+    """An ``mcp_tool_use`` of the history is a call, and its ``mcp_tool_result`` (in the
+    same assistant message: Anthropic ran it) goes when it is dropped."""
+    mark = rt.marker("mcp-history")
+    block = _mcp_block(mark)
+    result = {
+        "type": "mcp_tool_result",
+        "tool_use_id": "mcptoolu_red",
+        "is_error": False,
+        "content": [{"type": "text", "text": "done"}],
+    }
+    payload = {
+        "model": "claude-red",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [block, result]},
+            {"role": "user", "content": "go on"},
+        ],
+    }
+    calls = messages_tools.history_calls(payload)
+    assert [[call.name for call in found.versions] for found in calls] == [["shell"]]
+    for found in calls:
+        found.drop()
+    assert calls.commit()
+    assert payload["messages"][1] == {"role": "assistant", "content": [messages_tools.REMOVED]}
