@@ -53,7 +53,7 @@ class ToolCase:
     calls: tuple[str, ...] = ()  # the calls the SDK is left with once the forbidden one is dropped
 
     def case(self) -> rt.Case:
-        action = "block" if self.proxy == "strict" else "drop_call"
+        action = "block" if self.proxy in ("strict", "anchored") else "drop_call"
         expect = rt.tool_expect(action, **({"calls": self.calls} if self.calls else {}))
         return rt.Case(
             self.id,
@@ -132,20 +132,62 @@ def m_mcp_stream(mark: str) -> Canned:
     return stream_answer(stream.done())
 
 
+# --- Messages: input JSON the SDK reads leniently ---------------------------------------------
+
+
+def m_trailing_json(mark: str) -> Canned:
+    """A ``tool_use`` input streamed as an object followed by more text: the anthropic
+    SDK parses the buffer with ``jiter`` in partial mode, which reads the first value and
+    ignores the rest; the proxy saw no JSON, only a text an anchored pattern
+    (``^/etc/``) does not match."""
+    stream = MessagesStream()
+    stream.text("ok")
+    arguments = json.dumps({"path": f"/etc/passwd-{mark}"})
+    stream.tool_use("read_file", arguments, ' {"path": "notes.txt"}')
+    return stream_answer(stream.done("tool_use"))
+
+
+def m_unclosed_json(mark: str) -> Canned:
+    """A ``tool_use`` input streamed without its closing brace: ``jiter``'s partial mode
+    closes it."""
+    stream = MessagesStream()
+    stream.text("ok")
+    stream.tool_use("read_file", json.dumps({"path": f"/etc/passwd-{mark}"})[:-1])
+    return stream_answer(stream.done("tool_use"))
+
+
 SPECS: dict[tuple[str, str, bool], tuple[Callable[[str], Canned], tuple[str, ...]]] = {
     ("choices_buffered", "responses", False): (r_choices_buffered, ()),
     ("choices_stream", "responses", True): (r_choices_stream, ()),
     ("mcp_tool_use_buffered", "messages", False): (m_mcp_buffered, ()),
     ("mcp_tool_use_stream", "messages", True): (m_mcp_stream, ()),
+    ("trailing_json", "messages", True): (m_trailing_json, ()),
+    ("unclosed_json", "messages", True): (m_unclosed_json, ()),
 }
+ANCHORED = {"trailing_json", "unclosed_json"}  # tried under a pattern anchored at the value's start
 for (_name, _dialect, _stream), (_make, _calls) in SPECS.items():
-    for _proxy in ("strict", "lenient"):
+    for _proxy in ("anchored", "anchored_drop") if _name in ANCHORED else ("strict", "lenient"):
         _id = f"{_name}-{_dialect}-{_proxy}"
         _mark = rt.marker(_id)
         add(ToolCase(_id, _dialect, _stream, _proxy, _make(_mark), _mark, _calls))
 
 
 # --- running them ------------------------------------------------------------------------------
+
+
+def proxy_policy(name: str, backend: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The red team's proxies, and ``anchored`` (``anchored_drop``): ToolCallPolicy with
+    the argument pattern ``^/etc/`` only, blocking (dropping)."""
+    if not name.startswith("anchored"):
+        return rt.proxy_policy(name, backend)
+    action = "block" if name == "anchored" else "drop_call"
+    tools = {
+        "type": rt.TOOLS,
+        "config": {"argument_patterns": ["^/etc/"], "action": action},
+    }
+    url = f"http://{backend}/v1"
+    chain = (rt.AUTH, rt.LOGGING, tools, rt.KEYS, rt.backend_at(url), rt.SEND, tools, rt.LOGGING)
+    return rt.serial(name, *chain), {}
 
 
 class Proxies:
@@ -160,7 +202,7 @@ class Proxies:
     def get(self, name: str) -> ProxyServer:
         if name != self.name:
             self.stop()
-            policy, env = rt.proxy_policy(name, self.host)
+            policy, env = proxy_policy(name, self.host)
             self.proxy = self.start_proxy(policy=policy, env={**rt.PROXY_ENV, **env})
             self.name = name
         assert self.proxy is not None
@@ -182,7 +224,8 @@ def proxies(start_proxy: ProxyStarter) -> Iterator[Proxies]:
 
 
 def ordered() -> list[ToolCase]:
-    return sorted(CASES.values(), key=lambda case: case.proxy != "strict")
+    order = ("strict", "lenient", "anchored", "anchored_drop")
+    return sorted(CASES.values(), key=lambda case: order.index(case.proxy))
 
 
 def sdk_calls(final: Any, dialect: str) -> list[tuple[str, str]]:

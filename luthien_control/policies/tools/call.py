@@ -82,8 +82,11 @@ def argument_texts(arguments: str) -> tuple[str, ...]:
     string and every object key once decoded (so that a ``\\u0072m`` escape hides
     nothing), the values of a key given twice, a list of strings joined by spaces (an
     argument vector: ``["rm", "-rf", "/"]``) and a string that is itself a JSON object or
-    array, decoded in turn; when they are not, the text with its JSON escapes decoded
-    (what a lenient parser would read)."""
+    array, decoded in turn; when they are not, the text with its JSON escapes decoded and
+    each of its complete string literals decoded on its own: what a lenient parser reads
+    (the anthropic SDK parses a streamed input with ``jiter`` in partial mode, which
+    takes the first value, ignores what follows and closes what is left open), so that a
+    pattern anchored at a value's start (``^/etc/``) still sees the value."""
     texts = [arguments]
     shadowed: list[Any] = []
     try:
@@ -92,6 +95,7 @@ def argument_texts(arguments: str) -> tuple[str, ...]:
         unescaped = _unescape(arguments)
         if unescaped != arguments:
             texts.append(unescaped)
+        texts.extend(_string_literals(arguments))
         return tuple(texts)
     _collect(value, texts, _NESTED_DEPTH)
     for old in shadowed:
@@ -120,6 +124,17 @@ def _collect(value: Any, out: list[str], depth: int) -> None:
             if len(item) > 1 and all(isinstance(part, str) for part in item):
                 out.append(" ".join(item))
             stack.extend(item)
+
+
+_STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _string_literals(text: str) -> list[str]:
+    """Each complete JSON string literal of ``text``, decoded (left to right, as a parser
+    meets them)."""
+    if '"' not in text:
+        return []
+    return [_unescape(match.group()[1:-1]) for match in _STRING_LITERAL.finditer(text)]
 
 
 def _not_json(constant: str) -> Any:
