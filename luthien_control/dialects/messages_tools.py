@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from luthien_control.dialects.tool_calls import NO_CALLS, FoundCall, ToolCalls
+from luthien_control.exceptions import BackendBroken
 from luthien_control.policies.tools.call import ToolCall, text_of, versions
 from luthien_control.policies.tools.hold import CallJudge, Held
 from luthien_control.sse import Chunk
@@ -123,6 +124,20 @@ def history_calls(payload: Any) -> ToolCalls:
     return ToolCalls([call for _, found in groups for call in found], commit)
 
 
+def _block_type(data: dict[str, Any]) -> Any:
+    block = data.get("content_block")
+    return block.get("type") if isinstance(block, dict) else None
+
+
+def _named_as_read(chunk: Chunk, kind: Any) -> None:
+    """An event of a tool call must be named (``event:``) as its data's ``type``: the
+    anthropic SDK reads an event by its name, leaving out one named ``ping`` or not
+    named at all whatever its data says, so that the call it folds would not be the
+    one checked. ``BackendBroken`` otherwise."""
+    if chunk.event != kind:
+        raise BackendBroken("the backend's stream named a tool call's event otherwise")
+
+
 def _is_result(kind: Any) -> bool:
     """Whether blocks of type ``kind`` answer a call: ``tool_result``, and the results of
     the tools Anthropic runs (``mcp_tool_result``, ``web_search_tool_result``, ...)."""
@@ -153,6 +168,10 @@ class MessagesCalls:
 
     def on_event(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
         kind = data.get("type")
+        if self._open is not None or (
+            kind == "content_block_start" and _block_type(data) in CALL_BLOCKS
+        ):
+            _named_as_read(chunk, kind)
         if self._open is not None:
             if data.get("index") != self._index:
                 self._queue.append(chunk)

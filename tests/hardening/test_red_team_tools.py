@@ -8,6 +8,25 @@ policies (``strict``: ``action: block``; ``lenient``: ``action: drop_call``; bot
 client got is then read by the official SDK (``tests/test_red_team.py``'s views: the
 openai chat and Responses stream helpers, anthropic's ``messages.stream()``), and no
 tool call of the SDK's final answer may be denied by name or match the pattern.
+
+The classes found here (each reached the client before its fix, under block and
+drop_call):
+
+- **A Responses answer that also has chat's ``choices``.** The OpenAI routes read an
+  answer's ``choices`` and only else its ``output``, and a stream event with a non-empty
+  ``choices`` only as a chat chunk: an empty ``choices`` beside a Responses ``output``
+  (buffered), or a ``choices`` list in each event of a call item (streamed), hid the call
+  from the policy while the Responses SDK read it. Both shapes are now read.
+- **Anthropic's ``mcp_tool_use`` blocks** (the MCP connector's calls) were no calls.
+- **A streamed Messages input the SDK reads leniently.** The anthropic SDK parses the
+  input buffer with ``jiter`` in partial mode: the first value, what follows ignored,
+  what is left open closed. The proxy saw no JSON there, only a text that a pattern
+  anchored at a value's start (``^/etc/``) did not match.
+- **A Messages event the SDK leaves out.** The anthropic SDK skips an event named
+  ``ping`` and one with no ``event:`` line, whatever its data says; the proxy joined
+  its ``input_json_delta`` into the input it checked (``/e`` + ``X`` + ``tc/`` passed,
+  the SDK folded ``/etc/``). An event of a tool call named otherwise than its data's
+  ``type`` now makes the stream ``BackendBroken``.
 """
 
 from __future__ import annotations
@@ -15,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -35,6 +54,7 @@ from tests.red_team_backend import (
     message_item,
     response_object,
     serve_in_thread,
+    sse,
     stream_answer,
     text_part,
 )
@@ -51,10 +71,13 @@ class ToolCase:
     answer: Canned
     marker: str  # in the forbidden call's arguments
     calls: tuple[str, ...] = ()  # the calls the SDK is left with once the forbidden one is dropped
+    broken: bool = False  # the stream is the backend's fault: 502, or the error event
 
     def case(self) -> rt.Case:
         action = "block" if self.proxy in ("strict", "anchored") else "drop_call"
         expect = rt.tool_expect(action, **({"calls": self.calls} if self.calls else {}))
+        if self.broken:
+            expect = rt.Expect("broken")
         return rt.Case(
             self.id,
             self.id.split("-")[0],
@@ -156,6 +179,30 @@ def m_unclosed_json(mark: str) -> Canned:
     return stream_answer(stream.done("tool_use"))
 
 
+def m_hidden_delta(event: str | None) -> Callable[[str], Canned]:
+    """A ``tool_use`` input whose deltas spell ``/etc/passwd`` once an event between them
+    is left out, as the anthropic SDK leaves out an event named ``ping`` (or with no
+    ``event:`` line), whatever its data says."""
+
+    def answer(mark: str) -> Canned:
+        stream = MessagesStream()
+        stream.text("ok")
+        start = {"type": "tool_use", "id": "toolu_red", "name": "read_file", "input": {}}
+        stream.emit({"type": "content_block_start", "index": 1, "content_block": start})
+
+        def delta(text: str) -> dict[str, Any]:
+            json_delta = {"type": "input_json_delta", "partial_json": text}
+            return {"type": "content_block_delta", "index": 1, "delta": json_delta}
+
+        stream.emit(delta('{"path": "/e'))
+        stream.raw(sse(delta("X"), event))
+        stream.emit(delta(f'tc/passwd-{mark}"}}'))
+        stream.emit({"type": "content_block_stop", "index": 1})
+        return stream_answer(stream.done("tool_use"))
+
+    return answer
+
+
 SPECS: dict[tuple[str, str, bool], tuple[Callable[[str], Canned], tuple[str, ...]]] = {
     ("choices_buffered", "responses", False): (r_choices_buffered, ()),
     ("choices_stream", "responses", True): (r_choices_stream, ()),
@@ -163,13 +210,17 @@ SPECS: dict[tuple[str, str, bool], tuple[Callable[[str], Canned], tuple[str, ...
     ("mcp_tool_use_stream", "messages", True): (m_mcp_stream, ()),
     ("trailing_json", "messages", True): (m_trailing_json, ()),
     ("unclosed_json", "messages", True): (m_unclosed_json, ()),
+    ("delta_in_ping", "messages", True): (m_hidden_delta("ping"), ()),
+    ("delta_without_event_name", "messages", True): (m_hidden_delta(None), ()),
 }
 ANCHORED = {"trailing_json", "unclosed_json"}  # tried under a pattern anchored at the value's start
+BROKEN = {"delta_in_ping", "delta_without_event_name"}  # 502, or the error event
 for (_name, _dialect, _stream), (_make, _calls) in SPECS.items():
     for _proxy in ("anchored", "anchored_drop") if _name in ANCHORED else ("strict", "lenient"):
         _id = f"{_name}-{_dialect}-{_proxy}"
         _mark = rt.marker(_id)
-        add(ToolCase(_id, _dialect, _stream, _proxy, _make(_mark), _mark, _calls))
+        _case = ToolCase(_id, _dialect, _stream, _proxy, _make(_mark), _mark, _calls)
+        add(replace(_case, broken=_name in BROKEN))
 
 
 # --- running them ------------------------------------------------------------------------------
