@@ -176,7 +176,7 @@ class _StreamRelay:
                     payload = strict_event_data(event.payload)
                     event.set_parsed(payload)
                     if rules is not None:
-                        rules.check(payload)
+                        rules.check(payload, event)
                 else:
                     payload = event.data
                 if kept:

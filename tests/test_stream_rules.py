@@ -416,6 +416,30 @@ def test_canonical_path(written: str, canonical: str) -> None:
     assert canonical_path(written) == canonical
 
 
+@pytest.mark.parametrize("name", ["ping", None], ids=["ping", "unnamed"])
+@pytest.mark.parametrize("action", ["block", "redact"])
+def test_a_messages_event_the_sdk_leaves_out_is_refused(action: str, name: str | None) -> None:
+    """The anthropic SDK skips an event named ``ping`` or not named at all, whatever its
+    data: a text delta so named puts a space between the halves of a key where the
+    policies read, while the client folds them together."""
+    hidden = sse(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " "}},
+        name,
+    )
+    events = [
+        a({"type": "message_start", "message": MESSAGE}),
+        block_start(0, {"type": "text", "text": ""}),
+        text_delta("key: " + KEY[:HALF]),
+        hidden,
+        text_delta(KEY[HALF:]),
+        stop(0),
+        *MESSAGE_END,
+    ]
+    tx, wire, error = relay(events, leak(action), path="/messages")
+    assert KEY[HALF:] not in wire.decode()
+    assert isinstance(tx.error or error, BackendBroken)
+
+
 def test_a_clean_messages_stream_passes_the_rules() -> None:
     events = [
         a({"type": "message_start", "message": MESSAGE}),

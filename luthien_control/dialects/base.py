@@ -81,7 +81,8 @@ class StreamRules(Protocol):
     reads the content: an event the client would fold where the policies did not look
     (text after its channel ended, a block out of place) is ``BackendBroken``."""
 
-    def check(self, data: Any) -> None: ...
+    def check(self, data: Any, chunk: Chunk) -> None:
+        """``data``: the event's JSON; ``chunk``: the event (its ``event:`` name)."""
 
 
 class UsageBook(Protocol):

@@ -563,7 +563,7 @@ class _ChatRules:
         self._finished: set[Any] = set()
         self._seen: set[int] = set()
 
-    def check(self, data: Any) -> None:
+    def check(self, data: Any, chunk: Chunk) -> None:
         choices = data.get("choices") if type(data) is dict else None
         if not choices or type(choices) is not list:
             return

@@ -449,10 +449,15 @@ class _MessagesRules:
         self._open: int | None = None
         self._ended = False
 
-    def check(self, data: Any) -> None:
+    def check(self, data: Any, chunk: Chunk) -> None:
         kind = data.get("type") if type(data) is dict else None
         if kind == "ping":
             return
+        if kind is not None and chunk.event in (None, "ping"):
+            # The SDK leaves out an event named ping or not named at all, whatever its
+            # data: the policies would read text the client never folds (a key split
+            # around it would reach the client whole).
+            raise BackendBroken("the backend's stream has an event its name hides")
         if self._ended:
             raise BackendBroken("the backend's stream went on after message_stop")
         if kind == "message_start":

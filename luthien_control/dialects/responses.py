@@ -429,7 +429,7 @@ class _ResponsesRules:
         if item.get("arguments"):
             self._started.add((index, "arguments"))
 
-    def check(self, data: Any) -> None:
+    def check(self, data: Any, chunk: Chunk) -> None:
         kind = data.get("type") if type(data) is dict else None
         if not isinstance(kind, str):
             return
