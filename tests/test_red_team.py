@@ -414,6 +414,40 @@ def proxy_policy(name: str, backend: str) -> tuple[dict[str, Any], dict[str, str
     return policy, {"BACKEND_READ_TIMEOUT": "1"}
 
 
+class OneProxyAtATime:
+    """One red-team proxy at a time in front of the hostile backend at ``host`` (the
+    cases are ordered by proxy: the machine is shared); ``policy`` makes a proxy's
+    chain by name (``proxy_policy`` unless told)."""
+
+    def __init__(
+        self,
+        start_proxy: ProxyStarter,
+        host: str,
+        policy: Callable[[str, str], tuple[dict[str, Any], dict[str, str]]] = proxy_policy,
+        backend: Any = None,
+    ) -> None:
+        self.start_proxy = start_proxy
+        self.host = host
+        self.policy = policy
+        self.backend = backend  # what it received, for the cases that read it
+        self.name: str | None = None
+        self.proxy: ProxyServer | None = None
+
+    def get(self, name: str) -> ProxyServer:
+        if name != self.name:
+            self.stop()
+            policy, env = self.policy(name, self.host)
+            self.proxy = self.start_proxy(policy=policy, env={**PROXY_ENV, **env})
+            self.name = name
+        assert self.proxy is not None
+        return self.proxy
+
+    def stop(self) -> None:
+        if self.proxy is not None and self.proxy.server is not None:
+            self.proxy.server.stop()
+        self.proxy = self.name = None
+
+
 # ============================================================================================
 # The cases. Each family is a function of (dialect, stream, secret) giving the backend's
 # answer, or None where the dialect has no such thing.

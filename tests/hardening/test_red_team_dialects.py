@@ -222,43 +222,17 @@ for _proxy in ("strict", "lenient"):
 # --- running them ------------------------------------------------------------------------------
 
 
-class Proxies:
-    """The hostile backend, and one proxy at a time in front of it (the cases are ordered
-    by proxy: the machine is shared)."""
-
-    def __init__(self, start_proxy: ProxyStarter, host: str, backend: HostileBackend) -> None:
-        self.start_proxy = start_proxy
-        self.host = host
-        self.backend = backend
-        self.name: str | None = None
-        self.proxy: ProxyServer | None = None
-
-    def get(self, name: str) -> ProxyServer:
-        if name != self.name:
-            self.stop()
-            policy, env = rt.proxy_policy(name, self.host)
-            self.proxy = self.start_proxy(policy=policy, env={**rt.PROXY_ENV, **env})
-            self.name = name
-        assert self.proxy is not None
-        return self.proxy
-
-    def stop(self) -> None:
-        if self.proxy is not None and self.proxy.server is not None:
-            self.proxy.server.stop()
-        self.proxy = self.name = None
-
-
 @pytest.fixture(scope="module")
-def proxies(start_proxy: ProxyStarter) -> Iterator[Proxies]:
+def proxies(start_proxy: ProxyStarter) -> Iterator[rt.OneProxyAtATime]:
     answers: dict[str, Any] = {case.id: case.case().answer for case in CASES.values()}
     backend = HostileBackend(answers, rt.default_answer)
     with serve_in_thread(backend) as host:
-        fleet = Proxies(start_proxy, host, backend)
+        fleet = rt.OneProxyAtATime(start_proxy, host, backend=backend)
         yield fleet
         fleet.stop()
 
 
-def exchange(fleet: Proxies, proxy: ProxyServer, case: rt.Case) -> rt.Exchange:
+def exchange(fleet: rt.OneProxyAtATime, proxy: ProxyServer, case: rt.Case) -> rt.Exchange:
     assert proxy.server is not None
     start = proxy.server.log_path.stat().st_size
     status, headers, body = rt.send(proxy, case.call)
@@ -276,7 +250,7 @@ def ordered() -> list[DialectCase]:
 
 
 @pytest.mark.parametrize("dialect_case", ordered(), ids=lambda case: case.id)
-def test_red_team_dialects(dialect_case: DialectCase, proxies: Proxies) -> None:
+def test_red_team_dialects(dialect_case: DialectCase, proxies: rt.OneProxyAtATime) -> None:
     case = dialect_case.case()
     run = exchange(proxies, proxies.get(dialect_case.proxy), case)
     view = rt.sdk_view(case, run)

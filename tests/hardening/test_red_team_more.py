@@ -143,37 +143,12 @@ for _proxy, _expect in (("strict", "blocked"), ("lenient", "redacted")):
 # --- running them ------------------------------------------------------------------------------
 
 
-class Proxies:
-    """The hostile backend, and one proxy at a time in front of it (the cases are ordered
-    by proxy: the machine is shared)."""
-
-    def __init__(self, start_proxy: ProxyStarter, host: str) -> None:
-        self.start_proxy = start_proxy
-        self.host = host
-        self.name: str | None = None
-        self.proxy: ProxyServer | None = None
-
-    def get(self, name: str) -> ProxyServer:
-        if name != self.name:
-            self.stop()
-            policy, env = rt.proxy_policy(name, self.host)
-            self.proxy = self.start_proxy(policy=policy, env={**rt.PROXY_ENV, **env})
-            self.name = name
-        assert self.proxy is not None
-        return self.proxy
-
-    def stop(self) -> None:
-        if self.proxy is not None and self.proxy.server is not None:
-            self.proxy.server.stop()
-        self.proxy = self.name = None
-
-
 @pytest.fixture(scope="module")
-def proxies(start_proxy: ProxyStarter) -> Iterator[Proxies]:
+def proxies(start_proxy: ProxyStarter) -> Iterator[rt.OneProxyAtATime]:
     answers = {case.id: case.case().answer for case in CASES.values()}
     backend = HostileBackend(answers, rt.default_answer)  # type: ignore[arg-type]
     with serve_in_thread(backend) as host:
-        fleet = Proxies(start_proxy, host)
+        fleet = rt.OneProxyAtATime(start_proxy, host)
         yield fleet
         fleet.stop()
 
@@ -195,7 +170,7 @@ def ordered() -> list[MoreCase]:
 
 
 @pytest.mark.parametrize("more", ordered(), ids=lambda case: case.id)
-def test_red_team_more(more: MoreCase, proxies: Proxies) -> None:
+def test_red_team_more(more: MoreCase, proxies: rt.OneProxyAtATime) -> None:
     case = more.case()
     run = exchange(proxies.get(more.proxy), case)
     view = rt.sdk_view(case, run)

@@ -42,7 +42,7 @@ import pytest
 import tests.test_red_team as rt
 from luthien_control.dialects import messages_tools
 from luthien_control.policies.tools.names import normalise_name
-from tests.conftest import ProxyServer, ProxyStarter
+from tests.conftest import ProxyStarter
 from tests.red_team_backend import (
     Canned,
     HostileBackend,
@@ -241,35 +241,11 @@ def proxy_policy(name: str, backend: str) -> tuple[dict[str, Any], dict[str, str
     return rt.serial(name, *chain), {}
 
 
-class Proxies:
-    """The hostile backend, and one proxy at a time in front of it."""
-
-    def __init__(self, start_proxy: ProxyStarter, host: str) -> None:
-        self.start_proxy = start_proxy
-        self.host = host
-        self.name: str | None = None
-        self.proxy: ProxyServer | None = None
-
-    def get(self, name: str) -> ProxyServer:
-        if name != self.name:
-            self.stop()
-            policy, env = proxy_policy(name, self.host)
-            self.proxy = self.start_proxy(policy=policy, env={**rt.PROXY_ENV, **env})
-            self.name = name
-        assert self.proxy is not None
-        return self.proxy
-
-    def stop(self) -> None:
-        if self.proxy is not None and self.proxy.server is not None:
-            self.proxy.server.stop()
-        self.proxy = self.name = None
-
-
 @pytest.fixture(scope="module")
-def proxies(start_proxy: ProxyStarter) -> Iterator[Proxies]:
+def proxies(start_proxy: ProxyStarter) -> Iterator[rt.OneProxyAtATime]:
     answers: dict[str, Any] = {case.id: case.answer for case in CASES.values()}
     with serve_in_thread(HostileBackend(answers, rt.default_answer)) as host:
-        fleet = Proxies(start_proxy, host)
+        fleet = rt.OneProxyAtATime(start_proxy, host, proxy_policy)
         yield fleet
         fleet.stop()
 
@@ -309,7 +285,7 @@ def sdk_calls(final: Any, dialect: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("tool_case", ordered(), ids=lambda case: case.id)
-def test_red_team_tools(tool_case: ToolCase, proxies: Proxies) -> None:
+def test_red_team_tools(tool_case: ToolCase, proxies: rt.OneProxyAtATime) -> None:
     case = tool_case.case()
     proxy = proxies.get(tool_case.proxy)
     assert proxy.server is not None
